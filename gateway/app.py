@@ -1,0 +1,100 @@
+"""The app factory: lifespan state, request ids, routers, and the single place where
+errors become HTTP responses (and denial audit rows)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from audit import log as audit_log
+from audit.db import transaction
+from gateway.context import route_event
+from gateway.errors import ApiError, NotFound, Unprocessable, to_api_error
+from gateway.routes import futures, rest, sampling, service, training
+from gateway.settings import Settings
+from gateway.state import AppState, build_state
+
+logger = logging.getLogger("loragate.gateway")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = await run_in_threadpool(build_state, settings)
+        app.state.loragate = state
+        try:
+            yield
+        finally:
+            await run_in_threadpool(state.close)
+
+    app = FastAPI(title="loragate", version="0.1.0", lifespan=lifespan)
+    for module in (service, training, sampling, futures, rest):
+        app.include_router(module.router)
+    app.middleware("http")(_assign_request_id)
+    app.add_exception_handler(Exception, _handle_error)
+    app.add_exception_handler(RequestValidationError, _handle_error)
+    app.add_exception_handler(StarletteHTTPException, _handle_error)
+    return app
+
+
+async def _assign_request_id(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    request.state.request_id = f"req-{uuid.uuid4().hex}"
+    response = await call_next(request)
+    response.headers["X-Request-Id"] = request.state.request_id
+    return response
+
+
+def _as_api_error(exc: Exception) -> ApiError | None:
+    if isinstance(exc, RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        return Unprocessable(f"invalid request: {where}: {err.get('msg', 'malformed body')}")
+    if isinstance(exc, StarletteHTTPException):
+        if exc.status_code == 404:
+            return NotFound(f"no such endpoint: {exc.detail}")
+        error = ApiError(str(exc.detail))
+        error.status = exc.status_code
+        return error
+    return to_api_error(exc)
+
+
+async def _handle_error(request: Request, exc: Exception) -> Response:
+    api = _as_api_error(exc)
+    if api is None:
+        logger.exception("unhandled error", exc_info=exc)
+    status, code = (api.status, api.code) if api else (500, "internal_error")
+    message = api.message if api else "internal server error"
+    request_id = getattr(request.state, "request_id", "")
+    state: AppState | None = getattr(request.app.state, "loragate", None)
+    if state is not None:
+        await run_in_threadpool(_audit_refusal, state, request, status, code, message)
+    return JSONResponse({"detail": message, "code": code, "request_id": request_id},
+                        status_code=status)
+
+
+def _audit_refusal(state: AppState, request: Request, status: int, code: str,
+                   message: str) -> None:
+    """A refused request still leaves exactly one row, in its own transaction."""
+    principal = getattr(request.state, "principal", None)
+    try:
+        with transaction(state.factory) as session:
+            audit_log.append(
+                session, actor=principal.id if principal else "anonymous",
+                event_type=route_event(request), decision="deny" if status < 500 else "error",
+                subject=request.url.path, request_id=getattr(request.state, "request_id", ""),
+                payload={"status": status, "code": code, "reason": message[:500],
+                         "method": request.method})
+    except Exception:
+        logger.exception("could not audit a refused request")

@@ -1,0 +1,169 @@
+"""The `loragate` command line. Other tools drive these commands; keep them stable:
+
+  loragate serve [--host H] [--port P] [--data-dir D] [--base-model NAME] [--no-worker]
+  loragate worker [--data-dir D] [--base-model NAME]
+  loragate keys create --role researcher|auditor|admin --owner NAME [--data-dir D]
+  loragate audit verify [--data-dir D]
+  loragate models prepare [--data-dir D] [--base-model NAME]
+
+`LORAGATE_DATABASE_URL` overrides the SQLite default for all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from gateway.settings import Settings
+
+
+def _settings(args: argparse.Namespace, **extra: object) -> Settings:
+    models = tuple(args.base_model) if getattr(args, "base_model", None) else None
+    data_dir = Path(args.data_dir) if getattr(args, "data_dir", None) else None
+    return Settings.from_env(data_dir=data_dir, base_models=models, **extra)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = _settings(args, run_worker=not args.no_worker, host=args.host, port=args.port)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level="info", timeout_graceful_shutdown=5)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from audit.db import make_engine, make_sessionmaker
+    from engine.registry import ModelRegistry
+    from engine.worker import Worker
+    from migrations import upgrade_to_head
+
+    settings = _settings(args)
+    upgrade_to_head(settings.database)
+    worker = Worker(make_sessionmaker(make_engine(settings.database)),
+                    ModelRegistry(settings.data_dir, settings.extra_models),
+                    settings.checkpoint_root, worker_id=args.worker_id, device=settings.device,
+                    idle_poll_seconds=0.05)
+    for name in settings.base_models:
+        worker.backend(name)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    worker.run_forever(stop)
+    return 0
+
+
+def _cmd_keys_create(args: argparse.Namespace) -> int:
+    from audit.db import make_engine, make_sessionmaker, transaction
+    from migrations import upgrade_to_head
+    from policy.errors import PolicyError
+    from policy.keys import create_key
+
+    settings = _settings(args)
+    upgrade_to_head(settings.database)
+    engine = make_engine(settings.database)
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            key = create_key(session, owner=args.owner, role=args.role, actor="cli")
+    except PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print(key)
+    return 0
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from audit import log as audit_log
+    from audit.db import make_engine, make_sessionmaker, transaction
+    from migrations import upgrade_to_head
+
+    settings = _settings(args)
+    upgrade_to_head(settings.database)
+    engine = make_engine(settings.database, read_only=True)
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            result = audit_log.verify(session)
+    finally:
+        engine.dispose()
+    print(result.describe(), file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
+
+
+def _cmd_models_prepare(args: argparse.Namespace) -> int:
+    from engine.registry import ModelRegistry
+
+    settings = _settings(args)
+    registry = ModelRegistry(settings.data_dir, settings.extra_models)
+    for name in settings.base_models:
+        print(f"{name}: {registry.materialize(name)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loragate",
+                                     description="Safety-gated LoRA fine-tuning gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", help="data directory (default ./data or LORAGATE_DATA_DIR)")
+
+    def base_model(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--base-model", action="append",
+                       help="base model to serve (repeatable; default SmolLM2-135M-Instruct)")
+
+    serve = sub.add_parser("serve", help="run the API (and, by default, an embedded worker)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-worker", action="store_true",
+                       help="API only; run `loragate worker` processes separately")
+    data_dir(serve)
+    base_model(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    worker = sub.add_parser("worker", help="run a worker process against the database")
+    worker.add_argument("--worker-id", default="worker-0")
+    data_dir(worker)
+    base_model(worker)
+    worker.set_defaults(func=_cmd_worker)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_cmd",
+                                                                        required=True)
+    create = keys.add_parser("create", help="create a key; prints it alone on stdout")
+    create.add_argument("--role", required=True, choices=["researcher", "auditor", "admin"])
+    create.add_argument("--owner", required=True, help="principal name")
+    data_dir(create)
+    create.set_defaults(func=_cmd_keys_create)
+
+    audit = sub.add_parser("audit", help="audit trail").add_subparsers(dest="audit_cmd",
+                                                                       required=True)
+    verify = audit.add_parser("verify", help="check the hash chain; exit 1 naming the first "
+                                             "bad seq")
+    data_dir(verify)
+    verify.set_defaults(func=_cmd_audit_verify)
+
+    models = sub.add_parser("models", help="base models").add_subparsers(dest="models_cmd",
+                                                                         required=True)
+    prepare = models.add_parser("prepare", help="materialize base models into the data dir")
+    data_dir(prepare)
+    base_model(prepare)
+    prepare.set_defaults(func=_cmd_models_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

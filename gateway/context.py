@@ -1,0 +1,113 @@
+"""The per-request unit of work: who is calling, their database session, and the audit
+entry the request will leave.
+
+`RequestContext` is a FastAPI dependency (function scope, so its teardown runs before
+the response is sent): it authenticates the key on a read-only session, hands the
+handler a lazily opened write session, and on success appends the request's audit row
+and commits both together. On failure it rolls back; the error handler
+(gateway.app) then commits a single denial row on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Body, Depends, Request
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.orm import Session
+
+from audit import log as audit_log
+from audit.db import transaction
+from audit.models import Principal
+from gateway.errors import Unprocessable
+from gateway.state import AppState
+from policy.keys import authenticate
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.loragate  # type: ignore[no-any-return]
+
+
+def route_event(request: Request) -> str:
+    route = request.scope.get("route")
+    return f"api.{getattr(route, 'name', None) or request.url.path}"
+
+
+@dataclass
+class RequestContext:
+    state: AppState
+    request_id: str
+    principal: Principal
+    event_type: str
+    subject: str = ""
+    audit_payload: dict[str, Any] = field(default_factory=dict)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
+    _session: Session | None = None
+
+    @property
+    def session(self) -> Session:
+        """The request's write session, opened on first use (long polls never hold one)."""
+        if self._session is None:
+            self._session = self.state.factory()
+        return self._session
+
+    def note(self, subject: str | None = None, **payload: Any) -> None:
+        """Add ids, decisions and hashes to this request's audit entry (never raw text)."""
+        if subject is not None:
+            self.subject = subject
+        self.audit_payload.update(payload)
+
+    def _commit(self) -> None:
+        audit_log.append(self.session, actor=self.principal.id, event_type=self.event_type,
+                         decision="allow", subject=self.subject, request_id=self.request_id,
+                         payload=self.audit_payload)
+        self.session.commit()
+
+    def _close(self, ok: bool) -> None:
+        if self._session is not None:
+            if not ok:
+                self._session.rollback()
+            self._session.close()
+
+
+def request_context(request: Request) -> Iterator[RequestContext]:
+    state = app_state(request)
+    with transaction(state.read_factory) as session:
+        principal = authenticate(session, request.headers.get("x-api-key"))
+        session.expunge(principal)
+    request.state.principal = principal
+    ctx = RequestContext(state=state, request_id=request.state.request_id, principal=principal,
+                         event_type=route_event(request))
+    ok = False
+    try:
+        yield ctx
+        ctx._commit()
+        ok = True
+    finally:
+        ctx._close(ok)
+    for callback in ctx.after_commit:
+        callback()
+
+
+Ctx = Annotated[RequestContext, Depends(request_context, scope="function")]
+JsonBody = Annotated[dict[str, Any], Body()]
+OptionalJsonBody = Annotated[dict[str, Any] | None, Body()]
+
+
+def parse(model: type[M], body: Any) -> M:
+    """Validate a JSON body with the SDK's own request model; a 422 says what is wrong."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        raise Unprocessable(f"invalid {model.__name__}: {where}: {err.get('msg')}") from exc
+
+
+def load_json_text(value: str | None) -> Any:
+    return json.loads(value) if value else None

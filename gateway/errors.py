@@ -1,0 +1,54 @@
+"""One error hierarchy, one envelope, one mapping to HTTP.
+
+Every refusal leaves the gateway as `{"detail": <message>, "code": <code>,
+"request_id": <id>}` with a 4xx status the Tinker SDK does not retry (400, 401, 403, 404,
+422 — never 408/409/429/5xx/402 for a user's mistake), and leaves exactly one audit row
+committed in its own transaction.
+"""
+
+from __future__ import annotations
+
+from engine.errors import UnknownModelError, UserInputError
+from policy.errors import KeyRejected, LimitExceeded, PolicyError
+
+
+class ApiError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ApiError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ApiError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class Unprocessable(ApiError):
+    status, code = 422, "invalid_request"
+
+
+def to_api_error(exc: Exception) -> ApiError | None:
+    """Map errors raised below the gateway to their HTTP form; None = not a user error."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, KeyRejected):
+        return Unauthorized(str(exc))
+    if isinstance(exc, (UserInputError, UnknownModelError, LimitExceeded)):
+        return BadRequest(str(exc))
+    if isinstance(exc, PolicyError):
+        return Forbidden(str(exc))
+    return None

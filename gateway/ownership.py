@@ -1,0 +1,62 @@
+"""Object lookups scoped to the calling principal: another principal's object, like a
+missing one, is a 404. Also parses tinker:// paths."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from sqlalchemy import select
+
+from audit.models import CHECKPOINT_KINDS, Checkpoint, TrainingRun
+from gateway.context import RequestContext
+from gateway.errors import BadRequest, NotFound
+
+T = TypeVar("T")
+
+TINKER_SCHEME = "tinker://"
+
+
+def owned(ctx: RequestContext, model: type[T], key: object, what: str) -> T:
+    row = ctx.session.get(model, key)
+    if row is None or getattr(row, "principal_id", None) != ctx.principal.id:
+        raise NotFound(f"{what} {key} not found")
+    return row
+
+
+def owned_run(ctx: RequestContext, model_id: str) -> TrainingRun:
+    run = owned(ctx, TrainingRun, model_id, "training run")
+    if run.status == "failed":
+        raise BadRequest(f"training run {model_id} failed to start; create a new one")
+    return run
+
+
+def parse_tinker_path(path: str) -> tuple[str, str, str]:
+    """`tinker://{run}/{kind}/{name}` → (run, kind, name)."""
+    if not path.startswith(TINKER_SCHEME):
+        raise BadRequest(f"invalid tinker path {path!r}: expected tinker://run/kind/name")
+    parts = path[len(TINKER_SCHEME):].split("/")
+    if len(parts) != 3 or not all(parts) or parts[1] not in CHECKPOINT_KINDS:
+        raise BadRequest(
+            f"invalid tinker path {path!r}: expected tinker://<run>/<kind>/<name> with kind one "
+            f"of {', '.join(CHECKPOINT_KINDS)}"
+        )
+    return parts[0], parts[1], parts[2]
+
+
+def tinker_path(run_id: str, kind: str, name: str) -> str:
+    return f"{TINKER_SCHEME}{run_id}/{kind}/{name}"
+
+
+def storage_dir(run_id: str, kind: str, name: str) -> str:
+    """Where a checkpoint lives under the checkpoint root (run ids contain ':')."""
+    return f"{run_id.replace(':', '_')}/{kind}/{name}"
+
+
+def owned_checkpoint(ctx: RequestContext, path: str) -> Checkpoint:
+    run_id, kind, name = parse_tinker_path(path)
+    ckpt = ctx.session.scalars(select(Checkpoint).where(
+        Checkpoint.training_run_id == run_id, Checkpoint.kind == kind,
+        Checkpoint.name == name)).first()
+    if ckpt is None or ckpt.principal_id != ctx.principal.id:
+        raise NotFound(f"checkpoint {path} not found")
+    return ckpt

@@ -1,0 +1,69 @@
+"""`retrieve_future`: the long-poll through which every queued result comes back.
+
+Holds the poll up to `long_poll_seconds` (under the SDK's 45 s read timeout) and then
+answers 408 `try_again`, which the SDK re-polls silently. Results of forward/backward and
+sampling are protobuf; failures are a 200 JSON `{"error", "category"}` so the SDK raises
+at once instead of retrying. Never holds a database transaction while waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from tinker import types as tt
+
+from audit.db import transaction
+from audit.models import Future
+from gateway.context import Ctx, JsonBody, parse
+from gateway.errors import NotFound
+from gateway.state import AppState
+
+router = APIRouter(prefix="/api/v1")
+
+
+@dataclass(frozen=True)
+class FutureSnapshot:
+    status: str
+    result_format: str | None
+    result: bytes | None
+    error: str | None
+    category: str | None
+
+
+def _read(state: AppState, request_id: str, principal_id: str) -> FutureSnapshot | None:
+    with transaction(state.read_factory) as session:
+        fut = session.get(Future, request_id)
+        if fut is None or fut.principal_id != principal_id:
+            return None
+        return FutureSnapshot(fut.status, fut.result_format, fut.result_payload,
+                              fut.error_message, fut.error_category)
+
+
+@router.post("/retrieve_future", name="retrieve_future")
+async def retrieve_future(ctx: Ctx, body: JsonBody) -> Response:
+    req = parse(tt.FutureRetrieveRequest, body)
+    state = ctx.state
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + state.settings.long_poll_seconds
+    while True:
+        snap = await run_in_threadpool(_read, state, req.request_id, ctx.principal.id)
+        if snap is None:
+            raise NotFound(f"future {req.request_id} not found")
+        ctx.note(subject=req.request_id, status=snap.status)
+        if snap.status == "done":
+            media = "application/x-protobuf" if snap.result_format == "proto" else (
+                "application/json")
+            return Response(content=snap.result or b"", media_type=media)
+        if snap.status == "failed":
+            return JSONResponse({"error": snap.error or "request failed",
+                                 "category": snap.category or "unknown"})
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return JSONResponse({"type": "try_again", "request_id": req.request_id,
+                                 "queue_state": "active"}, status_code=408)
+        await state.completions.wait(req.request_id,
+                                     min(remaining, state.settings.poll_interval_seconds))

@@ -1,0 +1,213 @@
+"""Owner-scoped REST (the SDK's RestClient): training runs, checkpoints, sessions,
+samplers. A principal sees only its own objects; anything else is a 404."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from typing import Any
+
+from fastapi import APIRouter, Response
+from sqlalchemy import func, select
+from tinker import types as tt
+
+from audit.models import Checkpoint, ClientSession, Sampler, TrainingRun
+from gateway.context import Ctx, JsonBody, RequestContext, load_json_text
+from gateway.errors import BadRequest, Forbidden, NotFound
+from gateway.ownership import owned, owned_checkpoint, tinker_path
+
+router = APIRouter(prefix="/api/v1")
+
+CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler",
+                    "external_weights": "external"}
+MAX_PAGE = 1000
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def checkpoint_view(ckpt: Checkpoint) -> tt.Checkpoint:
+    return tt.Checkpoint(
+        checkpoint_id=f"{ckpt.kind}/{ckpt.name}", checkpoint_type=CHECKPOINT_TYPES[ckpt.kind],
+        time=_aware(ckpt.created_at), tinker_path=ckpt.tinker_path, size_bytes=ckpt.size_bytes,
+        public=ckpt.public, user_metadata=load_json_text(ckpt.user_metadata) or None,
+        expires_at=_aware(ckpt.expires_at))
+
+
+def _latest(ctx: RequestContext, run_id: str, kind: str) -> tt.Checkpoint | None:
+    ckpt = ctx.session.scalars(
+        select(Checkpoint).where(Checkpoint.training_run_id == run_id, Checkpoint.kind == kind)
+        .order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc()).limit(1)).first()
+    return checkpoint_view(ckpt) if ckpt else None
+
+
+def run_view(ctx: RequestContext, run: TrainingRun) -> tt.TrainingRun:
+    return tt.TrainingRun(
+        training_run_id=run.id, base_model=run.base_model, model_owner=ctx.principal.name,
+        is_lora=True, corrupted=run.status == "failed", lora_rank=run.lora_rank,
+        last_request_time=_aware(run.last_request_time),
+        last_checkpoint=_latest(ctx, run.id, "weights"),
+        last_sampler_checkpoint=_latest(ctx, run.id, "sampler_weights"),
+        user_metadata=load_json_text(run.user_metadata) or None)
+
+
+def _page(limit: int, offset: int) -> tuple[int, int]:
+    if limit < 1 or limit > MAX_PAGE or offset < 0:
+        raise BadRequest(f"limit must be 1..{MAX_PAGE} and offset >= 0")
+    return limit, offset
+
+
+@router.get("/training_runs", name="list_training_runs")
+def list_training_runs(ctx: Ctx, limit: int = 20, offset: int = 0) -> dict:
+    limit, offset = _page(limit, offset)
+    mine = select(TrainingRun).where(TrainingRun.principal_id == ctx.principal.id)
+    total = ctx.session.scalar(select(func.count()).select_from(mine.subquery())) or 0
+    runs = ctx.session.scalars(mine.order_by(TrainingRun.created_at.desc())
+                               .limit(limit).offset(offset)).all()
+    return tt.TrainingRunsResponse(
+        training_runs=[run_view(ctx, r) for r in runs],
+        cursor=tt.Cursor(offset=offset, limit=limit, total_count=total),
+    ).model_dump(mode="json")
+
+
+@router.get("/training_runs/{run_id}", name="get_training_run")
+def get_training_run(run_id: str, ctx: Ctx) -> dict[str, Any]:
+    ctx.note(subject=run_id)
+    return run_view(ctx, owned(ctx, TrainingRun, run_id, "training run")).model_dump(mode="json")
+
+
+@router.get("/training_runs/{run_id}/checkpoints", name="list_run_checkpoints")
+def list_run_checkpoints(run_id: str, ctx: Ctx) -> dict[str, Any]:
+    owned(ctx, TrainingRun, run_id, "training run")
+    rows = ctx.session.scalars(select(Checkpoint).where(Checkpoint.training_run_id == run_id)
+                               .order_by(Checkpoint.created_at, Checkpoint.id)).all()
+    return tt.CheckpointsListResponse(checkpoints=[checkpoint_view(c) for c in rows]).model_dump(
+        mode="json")
+
+
+@router.get("/checkpoints", name="list_user_checkpoints")
+def list_user_checkpoints(ctx: Ctx, limit: int = 100, offset: int = 0) -> dict:
+    limit, offset = _page(limit, offset)
+    mine = select(Checkpoint).where(Checkpoint.principal_id == ctx.principal.id)
+    total = ctx.session.scalar(select(func.count()).select_from(mine.subquery())) or 0
+    rows = ctx.session.scalars(mine.order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
+                               .limit(limit).offset(offset)).all()
+    return tt.CheckpointsListResponse(
+        checkpoints=[checkpoint_view(c) for c in rows],
+        cursor=tt.Cursor(offset=offset, limit=limit, total_count=total),
+    ).model_dump(mode="json")
+
+
+@router.post("/weights_info", name="weights_info")
+def weights_info(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    path = body.get("tinker_path") if isinstance(body, dict) else None
+    if not isinstance(path, str):
+        raise BadRequest("tinker_path is required")
+    ckpt = owned_checkpoint(ctx, path)
+    run = owned(ctx, TrainingRun, ckpt.training_run_id, "training run")
+    lora = json.loads(run.lora_config)
+    ctx.note(subject=path)
+    return tt.WeightsInfoResponse(
+        base_model=run.base_model, is_lora=True, lora_rank=run.lora_rank,
+        train_unembed=lora.get("train_unembed"), train_mlp=lora.get("train_mlp"),
+        train_attn=lora.get("train_attn"),
+    ).model_dump(mode="json", exclude_none=True)
+
+
+def _run_checkpoint(ctx: RequestContext, run_id: str, checkpoint_id: str) -> Checkpoint:
+    owned(ctx, TrainingRun, run_id, "training run")
+    ctx.note(subject=f"{run_id}/{checkpoint_id}")
+    return owned_checkpoint(ctx, tinker_path(run_id, *_split_checkpoint_id(checkpoint_id)))
+
+
+def _split_checkpoint_id(checkpoint_id: str) -> tuple[str, str]:
+    kind, _, name = checkpoint_id.partition("/")
+    if kind not in CHECKPOINT_TYPES or not name or "/" in name:
+        raise NotFound(f"checkpoint {checkpoint_id} not found")
+    return kind, name
+
+
+@router.post("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish",
+             name="publish_checkpoint")
+def publish_checkpoint(run_id: str, checkpoint_id: str, ctx: Ctx) -> Response:
+    ckpt = _run_checkpoint(ctx, run_id, checkpoint_id)
+    if ckpt.release_state != "released":
+        raise Forbidden(f"{ckpt.tinker_path} is {ckpt.release_state}: only checkpoints released "
+                        "by the safety evaluation can be published")
+    ckpt.public = True
+    return Response(status_code=204)
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish",
+               name="unpublish_checkpoint")
+def unpublish_checkpoint(run_id: str, checkpoint_id: str, ctx: Ctx) -> Response:
+    _run_checkpoint(ctx, run_id, checkpoint_id).public = False
+    return Response(status_code=204)
+
+
+@router.put("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl",
+            name="set_checkpoint_ttl")
+def set_checkpoint_ttl(run_id: str, checkpoint_id: str, ctx: Ctx,
+                       body: JsonBody) -> Response:
+    ckpt = _run_checkpoint(ctx, run_id, checkpoint_id)
+    ttl = body.get("ttl_seconds") if isinstance(body, dict) else None
+    if ttl is not None and (not isinstance(ttl, int) or ttl <= 0):
+        raise BadRequest("ttl_seconds must be a positive integer or null")
+    ckpt.expires_at = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=ttl)) if ttl else None
+    ctx.note(ttl_seconds=ttl)
+    return Response(status_code=204)
+
+
+@router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/external_weights_urls",
+            name="external_weights_urls")
+def external_weights_urls(run_id: str, checkpoint_id: str, ctx: Ctx) -> dict[str, Any]:
+    ckpt = _run_checkpoint(ctx, run_id, checkpoint_id)
+    raise Forbidden(f"{ckpt.tinker_path} is not an exported, released adapter")
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}",
+               name="delete_checkpoint")
+def delete_checkpoint(run_id: str, checkpoint_id: str, ctx: Ctx) -> Response:
+    ckpt = _run_checkpoint(ctx, run_id, checkpoint_id)
+    directory = ctx.state.settings.checkpoint_root / ckpt.storage_dir
+    ctx.session.delete(ckpt)
+    # Files go only once the row is gone for good.
+    ctx.after_commit.append(lambda: shutil.rmtree(directory, ignore_errors=True))
+    return Response(status_code=204)
+
+
+@router.get("/sessions", name="list_sessions")
+def list_sessions(ctx: Ctx, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+    limit, offset = _page(limit, offset)
+    ids = ctx.session.scalars(
+        select(ClientSession.id).where(ClientSession.principal_id == ctx.principal.id)
+        .order_by(ClientSession.created_at.desc()).limit(limit).offset(offset)).all()
+    return tt.ListSessionsResponse(sessions=list(ids)).model_dump(mode="json")
+
+
+@router.get("/sessions/{session_id}", name="get_session")
+def get_session(session_id: str, ctx: Ctx) -> dict[str, Any]:
+    session = owned(ctx, ClientSession, session_id, "session")
+    runs = ctx.session.scalars(select(TrainingRun.id).where(
+        TrainingRun.session_id == session_id).order_by(TrainingRun.model_seq_id)).all()
+    samplers = ctx.session.scalars(select(Sampler.id).where(
+        Sampler.session_id == session_id).order_by(Sampler.created_at)).all()
+    ctx.note(subject=session_id)
+    return tt.GetSessionResponse(
+        training_run_ids=list(runs), sampler_ids=list(samplers),
+        user_metadata=load_json_text(session.user_metadata) or None,
+        display_name=session.display_name,
+    ).model_dump(mode="json")
+
+
+@router.get("/samplers/{sampler_id}", name="get_sampler")
+def get_sampler(sampler_id: str, ctx: Ctx) -> dict[str, Any]:
+    sampler = owned(ctx, Sampler, sampler_id, "sampler")
+    ctx.note(subject=sampler_id)
+    return tt.GetSamplerResponse(sampler_id=sampler.id, base_model=sampler.base_model,
+                                 model_path=sampler.model_path).model_dump(
+        mode="json", exclude_none=True)

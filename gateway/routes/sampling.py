@@ -1,0 +1,78 @@
+"""Tinker sampling endpoints: sampling sessions (samplers) and asample."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from tinker import types as tt
+
+from audit.models import Checkpoint, Sampler, TrainingRun
+from engine import jobs, wire
+from gateway.admission import AdmissionRequest, admit
+from gateway.context import Ctx, JsonBody, RequestContext, parse
+from gateway.errors import BadRequest, NotFound
+from gateway.ownership import owned, owned_checkpoint
+from gateway.routes.training import base_model_info, check_new_session_child
+
+router = APIRouter(prefix="/api/v1")
+
+
+@router.post("/create_sampling_session", name="create_sampling_session")
+def create_sampling_session(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    req = parse(tt.CreateSamplingSessionRequest, body)
+    check_new_session_child(ctx, req.session_id, req.sampling_session_seq_id)
+    sampler_id = f"{req.session_id}:sample:{req.sampling_session_seq_id}"
+    existing = ctx.session.get(Sampler, sampler_id)
+    if existing is None:
+        ctx.session.add(_new_sampler(ctx, req, sampler_id))
+    ctx.note(subject=sampler_id, base_model=req.base_model, model_path=req.model_path)
+    return tt.CreateSamplingSessionResponse(sampling_session_id=sampler_id).model_dump(
+        mode="json")
+
+
+def _new_sampler(ctx: RequestContext, req: tt.CreateSamplingSessionRequest,
+                 sampler_id: str) -> Sampler:
+    if req.model_path:
+        ckpt = owned_checkpoint(ctx, req.model_path)
+        run = owned(ctx, TrainingRun, ckpt.training_run_id, "training run")
+        if req.base_model and req.base_model != run.base_model:
+            raise BadRequest(f"{req.model_path} was trained on {run.base_model}, "
+                             f"not {req.base_model}")
+        return Sampler(id=sampler_id, session_id=req.session_id, principal_id=ctx.principal.id,
+                       base_model=run.base_model, model_path=req.model_path,
+                       checkpoint_id=ckpt.id)
+    if not req.base_model:
+        raise BadRequest("give base_model or model_path")
+    base_model_info(ctx, req.base_model)
+    return Sampler(id=sampler_id, session_id=req.session_id, principal_id=ctx.principal.id,
+                   base_model=req.base_model)
+
+
+@router.post("/asample", name="asample")
+def asample(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    sampler_id = body.get("sampling_session_id") if isinstance(body, dict) else None
+    if not isinstance(sampler_id, str) or not sampler_id:
+        raise BadRequest("sampling_session_id is required")
+    sampler = owned(ctx, Sampler, sampler_id, "sampler")
+    call = wire.parse_sample_request(body, base_model_info(ctx, sampler.base_model))
+    ctx.state.settings.limits.check_sampling(call.spec.num_samples, call.spec.max_tokens)
+    job = jobs.SampleJob(sampler_id=sampler.id, base_model=sampler.base_model,
+                         adapter_dir=_adapter_dir(ctx, sampler), request=body)
+    request_id = admit(ctx, AdmissionRequest(
+        kind="sample", payload=jobs.dump_job(job), sampler_id=sampler.id, seq_id=call.seq_id,
+        audit={"samples": call.spec.num_samples, "max_tokens": call.spec.max_tokens,
+               "prompt_tokens": len(call.spec.prompt), "adapter": sampler.model_path}))
+    ids = [f"{request_id}:{i}" for i in range(call.spec.num_samples)]
+    return tt.UntypedAPIFuture(request_id=request_id, sample_sequence_ids=ids).model_dump(
+        mode="json", exclude_none=True)
+
+
+def _adapter_dir(ctx: RequestContext, sampler: Sampler) -> str | None:
+    if sampler.model_path is None:
+        return None
+    ckpt = ctx.session.get(Checkpoint, sampler.checkpoint_id) if sampler.checkpoint_id else None
+    if ckpt is None:
+        raise NotFound(f"the weights of sampler {sampler.id} ({sampler.model_path}) were deleted")
+    return ckpt.storage_dir
+

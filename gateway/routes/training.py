@@ -1,0 +1,248 @@
+"""Tinker training endpoints. Each validates the request completely, checks ownership and
+limits, then queues it through `admit`; the worker runs it in seq_id order."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from tinker import types as tt
+
+from audit.models import Checkpoint, ClientSession, TrainingRun
+from engine import jobs, wire
+from engine.backend import AdamStep, LoraSpec, ModelInfo
+from gateway.admission import AdmissionRequest, admit
+from gateway.context import Ctx, JsonBody, RequestContext, parse
+from gateway.errors import BadRequest, Forbidden
+from gateway.ownership import (
+    owned,
+    owned_checkpoint,
+    owned_run,
+    storage_dir,
+    tinker_path,
+)
+from policy.limits import check_adam, check_checkpoint_name
+
+router = APIRouter(prefix="/api/v1")
+
+
+def _future(request_id: str, model_id: str | None = None) -> dict[str, Any]:
+    return tt.UntypedAPIFuture(request_id=request_id, model_id=model_id).model_dump(
+        mode="json", exclude_none=True)
+
+
+def base_model_info(ctx: RequestContext, name: str) -> ModelInfo:
+    info = ctx.state.model_info(name)
+    if info is None:
+        served = ", ".join(sorted(ctx.state.models))
+        raise BadRequest(f"unknown base model {name!r}; this server offers: {served}")
+    return info
+
+
+def _model_id(session_id: str, model_seq_id: int) -> str:
+    return f"{session_id}:train:{model_seq_id}"
+
+
+def check_new_session_child(ctx: RequestContext, session_id: str, seq: int) -> str:
+    """A new run or sampler in `session_id`: the session must be the caller's and open.
+    Returns the training-run id the pair (session, seq) maps to."""
+    session = owned(ctx, ClientSession, session_id, "session")
+    if session.finished_at is not None:
+        raise BadRequest(f"session {session_id} is finished; start a new ServiceClient")
+    if seq < 0:
+        raise BadRequest("sequence numbers must be >= 0")
+    return _model_id(session_id, seq)
+
+
+@router.post("/create_model", name="create_model")
+def create_model(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    req = parse(tt.CreateModelRequest, body)
+    model_id = check_new_session_child(ctx, req.session_id, req.model_seq_id)
+    base_model_info(ctx, req.base_model)
+    if req.lora_config is None:
+        raise BadRequest("lora_config is required: only LoRA training is offered")
+    if getattr(req.optimizer_config, "type", "adamw") != "adamw":
+        raise BadRequest("only the adamw optimizer is offered")
+    lora = LoraSpec(rank=req.lora_config.rank, seed=req.lora_config.seed,
+                    train_mlp=req.lora_config.train_mlp, train_attn=req.lora_config.train_attn,
+                    train_unembed=req.lora_config.train_unembed)
+    ctx.state.settings.limits.check_rank(lora.rank)
+    if not (lora.train_mlp or lora.train_attn or lora.train_unembed):
+        raise BadRequest("at least one of train_mlp, train_attn, train_unembed must be true")
+    if ctx.session.get(TrainingRun, model_id) is None:
+        ctx.session.add(TrainingRun(
+            id=model_id, session_id=req.session_id, model_seq_id=req.model_seq_id,
+            principal_id=ctx.principal.id, base_model=req.base_model, lora_rank=lora.rank,
+            lora_config=json.dumps(lora.to_dict()),
+            user_metadata=json.dumps(req.user_metadata or {}), status="creating",
+        ))
+        ctx.session.flush()
+    job = jobs.CreateAdapterJob(model_id=model_id, base_model=req.base_model, lora=lora)
+    request_id = admit(ctx, AdmissionRequest(
+        kind="create_model", payload=jobs.dump_job(job), model_id=model_id, seq_id=0,
+        audit={"base_model": req.base_model, "lora": lora.to_dict()}))
+    return _future(request_id, model_id)
+
+
+@router.post("/get_info", name="get_info")
+def get_info(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    req = parse(tt.GetInfoRequest, body)
+    run = owned(ctx, TrainingRun, req.model_id, "training run")
+    info = base_model_info(ctx, run.base_model)
+    ctx.note(subject=run.id)
+    return tt.GetInfoResponse(
+        model_id=run.id, is_lora=True, lora_rank=run.lora_rank, model_name=run.base_model,
+        model_data=tt.ModelData(arch=info.arch, model_name=run.base_model,
+                                tokenizer_id=info.tokenizer_dir),
+    ).model_dump(mode="json", exclude_none=True)
+
+
+@router.post("/forward_backward", name="forward_backward")
+async def forward_backward(request: Request, ctx: Ctx) -> dict[str, Any]:
+    raw = await request.body()
+    return await run_in_threadpool(_admit_forward_backward, ctx, raw,
+                                   request.headers.get("content-encoding"))
+
+
+def _admit_forward_backward(ctx: RequestContext, raw: bytes, encoding: str | None) -> dict:
+    body = wire.decompress_body(raw, encoding)
+    call = wire.decode_forward_backward(body)
+    run = owned_run(ctx, call.model_id)
+    wire.check_tokens_fit(call.data, base_model_info(ctx, run.base_model))
+    tokens = int(sum(len(d.tokens) for d in call.data))
+    ctx.state.settings.limits.check_batch(len(call.data), tokens)
+    kind = "forward" if call.forward_only else "forward_backward"
+    request_id = admit(ctx, AdmissionRequest(
+        kind="forward_backward", payload=body, request_format="proto", model_id=run.id,
+        seq_id=call.seq_id,
+        audit={"op": kind, "loss_fn": call.loss_fn, "datums": len(call.data), "tokens": tokens,
+               "loss_config": call.loss_config}))
+    return _future(request_id, run.id)
+
+
+@router.post("/optim_step", name="optim_step")
+def optim_step(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    req = parse(tt.OptimStepRequest, body)
+    run = owned_run(ctx, req.model_id)
+    params = req.optim_params
+    if not isinstance(params, tt.AdamParams):
+        raise BadRequest("only Adam parameters (adam_params) are accepted")
+    check_adam(params.learning_rate, params.beta1, params.beta2, params.eps,
+               params.weight_decay, params.grad_clip_norm)
+    step = AdamStep(learning_rate=params.learning_rate, beta1=params.beta1, beta2=params.beta2,
+                    eps=params.eps, weight_decay=params.weight_decay,
+                    grad_clip_norm=params.grad_clip_norm)
+    request_id = admit(ctx, AdmissionRequest(
+        kind="optim_step", payload=jobs.dump_job(jobs.OptimStepJob(model_id=run.id, step=step)),
+        model_id=run.id, seq_id=req.seq_id, audit={"adam": step.__dict__}))
+    return _future(request_id, run.id)
+
+
+def _save_job(ctx: RequestContext, run: TrainingRun, kind: str, name: str, *,
+              with_optimizer: bool, overwrite: bool, ttl: int | None,
+              metadata: dict[str, str] | None,
+              sampler_id: str | None = None) -> jobs.SaveAdapterJob:
+    check_checkpoint_name(name)
+    path = tinker_path(run.id, kind, name)
+    exists = ctx.session.query(Checkpoint.id).filter_by(tinker_path=path).first() is not None
+    if exists and not overwrite:
+        raise BadRequest(f"checkpoint {path} already exists; choose another name")
+    if ttl is not None and ttl <= 0:
+        raise BadRequest("ttl_seconds must be positive")
+    return jobs.SaveAdapterJob(
+        model_id=run.id, kind=kind, name=name, tinker_path=path,
+        storage_dir=storage_dir(run.id, kind, name), with_optimizer=with_optimizer,
+        ttl_seconds=ttl, user_metadata=dict(metadata or {}), sampler_id=sampler_id,
+        session_id=run.session_id if sampler_id else None)
+
+
+@router.post("/save_weights", name="save_weights")
+def save_weights(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    req = parse(tt.SaveWeightsRequest, body)
+    run = owned_run(ctx, req.model_id)
+    if not req.path:
+        raise BadRequest("path (the checkpoint name) is required")
+    job = _save_job(ctx, run, "weights", req.path, with_optimizer=True,
+                    overwrite=req.overwrite, ttl=req.ttl_seconds, metadata=req.user_metadata)
+    request_id = admit(ctx, AdmissionRequest(
+        kind="save_weights", payload=jobs.dump_job(job), model_id=run.id, seq_id=req.seq_id,
+        audit={"path": job.tinker_path}))
+    return _future(request_id, run.id)
+
+
+@router.post("/save_weights_for_sampler", name="save_weights_for_sampler")
+def save_weights_for_sampler(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    req = parse(tt.SaveWeightsForSamplerRequest, body)
+    run = owned_run(ctx, req.model_id)
+    if req.path:
+        job = _save_job(ctx, run, "sampler_weights", req.path, with_optimizer=False,
+                        overwrite=False, ttl=req.ttl_seconds, metadata=req.user_metadata)
+    elif req.sampling_session_seq_id is not None:
+        n = req.sampling_session_seq_id
+        # The unnamed snapshot behind save_weights_and_get_sampling_client.
+        job = _save_job(ctx, run, "sampler_weights", f"snapshot-{n}", with_optimizer=False,
+                        overwrite=False, ttl=req.ttl_seconds, metadata=req.user_metadata,
+                        sampler_id=f"{run.session_id}:sample:{n}")
+    else:
+        raise BadRequest("give either path (a name) or sampling_session_seq_id")
+    request_id = admit(ctx, AdmissionRequest(
+        kind="save_weights_for_sampler", payload=jobs.dump_job(job), model_id=run.id,
+        seq_id=req.seq_id, audit={"path": job.tinker_path, "sampler": job.sampler_id}))
+    return _future(request_id, run.id)
+
+
+@router.post("/load_weights", name="load_weights")
+def load_weights(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    req = parse(tt.LoadWeightsRequest, body)
+    ckpt = owned_checkpoint(ctx, req.path)
+    if ckpt.kind == "external_weights":
+        raise BadRequest("external weights cannot be loaded for training; use a weights path")
+    if req.optimizer and not ckpt.has_optimizer:
+        raise BadRequest(f"{req.path} holds no optimizer state; load it without the optimizer")
+    source = owned(ctx, TrainingRun, ckpt.training_run_id, "training run")
+    if req.model_id:
+        return _load_into_run(ctx, req, ckpt, source)
+    if req.session_id is None or req.model_seq_id is None:
+        raise BadRequest("give model_id, or session_id and model_seq_id")
+    model_id = check_new_session_child(ctx, req.session_id, req.model_seq_id)
+    if req.base_model and req.base_model != source.base_model:
+        raise BadRequest(f"{req.path} was trained on {source.base_model}, not {req.base_model}")
+    if ctx.session.get(TrainingRun, model_id) is None:
+        ctx.session.add(TrainingRun(
+            id=model_id, session_id=req.session_id, model_seq_id=req.model_seq_id,
+            principal_id=ctx.principal.id, base_model=source.base_model,
+            lora_rank=source.lora_rank, lora_config=source.lora_config,
+            user_metadata=json.dumps(req.user_metadata or {}), status="creating"))
+        ctx.session.flush()
+    job = jobs.LoadAdapterJob(model_id=model_id, base_model=source.base_model,
+                              source_path=req.path, storage_dir=ckpt.storage_dir,
+                              with_optimizer=req.optimizer, creates_run=True)
+    request_id = admit(ctx, AdmissionRequest(
+        kind="load_weights_new", payload=jobs.dump_job(job), model_id=model_id, seq_id=0,
+        audit={"source": req.path, "optimizer": req.optimizer}))
+    return _future(request_id, model_id)
+
+
+def _load_into_run(ctx: RequestContext, req: tt.LoadWeightsRequest, ckpt: Checkpoint,
+                   source: TrainingRun) -> dict[str, Any]:
+    run = owned_run(ctx, req.model_id or "")
+    if run.base_model != source.base_model:
+        raise BadRequest(f"{req.path} was trained on {source.base_model}, "
+                         f"but {run.id} uses {run.base_model}")
+    job = jobs.LoadAdapterJob(model_id=run.id, base_model=run.base_model, source_path=req.path,
+                              storage_dir=ckpt.storage_dir, with_optimizer=req.optimizer,
+                              creates_run=False)
+    request_id = admit(ctx, AdmissionRequest(
+        kind="load_weights", payload=jobs.dump_job(job), model_id=run.id, seq_id=req.seq_id,
+        audit={"source": req.path, "optimizer": req.optimizer}))
+    return _future(request_id, run.id)
+
+
+@router.post("/save_weights_external", name="save_weights_external")
+def save_weights_external(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    req = parse(tt.SaveWeightsExternalRequest, body)
+    owned_run(ctx, req.model_id)
+    raise Forbidden("exporting adapter weights requires a released checkpoint, and no "
+                    "release evaluation is configured on this server yet")

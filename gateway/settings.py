@@ -1,0 +1,53 @@
+"""Run-time settings, from arguments and `LORAGATE_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from audit.db import sqlite_url
+from engine.registry import DEFAULT_BASE_MODEL
+from policy.limits import Limits
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    base_models: tuple[str, ...] = (DEFAULT_BASE_MODEL,)
+    extra_models: dict[str, str] = field(default_factory=dict)
+    run_worker: bool = True
+    device: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Hold a retrieve_future poll this long before answering 408 (SDK read timeout: 45 s).
+    long_poll_seconds: float = 25.0
+    # Re-check the database this often while long-polling (a worker in another process
+    # cannot notify us in memory).
+    poll_interval_seconds: float = 0.25
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def database(self) -> str:
+        return self.database_url or sqlite_url(self.data_dir)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return (self.data_dir / "checkpoints").resolve()
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        env = os.environ
+        settings = cls()
+        if env.get("LORAGATE_DATA_DIR"):
+            settings = replace(settings, data_dir=Path(env["LORAGATE_DATA_DIR"]))
+        if env.get("LORAGATE_DATABASE_URL"):
+            settings = replace(settings, database_url=env["LORAGATE_DATABASE_URL"])
+        if env.get("LORAGATE_BASE_MODELS"):
+            names = tuple(n.strip() for n in env["LORAGATE_BASE_MODELS"].split(",") if n.strip())
+            settings = replace(settings, base_models=names)
+        if env.get("LORAGATE_DEVICE"):
+            settings = replace(settings, device=env["LORAGATE_DEVICE"])
+        clean = {k: v for k, v in overrides.items() if v is not None}
+        return replace(settings, **clean)  # type: ignore[arg-type]

@@ -1,0 +1,96 @@
+"""The application's lifespan state: built once at start-up, torn down at shutdown.
+
+Owns wiring only — database engines, the model registry and its metadata, the
+completion notifier and (embedded mode) the worker thread. Holds no request data.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from audit import log as audit_log
+from audit.db import make_engine, make_sessionmaker, transaction
+from engine.backend import ModelInfo
+from engine.registry import ModelRegistry
+from gateway.completions import Completions
+from gateway.settings import Settings
+from migrations import upgrade_to_head
+
+logger = logging.getLogger("loragate.gateway")
+
+AdmissionCheck = Callable[..., None]
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    read_engine: Engine
+    factory: sessionmaker[Session]
+    read_factory: sessionmaker[Session]
+    registry: ModelRegistry
+    models: dict[str, ModelInfo]
+    completions: Completions
+    # Extra checks run by gateway.admission on every data-bearing request (screening,
+    # quotas): each takes the AdmissionRequest and raises to refuse it.
+    admission_checks: list[AdmissionCheck] = field(default_factory=list)
+    worker: Any = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def model_info(self, name: str) -> ModelInfo | None:
+        return self.models.get(name)
+
+    def wake_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.wake.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.wake_worker()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        self.engine.dispose()
+        self.read_engine.dispose()
+
+
+def build_state(settings: Settings) -> AppState:
+    """Migrate the database, prepare base models, start the embedded worker."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.database
+    upgrade_to_head(url)
+    engine, read_engine = make_engine(url), make_engine(url, read_only=True)
+    registry = ModelRegistry(settings.data_dir, settings.extra_models)
+    models = {name: registry.info(name) for name in settings.base_models}
+    state = AppState(
+        settings=settings, engine=engine, read_engine=read_engine,
+        factory=make_sessionmaker(engine), read_factory=make_sessionmaker(read_engine),
+        registry=registry, models=models, completions=Completions(),
+    )
+    with transaction(state.factory) as session:
+        audit_log.append(session, actor="system", event_type="gateway.start", decision="info",
+                         payload={"base_models": sorted(models), "worker": settings.run_worker,
+                                  "database": engine.dialect.name})
+    if settings.run_worker:
+        _start_worker(state)
+    return state
+
+
+def _start_worker(state: AppState) -> None:
+    from engine.worker import Worker
+
+    worker = Worker(state.factory, state.registry, state.settings.checkpoint_root,
+                    worker_id="embedded", device=state.settings.device,
+                    on_finished=state.completions.notify)
+    worker.fail_interrupted()
+    state.worker = worker
+    state._thread = threading.Thread(target=worker.run_forever, args=(state._stop,),
+                                     name="loragate-worker", daemon=True)
+    state._thread.start()

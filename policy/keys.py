@@ -1,0 +1,82 @@
+"""API keys: creation and authentication.
+
+Keys look like `tml-…` (the Tinker SDK refuses anything else) and are stored only as
+SHA-256; the plaintext is returned once, at creation. Must not log or store plaintext keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from audit import log as audit_log
+from audit.models import ROLES, ApiKey, Principal, utcnow
+from policy.errors import KeyRejected, LimitExceeded
+
+KEY_PREFIX = "tml-"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def ensure_principal(session: Session, name: str, role: str) -> Principal:
+    """The principal called `name`, created with `role` if new. A name keeps its role."""
+    if role not in ROLES:
+        raise LimitExceeded(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+    principal = session.scalars(select(Principal).where(Principal.name == name)).first()
+    if principal is None:
+        principal = Principal(id=str(uuid.uuid4()), name=name, role=role)
+        session.add(principal)
+        session.flush()
+    elif principal.role != role:
+        raise LimitExceeded(f"principal {name!r} already exists with role {principal.role!r}")
+    return principal
+
+
+def create_key(
+    session: Session, *, owner: str, role: str, actor: str, expires_at: dt.datetime | None = None
+) -> str:
+    """Create a key for `owner` (creating the principal if needed); returns the plaintext."""
+    principal = ensure_principal(session, owner, role)
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(id=str(uuid.uuid4()), principal_id=principal.id, key_hash=hash_key(plaintext),
+                 prefix=plaintext[:10], status="active", expires_at=expires_at)
+    session.add(key)
+    session.flush()
+    audit_log.append(session, actor=actor, event_type="keys.create", decision="allow",
+                     subject=principal.id,
+                     payload={"key_id": key.id, "role": role, "owner": owner,
+                              "expires_at": expires_at.isoformat() if expires_at else None})
+    return plaintext
+
+
+def authenticate(session: Session, presented: str | None) -> Principal:
+    """The principal behind a presented key, or KeyRejected saying why not."""
+    if not presented:
+        raise KeyRejected("missing API key: send it in the X-API-Key header")
+    if not presented.startswith(KEY_PREFIX):
+        raise KeyRejected("malformed API key: keys start with 'tml-'")
+    key = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(presented))).first()
+    if key is None:
+        raise KeyRejected("unknown API key")
+    if key.status == "revoked":
+        raise KeyRejected("this API key has been revoked")
+    if key.status != "active":
+        raise KeyRejected(f"this API key is {key.status}")
+    if key.expires_at is not None and _aware(key.expires_at) <= utcnow():
+        raise KeyRejected("this API key has expired")
+    principal = session.get(Principal, key.principal_id)
+    if principal is None:  # foreign key makes this impossible short of tampering
+        raise KeyRejected("unknown API key")
+    return principal
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    # SQLite returns naive datetimes even for timezone-aware columns.
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)

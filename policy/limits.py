@@ -1,0 +1,75 @@
+"""Server-wide limits that every request is checked against before it is queued.
+
+Per-key scopes and quotas build on these. Must not import fastapi or engine.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from policy.errors import LimitExceeded
+
+CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_lora_rank: int = 64
+    max_samples_per_request: int = 16
+    max_sample_tokens: int = 1024
+    max_datums_per_request: int = 1024
+    max_tokens_per_request: int = 262_144
+
+    def check_rank(self, rank: int) -> None:
+        if rank < 1:
+            raise LimitExceeded(
+                f"LoRA rank must be at least 1 (got {rank}); full-parameter training is "
+                "not offered"
+            )
+        if rank > self.max_lora_rank:
+            raise LimitExceeded(f"LoRA rank {rank} exceeds the maximum of {self.max_lora_rank}")
+
+    def check_batch(self, datums: int, tokens: int) -> None:
+        if datums > self.max_datums_per_request:
+            raise LimitExceeded(
+                f"{datums} datums exceed the limit of {self.max_datums_per_request} per request"
+            )
+        if tokens > self.max_tokens_per_request:
+            raise LimitExceeded(
+                f"{tokens} tokens exceed the limit of {self.max_tokens_per_request} per request"
+            )
+
+    def check_sampling(self, num_samples: int, max_tokens: int) -> None:
+        if num_samples > self.max_samples_per_request:
+            raise LimitExceeded(f"num_samples {num_samples} exceeds the limit of "
+                                f"{self.max_samples_per_request}")
+        if max_tokens > self.max_sample_tokens:
+            raise LimitExceeded(f"max_tokens {max_tokens} exceeds the limit of "
+                                f"{self.max_sample_tokens}")
+
+
+def check_checkpoint_name(name: str) -> str:
+    """Names become the last segment of a tinker path and a directory on disk."""
+    if not CHECKPOINT_NAME.match(name) or ".." in name:
+        raise LimitExceeded(
+            f"invalid checkpoint name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, with no '/' and no '..'"
+        )
+    return name
+
+
+def check_adam(lr: float, beta1: float, beta2: float, eps: float, wd: float,
+               clip: float) -> None:
+    values = {"learning_rate": lr, "beta1": beta1, "beta2": beta2, "eps": eps,
+              "weight_decay": wd, "grad_clip_norm": clip}
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise LimitExceeded(f"adam_params.{name} must be finite")
+    if lr < 0 or wd < 0 or clip < 0:
+        raise LimitExceeded("learning_rate, weight_decay and grad_clip_norm must be >= 0")
+    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+        raise LimitExceeded("beta1 and beta2 must be in [0, 1)")
+    if eps <= 0:
+        raise LimitExceeded("eps must be > 0")

@@ -1,0 +1,163 @@
+"""Shared fixtures: databases (SQLite always; PostgreSQL when LORAGATE_TEST_DATABASE_URL is
+set), a live gateway on 127.0.0.1 serving the tiny test model, and API keys.
+
+Schemas are created only by Alembic (migrations.upgrade_to_head). Nothing here touches the
+network beyond loopback and the local PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+
+PG_ENV = "LORAGATE_TEST_DATABASE_URL"
+TINY = "loragate/tiny-llama"
+
+
+def _dialects() -> list[str]:
+    return ["sqlite", "postgresql"] if os.environ.get(PG_ENV) else ["sqlite"]
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data dir for materialized base models, shared by every server in the run."""
+    return tmp_path_factory.mktemp("models")
+
+
+def _fresh_pg_database(base_url: str) -> tuple[str, Callable[[], None]]:
+    """A new, empty database next to the one named by LORAGATE_TEST_DATABASE_URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from audit.db import normalize_url
+
+    url = make_url(normalize_url(base_url))
+    name = f"{url.database}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
+            ), {"n": name})
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+    return url.set(database=name).render_as_string(hide_password=False), drop
+
+
+@pytest.fixture(params=_dialects())
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of each dialect under test (function scope)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    url, drop = _fresh_pg_database(os.environ[PG_ENV])
+    try:
+        yield url
+    finally:
+        drop()
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    app: object
+    data_dir: Path
+    database_url: str
+
+    @property
+    def state(self):
+        return self.app.state.loragate
+
+    def create_key(self, owner: str | None = None, role: str = "researcher") -> str:
+        from audit.db import transaction
+        from policy.keys import create_key
+
+        with transaction(self.state.factory) as session:
+            return create_key(session, owner=owner or f"user-{uuid.uuid4().hex[:8]}",
+                              role=role, actor="test")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def run_server(settings) -> Iterator[LiveServer]:
+    """Start the real app under uvicorn on a free loopback port; stop it afterwards."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    port = _free_port()
+    settings = replace(settings, host="127.0.0.1", port=port)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", app, settings.data_dir,
+                         settings.database)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def tiny_settings(data_dir: Path, database_url: str, **overrides: object):
+    from gateway.settings import Settings
+
+    return replace(Settings(data_dir=data_dir, database_url=database_url, base_models=(TINY,),
+                            long_poll_seconds=5.0, poll_interval_seconds=0.05), **overrides)
+
+
+@pytest.fixture(scope="session", params=_dialects())
+def server(request: pytest.FixtureRequest, models_dir: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A live gateway with an embedded worker serving the tiny model, one per dialect."""
+    if request.param == "sqlite":
+        url, drop = f"sqlite:///{tmp_path_factory.mktemp('db') / 'gw.db'}", (lambda: None)
+    else:
+        url, drop = _fresh_pg_database(os.environ[PG_ENV])
+    try:
+        with run_server(tiny_settings(models_dir, url)) as live:
+            yield live
+    finally:
+        drop()
+
+
+@pytest.fixture
+def api_key(server: LiveServer) -> str:
+    return server.create_key()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("LORAGATE_REQUIRE_POSTGRES") == "1" and not os.environ.get(PG_ENV):
+        raise pytest.UsageError(
+            f"LORAGATE_REQUIRE_POSTGRES=1 but {PG_ENV} is not set: the PostgreSQL tests "
+            "would be skipped"
+        )
