@@ -16,11 +16,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audit import log as audit_log
 from audit.db import transaction
+from engine.errors import EngineError
 from gateway.context import route_event
 from gateway.errors import ApiError, NotFound, Unprocessable, to_api_error
 from gateway.routes import futures, rest, sampling, service, training
 from gateway.settings import Settings
 from gateway.state import AppState, build_state
+from policy.errors import PolicyError
 
 logger = logging.getLogger("loragate.gateway")
 
@@ -41,9 +43,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (service, training, sampling, futures, rest):
         app.include_router(module.router)
     app.middleware("http")(_assign_request_id)
-    app.add_exception_handler(Exception, _handle_error)
-    app.add_exception_handler(RequestValidationError, _handle_error)
-    app.add_exception_handler(StarletteHTTPException, _handle_error)
+    # User errors are handled inside the app; `Exception` (a bug) reaches Starlette's
+    # server-error middleware, which logs the traceback.
+    for exc_class in (ApiError, PolicyError, EngineError, RequestValidationError,
+                      StarletteHTTPException, Exception):
+        app.add_exception_handler(exc_class, _handle_error)
     return app
 
 

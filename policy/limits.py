@@ -21,6 +21,8 @@ class Limits:
     max_sample_tokens: int = 1024
     max_datums_per_request: int = 1024
     max_tokens_per_request: int = 262_144
+    # LoRA learning rates are ~1e-5..1e-2; far larger ones only blow the weights up.
+    max_learning_rate: float = 1.0
 
     def check_rank(self, rank: int) -> None:
         if rank < 1:
@@ -61,12 +63,14 @@ def check_checkpoint_name(name: str) -> str:
 
 
 def check_adam(lr: float, beta1: float, beta2: float, eps: float, wd: float,
-               clip: float) -> None:
+               clip: float, max_learning_rate: float) -> None:
     values = {"learning_rate": lr, "beta1": beta1, "beta2": beta2, "eps": eps,
               "weight_decay": wd, "grad_clip_norm": clip}
     for name, value in values.items():
         if not math.isfinite(value):
             raise LimitExceeded(f"adam_params.{name} must be finite")
+    if lr > max_learning_rate:
+        raise LimitExceeded(f"learning_rate {lr} exceeds the limit of {max_learning_rate}")
     if lr < 0 or wd < 0 or clip < 0:
         raise LimitExceeded("learning_rate, weight_decay and grad_clip_norm must be >= 0")
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):

@@ -130,7 +130,8 @@ def optim_step(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     if not isinstance(params, tt.AdamParams):
         raise BadRequest("only Adam parameters (adam_params) are accepted")
     check_adam(params.learning_rate, params.beta1, params.beta2, params.eps,
-               params.weight_decay, params.grad_clip_norm)
+               params.weight_decay, params.grad_clip_norm,
+               ctx.state.settings.limits.max_learning_rate)
     step = AdamStep(learning_rate=params.learning_rate, beta1=params.beta1, beta2=params.beta2,
                     eps=params.eps, weight_decay=params.weight_decay,
                     grad_clip_norm=params.grad_clip_norm)

@@ -1,0 +1,58 @@
+"""Helpers for SDK-driven tests: datums from text, and direct torch references."""
+
+from __future__ import annotations
+
+import numpy as np
+import tinker
+from tinker import types
+
+TINY = "loragate/tiny-llama"
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A gateway screens every request before the model sees it.",
+    "Small models train quickly on a laptop.",
+]
+
+
+def service(server, key: str) -> tinker.ServiceClient:
+    return tinker.ServiceClient(base_url=server.base_url, api_key=key)
+
+
+def rest(server, key: str) -> tinker.RestClient:
+    return tinker.RestClient(base_url=server.base_url, api_key=key)
+
+
+def sft_datum(tokenizer, text: str) -> types.Datum:
+    ids = tokenizer.encode(text)
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(ids[:-1]),
+        loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)},
+    )
+
+
+def rl_datum(tokens: list[int], sampling_logprobs: np.ndarray, advantages: np.ndarray
+             ) -> types.Datum:
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": tokens[1:],
+            "logprobs": sampling_logprobs.astype(np.float32).tolist(),
+            "advantages": advantages.astype(np.float32).tolist(),
+        },
+    )
+
+
+def reference_logprobs(model_dir, tokens: list[int]) -> np.ndarray:
+    """log p(tokens[i+1] | tokens[:i+1]) from the plain HF model, computed directly."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens[:-1]])).logits[0].float()
+    lp = torch.log_softmax(logits, dim=-1)
+    return lp.gather(1, torch.tensor(tokens[1:])[:, None])[:, 0].numpy()
+
+
+def outputs_logprobs(result) -> list[np.ndarray]:
+    return [np.asarray(o["logprobs"].tolist(), dtype=np.float64) for o in result.loss_fn_outputs]
