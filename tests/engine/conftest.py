@@ -1,0 +1,125 @@
+"""Fixtures for the engine tests: the tiny model, one shared TorchBackend, adapters that clean
+up after themselves, and an independent LoRA reference (plain HF model + hand-written LoRA
+forward hooks, no PEFT) that the backend's numbers are checked against."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.backend import AdamStep, LoraSpec, TrainingDatum
+from engine.registry import TINY_TEST_MODEL, ModelRegistry
+from engine.torch_backend import LORA_ALPHA, TorchBackend, load_backend
+
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(models_dir: Path) -> ModelRegistry:
+    return ModelRegistry(models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_registry: ModelRegistry) -> Path:
+    return tiny_registry.materialize(TINY_TEST_MODEL)
+
+
+@pytest.fixture(scope="session")
+def backend(tiny_registry: ModelRegistry) -> TorchBackend:
+    """One backend for the whole session; tests use unique adapter ids and drop them."""
+    return load_backend(tiny_registry, TINY_TEST_MODEL, device="cpu")
+
+
+@pytest.fixture
+def new_adapter(backend: TorchBackend) -> Iterator[Callable[..., str]]:
+    """Factory: create an adapter with a unique id on the shared backend; dropped afterwards."""
+    created: list[str] = []
+
+    def make(rank: int = 4, seed: int | None = 0, **flags: bool) -> str:
+        adapter_id = f"test-adapter-{next(_ids)}"
+        backend.create_adapter(adapter_id, LoraSpec(rank=rank, seed=seed, **flags))
+        created.append(adapter_id)
+        return adapter_id
+
+    yield make
+    for adapter_id in created:
+        backend.drop_adapter(adapter_id)
+
+
+def random_tokens(rng: np.random.Generator, n: int, vocab: int) -> np.ndarray:
+    return rng.integers(3, vocab, size=n, dtype=np.int64)  # skip the special tokens
+
+
+def ce_datum(rng: np.random.Generator, n: int, vocab: int) -> TrainingDatum:
+    """A cross-entropy datum built the way clients do: model_input = s[:-1], targets = s[1:]."""
+    seq = random_tokens(rng, n + 1, vocab)
+    weights = (rng.random(n) < 0.7).astype(np.float32)
+    return TrainingDatum(seq[:-1], {"target_tokens": seq[1:], "weights": weights})
+
+
+def train_step(backend: TorchBackend, adapter_id: str, seed: int = 0, lr: float = 0.05) -> None:
+    """One cross-entropy step with a large learning rate, so LoRA B is no longer zero."""
+    rng = np.random.default_rng(seed)
+    data = [ce_datum(rng, 12, backend.vocab_size), ce_datum(rng, 7, backend.vocab_size)]
+    backend.forward_backward(adapter_id, data, "cross_entropy", {}, forward_only=False)
+    backend.optim_step(adapter_id, AdamStep(learning_rate=lr))
+
+
+class ReferenceLora:
+    """The tiny model run by plain transformers, with LoRA added by forward hooks written here
+    from the LoRA formula y = W x + (alpha / r) · B A x. Shares no code with PEFT."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        self.model.eval().requires_grad_(False)
+
+    @contextlib.contextmanager
+    def lora(self, tensors: dict[str, torch.Tensor] | None, rank: int) -> Iterator[None]:
+        handles = []
+        for module_path, (a, b) in _lora_pairs(tensors or {}).items():
+            module = self.model.get_submodule(module_path)
+            handles.append(module.register_forward_hook(_lora_hook(a, b, LORA_ALPHA / rank)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def logits(self, tokens: list[int] | np.ndarray) -> torch.Tensor:
+        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).unsqueeze(0)
+        return self.model(input_ids=ids).logits[0].float()
+
+    def target_logprobs(self, tokens: np.ndarray, targets: np.ndarray) -> torch.Tensor:
+        logp = torch.log_softmax(self.logits(tokens), dim=-1)
+        return logp.gather(-1, torch.as_tensor(targets).unsqueeze(-1)).squeeze(-1)
+
+
+def _lora_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT-style keys `base_model.model.<module>.lora_A.weight` → {module: (A, B)}."""
+    pairs = {}
+    for key, a in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+        pairs[module] = (a, tensors[key.replace(".lora_A.", ".lora_B.")])
+    return pairs
+
+
+def _lora_hook(a: torch.Tensor, b: torch.Tensor, scale: float):
+    def hook(module, inputs, output):
+        return output + scale * (inputs[0] @ a.T @ b.T)
+
+    return hook
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_dir: Path) -> ReferenceLora:
+    return ReferenceLora(tiny_dir)

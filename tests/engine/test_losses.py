@@ -1,0 +1,153 @@
+"""The five built-in losses, checked against formulas written out here and an independent LoRA
+forward (plain transformers + hooks): loss:sum, per-token logprobs and losses, and gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.backend import LOSS_FUNCTIONS, TrainingDatum
+from engine.errors import UserInputError
+from engine.losses import elementwise_loss, resolve_config
+
+from .conftest import ReferenceLora, random_tokens, train_step
+
+CONFIGS: dict[str, dict[str, float]] = {
+    "cross_entropy": {},
+    "importance_sampling": {},
+    "ppo": {},  # defaults 0.8 / 1.2
+    "cispo": {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1},
+    "dro": {"beta": 0.3},
+}
+
+
+def hand_loss(loss_fn: str, logp: torch.Tensor, inp: dict, config: dict) -> torch.Tensor:
+    """The per-token formulas of tinker-losses.md §4, written independently of engine.losses."""
+    if loss_fn == "cross_entropy":
+        return -inp.get("weights", torch.ones_like(logp)) * logp
+    q, adv = inp["logprobs"], inp["advantages"]
+    ratio = torch.exp(logp - q)
+    if loss_fn == "importance_sampling":
+        return -ratio * adv
+    lo = config.get("clip_low_threshold", 0.8)
+    hi = config.get("clip_high_threshold", 1.2)
+    if loss_fn == "ppo":
+        return -torch.minimum(ratio * adv, torch.clamp(ratio, lo, hi) * adv)
+    if loss_fn == "cispo":
+        return -torch.clamp(ratio, lo, hi).detach() * logp * adv
+    beta = config.get("beta", 0.05)
+    return -(logp * adv - 0.5 * beta * (logp - q) ** 2)
+
+
+def make_data(loss_fn: str, ref: ReferenceLora, vocab: int, seed: int) -> list[TrainingDatum]:
+    """Three datums of different lengths; RL datums get sampling logprobs near the model's
+    own (so some ratios fall outside the clip range) and mixed-sign advantages."""
+    rng = np.random.default_rng(seed)
+    data = []
+    for i, n in enumerate((9, 5, 12)):
+        seq = random_tokens(rng, n + 1, vocab)
+        tokens, targets = seq[:-1], seq[1:]
+        if loss_fn == "cross_entropy":
+            inputs: dict[str, np.ndarray] = {"target_tokens": targets}
+            if i != 1:  # datum 1 has no weights: all ones
+                inputs["weights"] = rng.normal(0.5, 1.0, n).astype(np.float32)  # some negative
+        else:
+            with torch.no_grad():
+                logp = ref.target_logprobs(tokens, targets).numpy()
+            inputs = {
+                "target_tokens": targets,
+                "logprobs": (logp + rng.normal(0, 0.4, n)).astype(np.float32),
+                "advantages": rng.normal(0, 1, n).astype(np.float32),
+            }
+        data.append(TrainingDatum(tokens, inputs))
+    return data
+
+
+@pytest.mark.parametrize("loss_fn", LOSS_FUNCTIONS)
+def test_loss_matches_direct_torch_computation(loss_fn, backend, new_adapter, reference):
+    adapter = new_adapter(rank=4, seed=11)
+    train_step(backend, adapter)  # non-zero B, so the LoRA path really contributes
+    weights = {k: t.requires_grad_() for k, t in backend.adapter_tensors(adapter).items()}
+    config = CONFIGS[loss_fn]
+    with reference.lora(weights, rank=4):
+        data = make_data(loss_fn, reference, backend.vocab_size, seed=5)
+        result = backend.forward_backward(adapter, data, loss_fn, config, forward_only=False)
+        total = torch.zeros(())
+        for datum, out in zip(data, result.outputs, strict=True):
+            logp = reference.target_logprobs(datum.tokens, datum.loss_inputs["target_tokens"])
+            inputs = {k: torch.as_tensor(v) for k, v in datum.loss_inputs.items()}
+            per_token = hand_loss(loss_fn, logp, inputs, config)
+            total = total + per_token.sum()
+            assert out["logprobs"].dtype == np.float32 and out["logprobs"].shape == (len(logp),)
+            np.testing.assert_allclose(out["logprobs"], logp.detach().numpy(), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                out["elementwise_loss"], per_token.detach().numpy(), rtol=1e-4, atol=1e-5
+            )
+        expected_grads = torch.autograd.grad(total, list(weights.values()))
+    assert result.metrics["loss:sum"] == pytest.approx(total.item(), rel=1e-5, abs=1e-4)
+    snapshot = backend.adapter_snapshot(adapter)
+    for key, expected in zip(weights, expected_grads, strict=True):
+        torch.testing.assert_close(snapshot[f"grad:{key}"], expected, rtol=1e-3, atol=1e-4)
+    assert any(g.abs().max() > 0 for g in expected_grads)
+
+
+def test_cross_entropy_without_weights_means_all_ones():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    loss = elementwise_loss("cross_entropy", logp, {}, {})
+    assert torch.equal(loss, torch.tensor([1.0, 2.0, 0.5]))
+
+
+def test_ppo_gives_no_gradient_where_the_clipped_term_wins():
+    q = torch.zeros(2)
+    logp = torch.tensor([0.5, 0.0], requires_grad=True)  # ratio e^0.5 > 1.2, then 1.0
+    adv = torch.tensor([1.0, 1.0])
+    config = resolve_config("ppo", {})
+    loss = elementwise_loss("ppo", logp, {"logprobs": q, "advantages": adv}, config)
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    assert grad[0] == 0 and grad[1] == pytest.approx(-1.0)
+    assert loss[0].item() == pytest.approx(-1.2)
+
+
+def test_cispo_keeps_gradient_on_clipped_tokens():
+    logp = torch.tensor([0.5], requires_grad=True)
+    inputs = {"logprobs": torch.zeros(1), "advantages": torch.ones(1)}
+    loss = elementwise_loss("cispo", logp, inputs, resolve_config("cispo", {}))
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    assert grad.item() == pytest.approx(-1.2)  # −clip(r)·A, the ratio itself is not differentiated
+
+
+def test_dro_quadratic_term_acts_with_zero_advantage():
+    logp = torch.tensor([-1.0])
+    inputs = {"logprobs": torch.tensor([-3.0]), "advantages": torch.zeros(1)}
+    loss = elementwise_loss("dro", logp, inputs, resolve_config("dro", {"beta": 0.5}))
+    assert loss.item() == pytest.approx(0.5 * 0.5 * 4.0)
+
+
+def test_loss_config_defaults_are_merged():
+    assert resolve_config("ppo", {"clip_high_threshold": 1.5}) == {
+        "clip_low_threshold": 0.8,
+        "clip_high_threshold": 1.5,
+    }
+    assert resolve_config("dro", None) == {"beta": 0.05}
+
+
+def test_unknown_loss_config_keys_are_rejected_by_name():
+    with pytest.raises(UserInputError, match="epsilon"):
+        resolve_config("ppo", {"epsilon": 0.2})
+    with pytest.raises(UserInputError, match="beta"):
+        resolve_config("cross_entropy", {"beta": 0.1})
+
+
+@pytest.mark.parametrize(
+    "config", [{"clip_low_threshold": 1.3}, {"clip_high_threshold": float("nan")}, {"beta": "x"}]
+)
+def test_bad_loss_config_values_are_user_errors(config):
+    loss_fn = "dro" if "beta" in config else "ppo"
+    with pytest.raises(UserInputError):
+        resolve_config(loss_fn, config)
+
+
+def test_unknown_loss_fn_lists_the_supported_ones():
+    with pytest.raises(UserInputError, match="cross_entropy"):
+        resolve_config("gspo", {})

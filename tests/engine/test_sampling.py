@@ -1,0 +1,215 @@
+"""Sampling with a KV cache: reproducibility, greedy decoding against a no-cache recompute,
+stop tokens and strings, logprobs and top-k logprobs, and input validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from engine.backend import SampleSpec
+from engine.errors import UserInputError
+from engine.torch_backend import TorchBackend
+
+from .conftest import ReferenceLora, train_step
+
+PROMPT = (1, 40, 41, 42, 43)
+NO_STOP: dict = {"stop_token_ids": (), "stop_strings": ()}
+
+
+def greedy(backend: TorchBackend, adapter: str | None, n: int, **kw) -> list[int]:
+    spec = SampleSpec(prompt=PROMPT, max_tokens=n, temperature=0.0, **{**NO_STOP, **kw})
+    return backend.sample(adapter, spec).sequences[0].tokens
+
+
+def no_cache_greedy(ref: ReferenceLora, n: int) -> tuple[list[int], list[float]]:
+    """Greedy decoding by recomputing the whole sequence at every step (no KV cache)."""
+    seq, logps = list(PROMPT), []
+    with torch.no_grad():
+        for _ in range(n):
+            logp = torch.log_softmax(ref.logits(seq)[-1], dim=-1)
+            token = int(logp.argmax())
+            seq.append(token)
+            logps.append(float(logp[token]))
+    return seq[len(PROMPT):], logps
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_kv_cache_greedy_decoding_equals_no_cache_full_recompute(
+    backend, new_adapter, reference, trained
+):
+    adapter = None
+    weights = None
+    if trained:
+        adapter = new_adapter(rank=4, seed=3)
+        train_step(backend, adapter, lr=0.1)
+        weights = backend.adapter_tensors(adapter)
+    spec = SampleSpec(prompt=PROMPT, max_tokens=12, temperature=0.0, num_samples=2, **NO_STOP)
+    result = backend.sample(adapter, spec)
+    with reference.lora(weights, rank=4):
+        tokens, logps = no_cache_greedy(reference, 12)
+    for seq in result.sequences:
+        assert seq.tokens == tokens and seq.stopped is False
+        assert seq.logprobs == pytest.approx(logps, abs=1e-4)
+
+
+def test_same_seed_gives_the_same_samples_and_another_seed_differs(backend):
+    spec = SampleSpec(prompt=PROMPT, max_tokens=16, num_samples=3, seed=123, **NO_STOP)
+    first = [s.tokens for s in backend.sample(None, spec).sequences]
+    torch.manual_seed(999)  # global RNG state must not matter
+    again = [s.tokens for s in backend.sample(None, spec).sequences]
+    other = [s.tokens for s in backend.sample(None, dataclasses.replace(spec, seed=7)).sequences]
+    assert first == again
+    assert first != other
+    assert len({tuple(t) for t in first}) > 1  # the samples of one request differ
+
+
+def test_top_k_one_and_tiny_top_p_reduce_to_greedy(backend):
+    chain = greedy(backend, None, 8)
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}):
+        spec = SampleSpec(prompt=PROMPT, max_tokens=8, temperature=1.0, seed=5, **NO_STOP, **kw)
+        assert backend.sample(None, spec).sequences[0].tokens == chain
+
+
+def test_top_k_restricts_draws_to_the_k_most_likely_tokens(backend):
+    spec = SampleSpec(prompt=PROMPT, max_tokens=1, num_samples=64, top_k=3, seed=1,
+                      topk_sample_logprobs=3, **NO_STOP)
+    result = backend.sample(None, spec)
+    allowed = {token for token, _ in result.sequences[0].topk[0]}
+    assert {s.tokens[0] for s in result.sequences} <= allowed
+
+
+def test_sampled_logprobs_are_the_unmodified_distribution(backend, reference):
+    spec = SampleSpec(prompt=PROMPT, max_tokens=1, temperature=0.3, top_k=5, seed=0, **NO_STOP)
+    seq = backend.sample(None, spec).sequences[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(reference.logits(list(PROMPT))[-1], dim=-1)
+    assert seq.logprobs[0] == pytest.approx(float(logp[seq.tokens[0]]), abs=1e-5)
+
+
+def test_stop_token_is_included_and_marks_the_sequence_stopped(backend):
+    chain = greedy(backend, None, 10)
+    stop_at = next(i for i in range(2, 10) if chain[i] not in chain[:i])
+    tokens = greedy(backend, None, 10, stop_token_ids=(chain[stop_at],))
+    spec = SampleSpec(prompt=PROMPT, max_tokens=10, temperature=0.0,
+                      stop_token_ids=(chain[stop_at],))
+    seq = backend.sample(None, spec).sequences[0]
+    assert tokens == chain[: stop_at + 1] == seq.tokens
+    assert seq.stopped is True
+
+
+def test_max_tokens_reached_means_not_stopped(backend):
+    seq = backend.sample(None, SampleSpec(prompt=PROMPT, max_tokens=7, seed=1, **NO_STOP))
+    assert len(seq.sequences[0].tokens) == 7 and seq.sequences[0].stopped is False
+    assert len(seq.sequences[0].logprobs) == 7
+
+
+def test_default_stop_is_the_models_eos_and_empty_lists_disable_it(backend, tiny_dir):
+    chain = greedy(backend, None, 10)
+    stop_at = next(i for i in range(2, 10) if chain[i] not in chain[:i])
+    info = dataclasses.replace(backend.info, eos_token_ids=(chain[stop_at],))
+    with_eos = TorchBackend(tiny_dir, info, device="cpu")
+    default = SampleSpec(prompt=PROMPT, max_tokens=10, temperature=0.0)
+    assert with_eos.sample(None, default).sequences[0].tokens == chain[: stop_at + 1]
+    disabled = dataclasses.replace(default, **NO_STOP)
+    assert with_eos.sample(None, disabled).sequences[0].tokens == chain
+    only_strings = dataclasses.replace(default, stop_strings=("\u2603 never",))
+    assert with_eos.sample(None, only_strings).sequences[0].tokens == chain
+
+
+def test_stop_string_stops_right_after_the_token_that_completes_it(backend):
+    tokenizer = backend._tokenizer
+    chain = greedy(backend, None, 12)
+
+    def text(n: int) -> str:
+        return tokenizer.decode(chain[:n], skip_special_tokens=False)
+
+    # A stop string that first appears in the decoded text once token `end` is generated.
+    end, stop = next(
+        (i, text(i + 1)[-2:])
+        for i in range(2, 12)
+        if len(text(i + 1)) > len(text(i)) + 1 and text(i + 1)[-2:] not in text(i)
+    )
+    seq = greedy(backend, None, 12, stop_strings=(stop,))
+    assert seq == chain[: end + 1]
+    spec = SampleSpec(prompt=PROMPT, max_tokens=12, temperature=0.0, stop_strings=(stop,))
+    assert backend.sample(None, spec).sequences[0].stopped is True
+
+
+def test_prompt_logprobs_equal_a_forward_pass(backend, new_adapter, reference):
+    adapter = new_adapter(seed=8)
+    train_step(backend, adapter, lr=0.1)
+    spec = SampleSpec(prompt=PROMPT, max_tokens=1, prompt_logprobs=True, topk_prompt_logprobs=4)
+    result = backend.sample(adapter, spec)
+    with reference.lora(backend.adapter_tensors(adapter), rank=4), torch.no_grad():
+        logp = torch.log_softmax(reference.logits(list(PROMPT)), dim=-1)
+    assert result.prompt_logprobs is not None and result.prompt_logprobs[0] is None
+    expected = [float(logp[i - 1, PROMPT[i]]) for i in range(1, len(PROMPT))]
+    assert result.prompt_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+    rows = result.topk_prompt_logprobs
+    assert rows is not None and len(rows) == len(PROMPT) and rows[0] is None
+    for i, row in enumerate(rows[1:], start=1):
+        assert row is not None and len(row) == 4
+        values = [v for _, v in row]
+        assert values == sorted(values, reverse=True)
+        assert all(0 <= t < backend.vocab_size and v > -1000 for t, v in row)  # no sentinels
+        assert row[0][0] == int(logp[i - 1].argmax())
+        assert values[0] == pytest.approx(float(logp[i - 1].max()), abs=1e-5)
+
+
+def test_topk_sample_logprobs_cover_every_generated_position(backend):
+    spec = SampleSpec(prompt=PROMPT, max_tokens=6, temperature=0.0, topk_sample_logprobs=3,
+                      **NO_STOP)
+    seq = backend.sample(None, spec).sequences[0]
+    assert seq.topk is not None and len(seq.topk) == 6
+    for token, logprob, row in zip(seq.tokens, seq.logprobs, seq.topk, strict=True):
+        assert row[0][0] == token and row[0][1] == pytest.approx(logprob)
+        assert [v for _, v in row] == sorted((v for _, v in row), reverse=True)
+    plain = backend.sample(None, dataclasses.replace(spec, topk_sample_logprobs=0))
+    assert plain.sequences[0].topk is None and plain.prompt_logprobs is None
+
+
+def test_finished_samples_drop_out_while_others_continue(backend):
+    chain = greedy(backend, None, 10)
+    # Sample many continuations; stopping on the greedy second token ends some early.
+    spec = SampleSpec(prompt=PROMPT, max_tokens=10, num_samples=8, seed=4, top_k=4,
+                      stop_token_ids=(chain[1],))
+    sequences = backend.sample(None, spec).sequences
+    for seq in sequences:
+        assert seq.stopped == (chain[1] in seq.tokens)
+        if seq.stopped:
+            assert seq.tokens[-1] == chain[1] and chain[1] not in seq.tokens[:-1]
+        else:
+            assert len(seq.tokens) == 10
+    assert len(sequences) == 8
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"prompt": ()},
+        {"prompt": (1, 10_000)},
+        {"prompt": (1, -2)},
+        {"max_tokens": 600},  # prompt + max_tokens > 512
+        {"max_tokens": -1},
+        {"num_samples": 0},
+        {"temperature": -0.5},
+        {"temperature": float("nan")},
+        {"top_k": -2},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"seed": -1},
+        {"topk_sample_logprobs": 10_000},
+        {"stop_strings": ("",)},
+    ],
+)
+def test_invalid_sampling_requests_are_user_errors(backend, changes):
+    spec = dataclasses.replace(SampleSpec(prompt=PROMPT, max_tokens=4), **changes)
+    with pytest.raises(UserInputError):
+        backend.sample(None, spec)
+
+
+def test_sampling_an_unknown_adapter_is_a_user_error(backend):
+    with pytest.raises(UserInputError, match="not loaded"):
+        backend.sample("ghost", SampleSpec(prompt=PROMPT))

@@ -1,0 +1,28 @@
+"""Architecture rules enforced by tests, not review: packages import only downward
+(gateway → evals → policy | engine → audit), and the API process does not load the
+model stack at import time."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_packages_import_only_downward():
+    lint_imports = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    assert lint_imports, "import-linter is not installed"
+    out = subprocess.run([lint_imports], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_importing_the_api_does_not_load_transformers_or_peft():
+    code = ("import sys, gateway.app, gateway.cli; "
+            "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
