@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -95,37 +92,13 @@ class LiveServer:
                               role=role, actor="test")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def run_server(settings) -> Iterator[LiveServer]:
-    """Start the real app under uvicorn on a free loopback port; stop it afterwards."""
-    import uvicorn
+    """The real app under uvicorn on a free loopback port."""
+    from gateway.embedded import serve_in_thread
 
-    from gateway.app import create_app
-
-    port = _free_port()
-    settings = replace(settings, host="127.0.0.1", port=port)
-    app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("test server did not start")
-        time.sleep(0.02)
-    try:
-        yield LiveServer(f"http://127.0.0.1:{port}", app, settings.data_dir,
-                         settings.database)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serve_in_thread(settings) as running:
+        yield LiveServer(running.base_url, running.app, settings.data_dir, settings.database)
 
 
 def tiny_settings(data_dir: Path, database_url: str, **overrides: object):

@@ -1,0 +1,181 @@
+"""Training throughput through the gateway vs. plain in-process PEFT, side by side.
+
+Measures tokens/s of forward_backward + optim_step on SmolLM2-135M-Instruct (rank-16
+LoRA on every linear layer, batch 4 × 128 tokens by default) two ways in one run:
+
+  plain    — transformers + peft + torch.optim.AdamW in this process, no gateway;
+  gateway  — the official tinker SDK against `loragate serve` running as its own process
+             on 127.0.0.1 (SQLite, embedded worker), as deployed: protobuf, admission,
+             audit rows, the futures queue and long-polling included.
+
+Rounds alternate between the two so machine drift hits both; the medians and their ratio
+are printed. Target: ratio >= 0.9.
+
+    python benchmarks/train_throughput.py [--rounds 3] [--steps 4] [--batch 4] [--seq-len 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from engine.registry import DEFAULT_BASE_MODEL, ModelRegistry  # noqa: E402
+
+LR, BETAS, EPS = 1e-4, (0.9, 0.95), 1e-12
+
+
+def make_batch(vocab: int, batch: int, seq_len: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, vocab, seq_len + 1).tolist() for _ in range(batch)]
+
+
+class PlainPeft:
+    """The baseline: what a researcher would run locally with PEFT."""
+
+    def __init__(self, model_dir: Path, rank: int) -> None:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        from engine.torch_backend import ATTN_MODULES, LORA_ALPHA, MLP_MODULES, UNEMBED_MODULES
+
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        config = LoraConfig(r=rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                            target_modules=[*ATTN_MODULES, *MLP_MODULES, *UNEMBED_MODULES])
+        self.model = get_peft_model(base, config)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
+
+    def step(self, seqs: list[list[int]]) -> float:
+        ids = torch.tensor([s[:-1] for s in seqs])
+        targets = torch.tensor([s[1:] for s in seqs])
+        logits = self.model(input_ids=ids).logits.float()
+        logprobs = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+        loss = -logprobs.sum()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+class ThroughGateway:
+    def __init__(self, base_url: str, key: str, rank: int) -> None:
+        import tinker
+
+        self.tinker = tinker
+        self.client = tinker.ServiceClient(base_url=base_url, api_key=key)
+        self.trainer = self.client.create_lora_training_client(
+            base_model=DEFAULT_BASE_MODEL, rank=rank, seed=0).result()
+
+    def step(self, seqs: list[list[int]]) -> float:
+        types = self.tinker.types
+        data = [types.Datum(model_input=types.ModelInput.from_ints(s[:-1]),
+                            loss_fn_inputs={"target_tokens": s[1:],
+                                            "weights": [1.0] * (len(s) - 1)}) for s in seqs]
+        fb = self.trainer.forward_backward(data, "cross_entropy")
+        opt = self.trainer.optim_step(types.AdamParams(learning_rate=LR, beta1=BETAS[0],
+                                                       beta2=BETAS[1], eps=EPS))
+        loss = fb.result().metrics["loss:sum"]
+        opt.result()
+        return float(loss)
+
+
+@contextlib.contextmanager
+def gateway_process(data_dir: Path, tmp: str) -> Iterator[tuple[str, str]]:
+    """`loragate serve` in a subprocess with its own SQLite file; yields (url, key)."""
+    from gateway.embedded import free_port
+
+    env = {**os.environ, "LORAGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db"}
+    cli = [sys.executable, "-m", "gateway.cli"]
+    key = subprocess.run([*cli, "keys", "create", "--role", "researcher", "--owner", "bench",
+                          "--data-dir", str(data_dir)], env=env, check=True, text=True,
+                         capture_output=True, cwd=ROOT).stdout.strip()
+    port = free_port()
+    proc = subprocess.Popen([*cli, "serve", "--port", str(port), "--data-dir", str(data_dir)],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}", key
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("loragate serve exited during start-up")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.2)
+    raise RuntimeError("loragate serve did not start")
+
+
+def tokens_per_second(runner, seqs: list[list[int]], steps: int, label: str) -> float:
+    tokens = sum(len(s) - 1 for s in seqs) * steps
+    start = time.perf_counter()
+    for _ in tqdm(range(steps), desc=label, leave=False):
+        runner.step(seqs)
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--data-dir", default=str(ROOT / "data"))
+    args = parser.parse_args()
+
+    data_dir = Path(args.data_dir)
+    registry = ModelRegistry(data_dir)
+    model_dir = registry.materialize(DEFAULT_BASE_MODEL)
+    with tempfile.TemporaryDirectory() as tmp, gateway_process(data_dir, tmp) as (url, key):
+        plain = PlainPeft(model_dir, args.rank)
+        gateway = ThroughGateway(url, key, args.rank)
+        seqs = make_batch(registry.info(DEFAULT_BASE_MODEL).vocab_size, args.batch,
+                          args.seq_len)
+        for runner in (plain, gateway):
+            for _ in range(args.warmup):
+                runner.step(seqs)
+        results: dict[str, list[float]] = {"plain": [], "gateway": []}
+        for r in range(args.rounds):
+            results["plain"].append(tokens_per_second(plain, seqs, args.steps,
+                                                      f"round {r + 1} plain"))
+            results["gateway"].append(tokens_per_second(gateway, seqs, args.steps,
+                                                        f"round {r + 1} gateway"))
+        gateway.client.close("success").result()
+
+    plain_tps, gw_tps = (statistics.median(results[k]) for k in ("plain", "gateway"))
+    print(f"model {DEFAULT_BASE_MODEL}, rank {args.rank}, batch {args.batch} x {args.seq_len} "
+          f"tokens, {args.rounds} rounds x {args.steps} steps, torch threads "
+          f"{torch.get_num_threads()}, device cpu")
+    for name in ("plain", "gateway"):
+        runs = ", ".join(f"{v:.1f}" for v in results[name])
+        print(f"{name:>8}: median {statistics.median(results[name]):7.1f} tokens/s  ({runs})")
+    print(f"ratio gateway/plain: {gw_tps / plain_tps:.3f}  (target >= 0.9)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

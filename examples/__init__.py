@@ -1,0 +1,1 @@
+"""Runnable examples of driving loragate with the official tinker SDK."""
