@@ -290,10 +290,12 @@ def _sample_spec(req: tt.SampleRequest, prompt: tuple[int, ...]) -> SampleSpec:
         stop_strings, stop_ids = (params.stop,), ()
     elif params.stop is not None:
         items = list(params.stop)
-        if all(isinstance(s, str) for s in items):
-            stop_strings, stop_ids = tuple(items), ()
-        elif all(isinstance(s, int) for s in items):
-            stop_strings, stop_ids = (), tuple(items)
+        strings = [s for s in items if isinstance(s, str)]
+        ids = [s for s in items if isinstance(s, int) and not isinstance(s, bool)]
+        if len(strings) == len(items):
+            stop_strings, stop_ids = tuple(strings), ()
+        elif len(ids) == len(items):
+            stop_strings, stop_ids = (), tuple(ids)
         else:
             raise UserInputError("sampling_params.stop must be strings or token ids, not both")
     max_tokens = DEFAULT_MAX_TOKENS if params.max_tokens is None else params.max_tokens

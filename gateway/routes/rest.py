@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Response
 from sqlalchemy import func, select
@@ -19,14 +19,14 @@ from gateway.ownership import owned, owned_checkpoint, tinker_path
 
 router = APIRouter(prefix="/api/v1")
 
-CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler",
-                    "external_weights": "external"}
+CheckpointType = Literal["training", "sampler", "external"]
+CHECKPOINT_TYPES: dict[str, CheckpointType] = {
+    "weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 MAX_PAGE = 1000
 
 
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
+def _aware(value: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes even for timezone-aware columns."""
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
@@ -35,7 +35,7 @@ def checkpoint_view(ckpt: Checkpoint) -> tt.Checkpoint:
         checkpoint_id=f"{ckpt.kind}/{ckpt.name}", checkpoint_type=CHECKPOINT_TYPES[ckpt.kind],
         time=_aware(ckpt.created_at), tinker_path=ckpt.tinker_path, size_bytes=ckpt.size_bytes,
         public=ckpt.public, user_metadata=load_json_text(ckpt.user_metadata) or None,
-        expires_at=_aware(ckpt.expires_at))
+        expires_at=_aware(ckpt.expires_at) if ckpt.expires_at else None)
 
 
 def _latest(ctx: RequestContext, run_id: str, kind: str) -> tt.Checkpoint | None:

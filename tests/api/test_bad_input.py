@@ -180,6 +180,17 @@ def test_unknown_and_missing_keys_get_401(server):
         rest(server, "tml-not-a-real-key").list_training_runs().result()
 
 
+def _latest_future_of(server, model_id: str) -> str:
+    from sqlalchemy import select
+
+    from audit.db import transaction
+    from audit.models import Future
+
+    with transaction(server.state.read_factory) as session:
+        return session.scalars(select(Future.request_id).where(Future.model_id == model_id)
+                               .order_by(Future.seq_id.desc())).first()
+
+
 def test_another_principals_objects_are_not_found(server, client, trainer):
     """Runs, checkpoints, samplers, futures and sessions of someone else are 404."""
     tok = trainer.get_tokenizer()
@@ -187,9 +198,8 @@ def test_another_principals_objects_are_not_found(server, client, trainer):
     sampler_path = trainer.save_weights_for_sampler("private-s").result().path
     sampler = client.create_sampling_client(model_path=sampler_path).result()
     run_id = trainer.get_info().model_id
-    fut = trainer.forward([sft_datum(tok, TEXTS[0])], "cross_entropy")
-    fut.result()
-    future_id = fut.request_id if hasattr(fut, "request_id") else None
+    trainer.forward([sft_datum(tok, TEXTS[0])], "cross_entropy").result()
+    future_id = _latest_future_of(server, run_id)
 
     intruder_key = server.create_key()
     other = rest(server, intruder_key)
@@ -219,7 +229,7 @@ def test_another_principals_objects_are_not_found(server, client, trainer):
                      "num_samples": 1, "prompt": {"chunks": [{"type": "encoded_text",
                                                               "tokens": [1, 2]}]},
                      "sampling_params": {"max_tokens": 2}}),
-        ("retrieve_future", {"request_id": future_id or "fut-unknown"}),
+        ("retrieve_future", {"request_id": future_id}),
     ]:
         resp = httpx.post(f"{server.base_url}/api/v1/{route}", json=body,
                           headers={"X-API-Key": intruder_key}, timeout=10)
