@@ -50,9 +50,7 @@ def test_continuing_after_load_with_optimizer_equals_uninterrupted_training(
         backend.drop_adapter(restored)
 
 
-def test_load_without_optimizer_keeps_weights_and_starts_adam_fresh(
-    backend, new_adapter, tmp_path
-):
+def test_load_without_optimizer_keeps_weights_and_starts_adam_fresh(backend, new_adapter, tmp_path):
     trained, fresh_adam = new_adapter(seed=4), new_adapter(seed=4)
     step_once(backend, trained, 0)
     backend.save_adapter(trained, tmp_path / "ckpt", with_optimizer=True)
@@ -67,8 +65,9 @@ def test_load_without_optimizer_keeps_weights_and_starts_adam_fresh(
     assert backend.adapter_snapshot(trained)[next(iter(steps))].item() == 2
 
 
-def test_checkpoint_holds_only_lora_tensors_never_base_weights(backend, new_adapter, tmp_path,
-                                                               tiny_dir):
+def test_checkpoint_holds_only_lora_tensors_never_base_weights(
+    backend, new_adapter, tmp_path, tiny_dir
+):
     adapter = new_adapter(rank=2)
     train_step(backend, adapter)
     backend.save_adapter(adapter, tmp_path / "ckpt", with_optimizer=True)
@@ -131,6 +130,7 @@ def test_corrupt_or_foreign_checkpoints_are_refused_and_the_old_adapter_survives
         def edit(d):
             manifest = json.loads((d / MANIFEST_FILE).read_text())
             (d / MANIFEST_FILE).write_text(json.dumps({**manifest, **changes}))
+
         return edit
 
     def nan_tensor(d):

@@ -69,35 +69,49 @@ def bad_requests(vocab: int) -> dict[str, tuple[list[TrainingDatum], str, dict]]
     ones = np.ones(6, np.float32)
 
     def ce(**inputs):
-        return [good, TrainingDatum(inputs.pop("tokens", tokens),
-                                    {"target_tokens": targets, "weights": ones, **inputs})]
+        return [
+            good,
+            TrainingDatum(
+                inputs.pop("tokens", tokens), {"target_tokens": targets, "weights": ones, **inputs}
+            ),
+        ]
 
     rl = {"target_tokens": targets, "logprobs": np.zeros(6, np.float32), "advantages": ones}
     return {
         "oov input token": (ce(tokens=np.array([1, 2, vocab, 4, 5, 6])), "cross_entropy", {}),
         "negative input token": (ce(tokens=np.array([1, 2, -1, 4, 5, 6])), "cross_entropy", {}),
         "oov target token": (ce(target_tokens=targets + vocab), "cross_entropy", {}),
-        "nan weight": (ce(weights=np.array([1, np.nan, 1, 1, 1, 1], np.float32)),
-                       "cross_entropy", {}),
+        "nan weight": (
+            ce(weights=np.array([1, np.nan, 1, 1, 1, 1], np.float32)),
+            "cross_entropy",
+            {},
+        ),
         "inf weight": (ce(weights=np.full(6, np.inf, np.float32)), "cross_entropy", {}),
         "float64 overflow weight": (ce(weights=np.full(6, 1e300)), "cross_entropy", {}),
         "float tokens": (ce(tokens=tokens.astype(np.float32)), "cross_entropy", {}),
         "2-D targets": (ce(target_tokens=np.stack([targets, targets], 1)), "cross_entropy", {}),
         "length mismatch": (ce(weights=np.ones(5, np.float32)), "cross_entropy", {}),
         "empty datum": (ce(tokens=np.array([], np.int64)), "cross_entropy", {}),
-        "too long": ([TrainingDatum(np.ones(513, np.int64),
-                                    {"target_tokens": np.ones(513, np.int64)})],
-                     "cross_entropy", {}),
-        "missing advantages": ([TrainingDatum(tokens, {"target_tokens": targets,
-                                                       "logprobs": ones})], "ppo", {}),
+        "too long": (
+            [TrainingDatum(np.ones(513, np.int64), {"target_tokens": np.ones(513, np.int64)})],
+            "cross_entropy",
+            {},
+        ),
+        "missing advantages": (
+            [TrainingDatum(tokens, {"target_tokens": targets, "logprobs": ones})],
+            "ppo",
+            {},
+        ),
         "unknown input": (ce(mask=ones), "cross_entropy", {}),
         "unknown config": ([good], "cross_entropy", {"beta": 1.0}),
         "unknown loss": ([good], "gspo", {}),
         "no data": ([], "cross_entropy", {}),
         # exp(logp - q) overflows: the loss is inf (and 0·inf = NaN); computed, then refused.
-        "overflowing ratio": ([TrainingDatum(tokens, {**rl, "logprobs": np.full(6, -1e30,
-                                                                             np.float32)})],
-                              "importance_sampling", {}),
+        "overflowing ratio": (
+            [TrainingDatum(tokens, {**rl, "logprobs": np.full(6, -1e30, np.float32)})],
+            "importance_sampling",
+            {},
+        ),
     }
 
 
@@ -141,8 +155,10 @@ def test_oov_token_in_sampling_is_refused_and_changes_nothing(backend, tenants):
 def steps(backend: TorchBackend, adapter: str, seed: int) -> list[Callable[[], object]]:
     """A short training run as separate requests; each returns what it observed."""
     rng = np.random.default_rng(seed)
-    batches = [[ce_datum(rng, 9, backend.vocab_size), ce_datum(rng, 4, backend.vocab_size)]
-               for _ in range(2)]
+    batches = [
+        [ce_datum(rng, 9, backend.vocab_size), ce_datum(rng, 4, backend.vocab_size)]
+        for _ in range(2)
+    ]
 
     def forward_backward(data: list[TrainingDatum]) -> object:
         result = backend.forward_backward(adapter, data, "cross_entropy", {}, False)
@@ -159,8 +175,12 @@ def steps(backend: TorchBackend, adapter: str, seed: int) -> list[Callable[[], o
         return {k: v.tolist() for k, v in backend.adapter_tensors(adapter).items()}
 
     return [
-        partial(forward_backward, batches[0]), partial(optim_step, 0.02), partial(sample, 0),
-        partial(forward_backward, batches[1]), partial(optim_step, 0.04), partial(sample, 1),
+        partial(forward_backward, batches[0]),
+        partial(optim_step, 0.02),
+        partial(sample, 0),
+        partial(forward_backward, batches[1]),
+        partial(optim_step, 0.04),
+        partial(sample, 1),
         weights,
     ]
 

@@ -32,7 +32,7 @@ def no_cache_greedy(ref: ReferenceLora, n: int) -> tuple[list[int], list[float]]
             token = int(logp.argmax())
             seq.append(token)
             logps.append(float(logp[token]))
-    return seq[len(PROMPT):], logps
+    return seq[len(PROMPT) :], logps
 
 
 @pytest.mark.parametrize("trained", [False, True])
@@ -73,8 +73,15 @@ def test_top_k_one_and_tiny_top_p_reduce_to_greedy(backend):
 
 
 def test_top_k_restricts_draws_to_the_k_most_likely_tokens(backend):
-    spec = SampleSpec(prompt=PROMPT, max_tokens=1, num_samples=64, top_k=3, seed=1,
-                      topk_sample_logprobs=3, **NO_STOP)
+    spec = SampleSpec(
+        prompt=PROMPT,
+        max_tokens=1,
+        num_samples=64,
+        top_k=3,
+        seed=1,
+        topk_sample_logprobs=3,
+        **NO_STOP,
+    )
     result = backend.sample(None, spec)
     allowed = {token for token, _ in result.sequences[0].topk[0]}
     assert {s.tokens[0] for s in result.sequences} <= allowed
@@ -92,8 +99,9 @@ def test_stop_token_is_included_and_marks_the_sequence_stopped(backend):
     chain = greedy(backend, None, 10)
     stop_at = next(i for i in range(2, 10) if chain[i] not in chain[:i])
     tokens = greedy(backend, None, 10, stop_token_ids=(chain[stop_at],))
-    spec = SampleSpec(prompt=PROMPT, max_tokens=10, temperature=0.0,
-                      stop_token_ids=(chain[stop_at],))
+    spec = SampleSpec(
+        prompt=PROMPT, max_tokens=10, temperature=0.0, stop_token_ids=(chain[stop_at],)
+    )
     seq = backend.sample(None, spec).sequences[0]
     assert tokens == chain[: stop_at + 1] == seq.tokens
     assert seq.stopped is True
@@ -159,8 +167,9 @@ def test_prompt_logprobs_equal_a_forward_pass(backend, new_adapter, reference):
 
 
 def test_topk_sample_logprobs_cover_every_generated_position(backend):
-    spec = SampleSpec(prompt=PROMPT, max_tokens=6, temperature=0.0, topk_sample_logprobs=3,
-                      **NO_STOP)
+    spec = SampleSpec(
+        prompt=PROMPT, max_tokens=6, temperature=0.0, topk_sample_logprobs=3, **NO_STOP
+    )
     seq = backend.sample(None, spec).sequences[0]
     assert seq.topk is not None and len(seq.topk) == 6
     for token, logprob, row in zip(seq.tokens, seq.logprobs, seq.topk, strict=True):
@@ -173,8 +182,9 @@ def test_topk_sample_logprobs_cover_every_generated_position(backend):
 def test_finished_samples_drop_out_while_others_continue(backend):
     chain = greedy(backend, None, 10)
     # Sample many continuations; stopping on the greedy second token ends some early.
-    spec = SampleSpec(prompt=PROMPT, max_tokens=10, num_samples=8, seed=4, top_k=4,
-                      stop_token_ids=(chain[1],))
+    spec = SampleSpec(
+        prompt=PROMPT, max_tokens=10, num_samples=8, seed=4, top_k=4, stop_token_ids=(chain[1],)
+    )
     sequences = backend.sample(None, spec).sequences
     for seq in sequences:
         assert seq.stopped == (chain[1] in seq.tokens)
@@ -183,6 +193,7 @@ def test_finished_samples_drop_out_while_others_continue(backend):
         else:
             assert len(seq.tokens) == 10
     assert len(sequences) == 8
+    assert {seq.stopped for seq in sequences} == {True, False}  # this seed gives both kinds
 
 
 @pytest.mark.parametrize(

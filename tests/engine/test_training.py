@@ -48,10 +48,14 @@ def test_fresh_adapter_computes_exactly_the_base_model(backend, new_adapter):
 @pytest.mark.parametrize(
     ("flags", "modules"),
     [
-        ({"train_attn": True, "train_mlp": False, "train_unembed": False},
-         {"q_proj", "k_proj", "v_proj", "o_proj"}),
-        ({"train_attn": False, "train_mlp": True, "train_unembed": False},
-         {"gate_proj", "up_proj", "down_proj"}),
+        (
+            {"train_attn": True, "train_mlp": False, "train_unembed": False},
+            {"q_proj", "k_proj", "v_proj", "o_proj"},
+        ),
+        (
+            {"train_attn": False, "train_mlp": True, "train_unembed": False},
+            {"gate_proj", "up_proj", "down_proj"},
+        ),
         ({"train_attn": False, "train_mlp": False, "train_unembed": True}, {"lm_head"}),
     ],
 )
@@ -157,8 +161,12 @@ def hand_adamw(
         if step.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(list(params.values()), step.grad_clip_norm)
         for group in opt.param_groups:
-            group.update(lr=step.learning_rate, betas=(step.beta1, step.beta2), eps=step.eps,
-                         weight_decay=step.weight_decay)
+            group.update(
+                lr=step.learning_rate,
+                betas=(step.beta1, step.beta2),
+                eps=step.eps,
+                weight_decay=step.weight_decay,
+            )
         opt.step()
     return {k: p.detach() for k, p in params.items()}
 
@@ -187,8 +195,9 @@ def test_optim_step_matches_hand_run_adamw_with_decay_and_clipping(backend, new_
 def test_grad_norm_metric_is_the_unclipped_global_norm(backend, new_adapter):
     adapter = new_adapter()
     backend.forward_backward(adapter, two_datums(backend), "cross_entropy", {}, False)
-    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads_of(backend, adapter)
-                                               .values()]))
+    norm = torch.linalg.vector_norm(
+        torch.cat([g.flatten() for g in grads_of(backend, adapter).values()])
+    )
     metrics = backend.optim_step(adapter, AdamStep(grad_clip_norm=1e-3))
     assert metrics["grad_norm:mean"] == pytest.approx(norm.item(), rel=1e-5)
 

@@ -1,0 +1,106 @@
+"""The built-in Tinker losses as pure per-token torch functions.
+
+Owns the arithmetic of `cross_entropy`, `importance_sampling`, `ppo`, `cispo` and `dro` exactly as
+in the Tinker loss reference (§4): each takes the trained model's target log-probabilities (any
+shape, usually one datum's (N,)), that datum's input tensors and the loss config, and returns the
+per-token loss of the same shape. The scalar loss is the plain sum over tokens and datums.
+
+Must not touch models, adapters or optimizers, and must not average (clients fold any
+normalisation into weights or advantages).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+
+from engine.backend import LOSS_CONFIG_DEFAULTS, LOSS_FUNCTIONS
+from engine.errors import UserInputError
+
+Inputs = Mapping[str, torch.Tensor]
+Config = Mapping[str, float]
+LossFn = Callable[[torch.Tensor, Inputs, Config], torch.Tensor]
+
+
+def resolve_config(loss_fn: str, loss_config: Mapping[str, float] | None) -> dict[str, float]:
+    """The loss's defaults overridden by `loss_config`; rejects unknown keys and bad values."""
+    if loss_fn not in LOSS_FUNCTIONS:
+        raise UserInputError(f"unknown loss_fn {loss_fn!r}; supported: {', '.join(LOSS_FUNCTIONS)}")
+    defaults = LOSS_CONFIG_DEFAULTS[loss_fn]
+    given = dict(loss_config or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        allowed = ", ".join(sorted(defaults)) or "none"
+        raise UserInputError(
+            f"loss_fn_config keys {unknown} are not accepted by {loss_fn!r} (allowed: {allowed})"
+        )
+    config = {**defaults}
+    for key, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserInputError(f"loss_fn_config[{key!r}] must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise UserInputError(f"loss_fn_config[{key!r}] must be finite, got {value!r}")
+        config[key] = float(value)
+    if "clip_low_threshold" in config and not (
+        0.0 <= config["clip_low_threshold"] <= config["clip_high_threshold"]
+    ):
+        raise UserInputError(
+            "loss_fn_config needs 0 <= clip_low_threshold <= clip_high_threshold, got "
+            f"{config['clip_low_threshold']} and {config['clip_high_threshold']}"
+        )
+    return config
+
+
+def cross_entropy(logp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
+    """−w·logp. Missing `weights` means all ones (documented server choice)."""
+    weights = inputs.get("weights")
+    if weights is None:
+        return -logp
+    return -weights * logp
+
+
+def importance_sampling(logp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
+    """−r·A with r = exp(logp − q)."""
+    ratio = torch.exp(logp - inputs["logprobs"])
+    return -ratio * inputs["advantages"]
+
+
+def ppo(logp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
+    """−min(r·A, clip(r, lo, hi)·A), token-wise."""
+    advantages = inputs["advantages"]
+    ratio = torch.exp(logp - inputs["logprobs"])
+    clipped = ratio.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+    return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
+def cispo(logp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
+    """−sg(clip(r, lo, hi))·logp·A: the clipped ratio is a constant coefficient."""
+    ratio = torch.exp(logp - inputs["logprobs"])
+    coefficient = ratio.clamp(config["clip_low_threshold"], config["clip_high_threshold"]).detach()
+    return -coefficient * logp * inputs["advantages"]
+
+
+def dro(logp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
+    """−(logp·A − ½β(logp − q)²)."""
+    drift = logp - inputs["logprobs"]
+    return -(logp * inputs["advantages"] - 0.5 * config["beta"] * drift.square())
+
+
+LOSSES: dict[str, LossFn] = {
+    "cross_entropy": cross_entropy,
+    "importance_sampling": importance_sampling,
+    "ppo": ppo,
+    "cispo": cispo,
+    "dro": dro,
+}
+if tuple(LOSSES) != LOSS_FUNCTIONS:  # engine.backend is the single list of accepted losses
+    raise RuntimeError("every built-in loss needs exactly one implementation")
+
+
+def elementwise_loss(
+    loss_fn: str, logp: torch.Tensor, inputs: Inputs, config: Config
+) -> torch.Tensor:
+    """Per-token loss of one datum; `config` must come from `resolve_config`."""
+    return LOSSES[loss_fn](logp, inputs, config)

@@ -1,0 +1,866 @@
+"""The torch + PEFT implementation of `engine.backend.Backend`.
+
+Owns one base model in memory (frozen, eval mode, never modified) and any number of LoRA
+adapters on it (one PEFT adapter per training run), each with its own gradient accumulator and
+AdamW state; runs the Tinker losses, optimizer steps, adapter checkpoints and KV-cache sampling.
+
+Every public method validates its input first and computes into private buffers, so a request
+that fails (bad input, non-finite loss, gradient or update) changes no adapter, accumulator,
+optimizer state or base weight. Must not know about HTTP, the database, policy or screening.
+
+Choices the Tinker reference leaves to the server:
+- LoRA scaling: lora_alpha = 32 for every rank (scale 32/rank, as in Thinking Machines'
+  "LoRA Without Regret"), dropout 0; A ~ kaiming-uniform from the spec's seed, B = 0.
+- cross_entropy without `weights` means all-ones weights.
+- dro's beta defaults to 0.05 (`LOSS_CONFIG_DEFAULTS`).
+- optim_step always applies one AdamW step with the accumulator, which is all zeros when no
+  forward_backward ran since the last step (moments decay; weight decay still applies).
+- Stop strings: matched against the decoded text of the generated tokens (special tokens kept);
+  generation stops right after the token that completed the first match, and that token stays in
+  `tokens`. `stop_strings` or `stop_token_ids` given (even empty) replaces the EOS default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import secrets
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.backend import (
+    LOSS_OPTIONAL_INPUTS,
+    LOSS_REQUIRED_INPUTS,
+    AdamStep,
+    Backend,
+    ForwardBackwardResult,
+    LoraSpec,
+    ModelInfo,
+    SampledSequence,
+    SampleResult,
+    SampleSpec,
+    TrainingDatum,
+)
+from engine.checkpoints import Checkpoint, read_checkpoint, write_checkpoint
+from engine.errors import NonFiniteError, UnknownAdapterError, UserInputError
+from engine.losses import elementwise_loss, resolve_config
+from engine.registry import ModelRegistry
+
+LORA_ALPHA = 32.0
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+UNEMBED_MODULES = ("lm_head",)
+MAX_TOPK_LOGPROBS = 100
+DEFAULT_MAX_BATCH_TOKENS = 4096
+_FLOAT_INPUTS = ("weights", "logprobs", "advantages")
+
+
+@dataclass
+class _Adapter:
+    """One trainable adapter: its PEFT name, parameters keyed without that name, a private
+    fp32 gradient accumulator and its own AdamW."""
+
+    spec: LoraSpec
+    peft_name: str
+    params: dict[str, torch.nn.Parameter]
+    grads: dict[str, torch.Tensor]
+    optimizer: torch.optim.AdamW
+
+
+@dataclass
+class _Datum:
+    """A validated datum as tensors on the model device."""
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    inputs: dict[str, torch.Tensor]
+
+
+def load_backend(registry: ModelRegistry, name: str, device: str | None = None) -> TorchBackend:
+    """Materialize `name` through the registry and load it into a TorchBackend."""
+    return TorchBackend(registry.materialize(name), registry.info(name), device=device)
+
+
+class TorchBackend(Backend):
+    """One frozen base model plus many PEFT LoRA adapters; see the module docstring."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        info: ModelInfo,
+        device: str | None = None,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.info = info
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # bf16 halves memory on accelerators; CPUs get fp32 (bf16 matmuls are slow there).
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.max_batch_tokens = max_batch_tokens
+        base: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype)
+        base.to(self.device)
+        base.eval().requires_grad_(False)
+        self._base = base
+        self._peft: Any = None  # PeftModel wrapping self._base while any adapter exists
+        self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.vocab_size = int(base.get_output_embeddings().weight.shape[0])
+        self._adapters: dict[str, _Adapter] = {}
+        self._names = itertools.count()
+        self._lock = threading.RLock()
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    def create_adapter(self, adapter_id: str, spec: LoraSpec) -> None:
+        with self._lock:
+            _check_adapter_id(adapter_id)
+            if adapter_id in self._adapters:
+                raise UserInputError(f"adapter {adapter_id!r} is already loaded")
+            self._check_spec(spec)
+            self._adapters[adapter_id] = self._new_adapter(spec)
+
+    def has_adapter(self, adapter_id: str) -> bool:
+        with self._lock:
+            return adapter_id in self._adapters
+
+    def drop_adapter(self, adapter_id: str) -> None:
+        with self._lock:
+            adapter = self._adapters.pop(adapter_id, None)
+            if adapter is not None:
+                self._remove_peft_adapter(adapter.peft_name)
+
+    def adapter_spec(self, adapter_id: str) -> LoraSpec:
+        with self._lock:
+            return self._get(adapter_id).spec
+
+    def adapter_tensors(self, adapter_id: str) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of the adapter's LoRA tensors (for tests and exports)."""
+        with self._lock:
+            return {k: p.detach().cpu().clone() for k, p in self._get(adapter_id).params.items()}
+
+    def adapter_snapshot(self, adapter_id: str) -> dict[str, torch.Tensor]:
+        """CPU copies of everything an adapter's numbers consist of: weights, accumulated
+        gradients and AdamW state, keyed `weight:`/`grad:`/`<state>:` + tensor key. Lets
+        tests assert that a failed or foreign request changed nothing, bit for bit."""
+        with self._lock:
+            adapter = self._get(adapter_id)
+            snapshot = {}
+            for key, param in adapter.params.items():
+                snapshot[f"weight:{key}"] = param.detach().cpu().clone()
+                snapshot[f"grad:{key}"] = adapter.grads[key].detach().cpu().clone()
+                for name, value in adapter.optimizer.state.get(param, {}).items():
+                    snapshot[f"{name}:{key}"] = torch.as_tensor(value).detach().cpu().clone()
+            return snapshot
+
+    def _get(self, adapter_id: str) -> _Adapter:
+        adapter = self._adapters.get(adapter_id)
+        if adapter is None:
+            raise UnknownAdapterError(f"adapter {adapter_id!r} is not loaded")
+        return adapter
+
+    def _check_spec(self, spec: LoraSpec) -> None:
+        hidden = int(self._base.config.hidden_size)
+        if isinstance(spec.rank, bool) or not isinstance(spec.rank, int):
+            raise UserInputError(f"LoRA rank must be an integer, got {spec.rank!r}")
+        if not 1 <= spec.rank <= hidden:
+            raise UserInputError(f"LoRA rank must be between 1 and {hidden}, got {spec.rank}")
+        if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
+            raise UserInputError(
+                "at least one of train_attn, train_mlp, train_unembed must be true"
+            )
+        if spec.seed is not None and (
+            isinstance(spec.seed, bool)
+            or not isinstance(spec.seed, int)
+            or not 0 <= spec.seed < 2**64
+        ):
+            raise UserInputError(f"LoRA seed must be an integer in [0, 2**64), got {spec.seed!r}")
+
+    def _new_adapter(self, spec: LoraSpec) -> _Adapter:
+        from peft import LoraConfig
+
+        targets = [
+            *(ATTN_MODULES if spec.train_attn else ()),
+            *(MLP_MODULES if spec.train_mlp else ()),
+            *(UNEMBED_MODULES if spec.train_unembed else ()),
+        ]
+        config = LoraConfig(
+            r=spec.rank,
+            lora_alpha=LORA_ALPHA,  # type: ignore[arg-type]
+            lora_dropout=0.0,
+            target_modules=targets,
+            bias="none",
+            init_lora_weights=False,  # we initialise from our own generator below
+        )
+        peft_name = f"lg{next(self._names)}"
+        self._inject(peft_name, config)
+        try:
+            params = self._peft_params(peft_name)
+            if not params:
+                raise UserInputError(f"this model has none of the modules {targets}")
+            _init_lora(params, spec.seed if spec.seed is not None else secrets.randbits(63))
+        except BaseException:
+            self._remove_peft_adapter(peft_name)
+            raise
+        grads = {key: torch.zeros_like(p, dtype=torch.float32) for key, p in params.items()}
+        return _Adapter(spec, peft_name, params, grads, _new_optimizer(params))
+
+    def _inject(self, peft_name: str, config: Any) -> None:
+        from peft import get_peft_model
+
+        # PEFT warns about tied embeddings (we never merge) and builds nn.Linear layers with
+        # the global RNG: keep both out of the caller's way.
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore")
+            if self._peft is None:
+                self._peft = get_peft_model(self._base, config, adapter_name=peft_name)
+            else:
+                self._peft.add_adapter(peft_name, config)
+        self._peft.eval()
+
+    def _peft_params(self, peft_name: str) -> dict[str, torch.nn.Parameter]:
+        """The adapter's parameters keyed as PEFT saves them: without the adapter name."""
+        marker = f".{peft_name}."
+        params = {}
+        for name, param in self._peft.named_parameters():
+            if marker in name:
+                if param.dtype != torch.float32:  # adapters train in fp32 even on a bf16 base
+                    param.data = param.data.float()
+                params[name.replace(marker, ".")] = param
+        return dict(sorted(params.items()))
+
+    def _remove_peft_adapter(self, peft_name: str) -> None:
+        if self._peft is None or peft_name not in self._peft.peft_config:
+            return
+        if len(self._peft.peft_config) == 1:
+            # PeftModel cannot run with zero adapters; unwrap back to the plain base model.
+            self._base = self._peft.unload()
+            self._base.eval().requires_grad_(False)
+            self._peft = None
+        else:
+            with warnings.catch_warnings():  # "active adapter was deleted": we always re-set it
+                warnings.simplefilter("ignore")
+                self._peft.delete_adapter(peft_name)
+
+    @contextlib.contextmanager
+    def _activate(self, adapter_id: str | None) -> Iterator[Any]:
+        """Yield the model computing with exactly this adapter (None: the bare base)."""
+        if adapter_id is None:
+            if self._peft is None:
+                yield self._base
+                return
+            # disable_adapter looks up the active adapter's config, so make it a live one.
+            self._peft.set_adapter(next(iter(self._peft.peft_config)))
+            with contextlib.ExitStack() as stack:
+                with warnings.catch_warnings():  # PEFT's "irregular adapter state" notice
+                    warnings.simplefilter("ignore")
+                    stack.enter_context(self._peft.disable_adapter())
+                yield self._peft
+            return
+        self._peft.set_adapter(self._get(adapter_id).peft_name)
+        yield self._peft
+
+    # -- forward / backward ------------------------------------------------------------------
+
+    def forward_backward(
+        self,
+        adapter_id: str | None,
+        data: list[TrainingDatum],
+        loss_fn: str,
+        loss_config: dict[str, float],
+        forward_only: bool,
+    ) -> ForwardBackwardResult:
+        with self._lock:
+            config = resolve_config(loss_fn, loss_config)
+            if adapter_id is None and not forward_only:
+                raise UserInputError("the base model has no adapter to train: use forward")
+            adapter = None if adapter_id is None else self._get(adapter_id)
+            batch = self._prepare(data, loss_fn)
+            outputs: list[dict[str, np.ndarray]] = []
+            request_grads: dict[str, torch.Tensor] | None = None
+            total = 0.0
+            with self._activate(adapter_id) as model:
+                for chunk in self._chunks(batch):
+                    chunk_loss, chunk_out, grads = self._run_chunk(
+                        model, chunk, loss_fn, config, None if forward_only else adapter
+                    )
+                    total += chunk_loss
+                    outputs.extend(chunk_out)
+                    request_grads = _add_grads(request_grads, grads)
+            if not math.isfinite(total):
+                raise NonFiniteError(f"the {loss_fn} loss summed to {total}")
+            if adapter is not None and request_grads is not None:
+                _commit_grads(adapter, request_grads)
+            return ForwardBackwardResult(outputs=outputs, metrics={"loss:sum": total})
+
+    def _run_chunk(
+        self,
+        model: Any,
+        chunk: list[_Datum],
+        loss_fn: str,
+        config: dict[str, float],
+        adapter: _Adapter | None,
+    ) -> tuple[float, list[dict[str, np.ndarray]], dict[str, torch.Tensor] | None]:
+        """Loss, per-datum outputs and (with an adapter to train) this chunk's gradients."""
+        grad_context = torch.enable_grad() if adapter is not None else torch.no_grad()
+        with grad_context:
+            logps = self._target_logprobs(model, chunk)
+            losses = [
+                elementwise_loss(loss_fn, logp, datum.inputs, config)
+                for logp, datum in zip(logps, chunk, strict=True)
+            ]
+            chunk_loss = torch.stack([loss.sum() for loss in losses]).sum()
+            if not bool(torch.isfinite(chunk_loss)) or not all(
+                bool(torch.isfinite(logp).all()) for logp in logps
+            ):
+                raise NonFiniteError(f"the {loss_fn} loss or the model's logprobs are not finite")
+            grads = None
+            if adapter is not None:
+                grads = _gradients(chunk_loss, adapter)
+        outputs = [
+            {
+                "logprobs": logp.detach().float().cpu().numpy(),
+                "elementwise_loss": loss.detach().float().cpu().numpy(),
+            }
+            for logp, loss in zip(logps, losses, strict=True)
+        ]
+        return float(chunk_loss.detach().double()), outputs, grads
+
+    def _target_logprobs(self, model: Any, chunk: list[_Datum]) -> list[torch.Tensor]:
+        """log p(target_i | tokens_0..i) per datum, fp32; no shift (the client did it)."""
+        lengths = [len(d.tokens) for d in chunk]
+        width = max(lengths)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
+        targets = torch.zeros_like(ids)
+        mask = torch.zeros_like(ids)
+        for row, datum in enumerate(chunk):
+            n = lengths[row]
+            ids[row, :n], targets[row, :n], mask[row, :n] = datum.tokens, datum.targets, 1
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        logp = picked - torch.logsumexp(logits, dim=-1)
+        return [logp[row, :n] for row, n in enumerate(lengths)]
+
+    def _chunks(self, batch: list[_Datum]) -> Iterator[list[_Datum]]:
+        """Consecutive datums whose padded size stays within max_batch_tokens (bounds the
+        activation memory of a large request; one long datum still forms its own chunk)."""
+        chunk: list[_Datum] = []
+        width = 0
+        for datum in batch:
+            new_width = max(width, len(datum.tokens))
+            if chunk and new_width * (len(chunk) + 1) > self.max_batch_tokens:
+                yield chunk
+                chunk, new_width = [], len(datum.tokens)
+            chunk.append(datum)
+            width = new_width
+        if chunk:
+            yield chunk
+
+    def _prepare(self, data: list[TrainingDatum], loss_fn: str) -> list[_Datum]:
+        if not isinstance(data, list | tuple) or not data:
+            raise UserInputError("forward_backward needs at least one datum")
+        required = LOSS_REQUIRED_INPUTS[loss_fn]
+        allowed = set(required) | set(LOSS_OPTIONAL_INPUTS[loss_fn])
+        return [
+            self._prepare_datum(i, datum, loss_fn, required, allowed)
+            for i, datum in enumerate(data)
+        ]
+
+    def _prepare_datum(
+        self,
+        index: int,
+        datum: TrainingDatum,
+        loss_fn: str,
+        required: Sequence[str],
+        allowed: set[str],
+    ) -> _Datum:
+        where = f"data[{index}]"
+        if not isinstance(datum, TrainingDatum) or not isinstance(datum.loss_inputs, dict):
+            raise UserInputError(f"{where} is not a datum")
+        tokens = self._token_array(datum.tokens, f"{where}.model_input")
+        n = len(tokens)
+        missing = [key for key in required if key not in datum.loss_inputs]
+        if missing:
+            raise UserInputError(f"{where}: loss {loss_fn!r} needs loss_fn_inputs {missing}")
+        unknown = sorted(set(datum.loss_inputs) - allowed)
+        if unknown:
+            raise UserInputError(
+                f"{where}: loss {loss_fn!r} does not take loss_fn_inputs {unknown} "
+                f"(accepted: {sorted(allowed)})"
+            )
+        targets = self._token_array(datum.loss_inputs["target_tokens"], f"{where}.target_tokens")
+        if len(targets) != n:
+            raise UserInputError(
+                f"{where}: target_tokens has length {len(targets)} but the input has {n} tokens"
+            )
+        inputs = {
+            key: self._float_tensor(value, f"{where}.{key}", n)
+            for key, value in datum.loss_inputs.items()
+            if key != "target_tokens"
+        }
+        return _Datum(
+            tokens=self._to_device(tokens), targets=self._to_device(targets), inputs=inputs
+        )
+
+    def _token_array(self, value: Any, what: str) -> np.ndarray:
+        array = np.asarray(value)
+        if array.ndim != 1:
+            raise UserInputError(
+                f"{what} must be a 1-D list of token ids, got shape {array.shape}"
+                + (" (2-D targets are not supported)" if array.ndim == 2 else "")
+            )
+        if array.size == 0:
+            raise UserInputError(f"{what} is empty")
+        if not np.issubdtype(array.dtype, np.integer):
+            raise UserInputError(f"{what} must hold integer token ids, got {array.dtype}")
+        if array.size > self.info.max_context:
+            raise UserInputError(
+                f"{what} has {array.size} tokens; this model's context is {self.info.max_context}"
+            )
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise UserInputError(
+                f"{what} holds token id {bad}, outside this model's vocabulary "
+                f"[0, {self.vocab_size})"
+            )
+        return array.astype(np.int64)
+
+    def _float_tensor(self, value: Any, what: str, n: int) -> torch.Tensor:
+        array = np.asarray(value)
+        if array.ndim != 1 or len(array) != n:
+            raise UserInputError(f"{what} must have shape ({n},), got {array.shape}")
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise UserInputError(f"{what} must hold numbers, got {array.dtype}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            array32 = array.astype(np.float32)
+        bad = np.flatnonzero(~np.isfinite(array32))
+        if bad.size:
+            raise UserInputError(
+                f"{what} holds a non-finite value ({array32[bad[0]]}) at position {bad[0]}"
+            )
+        return self._to_device(array32)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.tensor(array, device=self.device)
+
+    # -- optimizer ---------------------------------------------------------------------------
+
+    def optim_step(self, adapter_id: str, step: AdamStep) -> dict[str, float]:
+        with self._lock:
+            _check_adam(step)
+            adapter = self._get(adapter_id)
+            params = list(adapter.params.values())
+            grad_norm = float(_global_norm(list(adapter.grads.values())))
+            saved = _snapshot(adapter)
+            try:
+                for key, param in adapter.params.items():
+                    param.grad = adapter.grads[key].clone()
+                if step.grad_clip_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, step.grad_clip_norm)
+                _set_hyperparameters(adapter.optimizer, step)
+                adapter.optimizer.step()
+                if not _all_finite(adapter):
+                    raise NonFiniteError(
+                        "the AdamW update produced non-finite weights; nothing was applied"
+                    )
+            except BaseException:
+                _restore(adapter, saved)
+                raise
+            finally:
+                for param in params:
+                    param.grad = None
+            for grad in adapter.grads.values():
+                grad.zero_()
+            return {"grad_norm:mean": grad_norm, "learning_rate:mean": step.learning_rate}
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save_adapter(self, adapter_id: str, directory: Path, with_optimizer: bool) -> int:
+        with self._lock:
+            adapter = self._get(adapter_id)
+            optimizer = None
+            if with_optimizer:
+                optimizer = {}
+                for key, param in adapter.params.items():
+                    state = adapter.optimizer.state.get(param)
+                    if state:
+                        optimizer[key] = {
+                            "exp_avg": state["exp_avg"].detach().cpu(),
+                            "exp_avg_sq": state["exp_avg_sq"].detach().cpu(),
+                            "step": torch.as_tensor(state["step"], dtype=torch.float32).cpu(),
+                        }
+            checkpoint = Checkpoint(
+                spec=adapter.spec,
+                base_model=self.info.name,
+                lora_alpha=LORA_ALPHA,
+                adapter={k: p.detach().cpu() for k, p in adapter.params.items()},
+                optimizer=optimizer,
+            )
+            return write_checkpoint(Path(directory), checkpoint)
+
+    def load_adapter(self, adapter_id: str, directory: Path, with_optimizer: bool) -> LoraSpec:
+        with self._lock:
+            _check_adapter_id(adapter_id)
+            checkpoint = read_checkpoint(Path(directory), with_optimizer)
+            if checkpoint.base_model != self.info.name:
+                raise UserInputError(
+                    f"checkpoint was trained on {checkpoint.base_model!r}, "
+                    f"not on this base model {self.info.name!r}"
+                )
+            if checkpoint.lora_alpha != LORA_ALPHA:
+                raise UserInputError(f"checkpoint uses lora_alpha {checkpoint.lora_alpha}")
+            self._check_spec(checkpoint.spec)
+            # Build the replacement beside the old adapter; swap only once it loaded fully.
+            fresh = self._new_adapter(checkpoint.spec)
+            try:
+                _load_into(fresh, checkpoint)
+            except BaseException:
+                self._remove_peft_adapter(fresh.peft_name)
+                raise
+            old = self._adapters.get(adapter_id)
+            self._adapters[adapter_id] = fresh
+            if old is not None:
+                self._remove_peft_adapter(old.peft_name)
+            return checkpoint.spec
+
+    # -- sampling ----------------------------------------------------------------------------
+
+    def sample(self, adapter_id: str | None, spec: SampleSpec) -> SampleResult:
+        with self._lock:
+            self._check_sample_spec(spec)
+            if adapter_id is not None:
+                self._get(adapter_id)
+            seed = spec.seed if spec.seed is not None else secrets.randbits(63)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            with torch.inference_mode(), self._activate(adapter_id) as model:
+                return self._sample(model, spec, generator)
+
+    def _sample(self, model: Any, spec: SampleSpec, generator: torch.Generator) -> SampleResult:
+        want_prompt = spec.prompt_logprobs or spec.topk_prompt_logprobs > 0
+        prompt = torch.tensor([spec.prompt], dtype=torch.long, device=self.device)
+        # Prefill once for one copy of the prompt, then repeat its KV cache per sample.
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=0 if want_prompt else 1)
+        result = SampleResult(sequences=[])
+        if want_prompt:
+            self._score_prompt(out.logits[0, :-1].float(), spec, result)
+        cache = out.past_key_values
+        if spec.num_samples > 1:
+            cache.batch_repeat_interleave(spec.num_samples)
+        logits = out.logits[:, -1].float().expand(spec.num_samples, -1).contiguous()
+        result.sequences = _Decoder(self, model, spec, generator).run(logits, cache)
+        return result
+
+    def _score_prompt(self, logits: torch.Tensor, spec: SampleSpec, result: SampleResult) -> None:
+        logp = torch.log_softmax(logits, dim=-1)  # row i predicts prompt[i + 1]
+        if spec.prompt_logprobs:
+            following = torch.tensor(spec.prompt[1:], dtype=torch.long, device=self.device)
+            picked = logp.gather(-1, following.unsqueeze(-1)).squeeze(-1).tolist()
+            result.prompt_logprobs = [None, *picked]
+        if spec.topk_prompt_logprobs > 0:
+            rows = _topk_rows(logp, spec.topk_prompt_logprobs)
+            result.topk_prompt_logprobs = [None, *rows]
+
+    def _check_sample_spec(self, spec: SampleSpec) -> None:
+        if not isinstance(spec, SampleSpec):
+            raise UserInputError("sample needs a SampleSpec")
+        prompt = spec.prompt
+        if not isinstance(prompt, tuple | list) or not prompt:
+            raise UserInputError("the prompt must hold at least one token")
+        if any(isinstance(t, bool) or not isinstance(t, int | np.integer) for t in prompt):
+            raise UserInputError("the prompt must hold integer token ids")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise UserInputError(
+                f"prompt token id {bad[0]} is outside this model's vocabulary "
+                f"[0, {self.vocab_size})"
+            )
+        _check_int(spec.num_samples, "num_samples", low=1)
+        _check_int(spec.max_tokens, "max_tokens", low=0)
+        if len(prompt) + spec.max_tokens > self.info.max_context:
+            raise UserInputError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({spec.max_tokens}) exceeds this "
+                f"model's context of {self.info.max_context}"
+            )
+        _check_sampling_params(spec)
+
+
+class _Decoder:
+    """Step-by-step decoding with a KV cache for `num_samples` copies of one prompt."""
+
+    def __init__(
+        self, backend: TorchBackend, model: Any, spec: SampleSpec, generator: torch.Generator
+    ) -> None:
+        self.backend, self.model, self.spec, self.generator = backend, model, spec, generator
+        default = spec.stop_token_ids is None and spec.stop_strings is None
+        self.stop_ids = set(backend.info.eos_token_ids if default else spec.stop_token_ids or ())
+        self.stop_strings = tuple(spec.stop_strings or ())
+        n = spec.num_samples
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.logprobs: list[list[float]] = [[] for _ in range(n)]
+        self.topk: list[list[list[tuple[int, float]]]] = [[] for _ in range(n)]
+        self.stopped = [False] * n
+
+    def run(self, logits: torch.Tensor, cache: Any) -> list[SampledSequence]:
+        live = list(range(self.spec.num_samples))  # sample index of each cache row
+        for step in range(self.spec.max_tokens):
+            chosen = _choose_tokens(logits, self.spec, self.generator)
+            self._record(live, logits, chosen)
+            keep = [row for row, index in enumerate(live) if not self.stopped[index]]
+            if not keep or step == self.spec.max_tokens - 1:
+                break
+            if len(keep) < len(live):
+                # Drop finished rows from the cache so they cost nothing from here on.
+                cache.batch_select_indices(torch.tensor(keep, device=logits.device))
+                live, chosen = [live[row] for row in keep], chosen[keep]
+            out = self.model(input_ids=chosen.unsqueeze(-1), past_key_values=cache, use_cache=True)
+            logits, cache = out.logits[:, -1].float(), out.past_key_values
+        want_topk = self.spec.topk_sample_logprobs > 0
+        return [
+            SampledSequence(
+                tokens=self.tokens[i],
+                logprobs=self.logprobs[i],
+                stopped=self.stopped[i],
+                topk=self.topk[i] if want_topk else None,
+            )
+            for i in range(self.spec.num_samples)
+        ]
+
+    def _record(self, live: list[int], logits: torch.Tensor, chosen: torch.Tensor) -> None:
+        # Reported logprobs come from the raw distribution (temperature 1, no top-k/top-p).
+        logp = torch.log_softmax(logits, dim=-1)
+        picked = logp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()
+        k = self.spec.topk_sample_logprobs
+        rows = _topk_rows(logp, k) if k > 0 else None
+        for row, index in enumerate(live):
+            token = int(chosen[row])
+            self.tokens[index].append(token)
+            self.logprobs[index].append(float(picked[row]))
+            if rows is not None:
+                self.topk[index].append(rows[row])
+            self.stopped[index] = token in self.stop_ids or self._hit_stop_string(index)
+
+    def _hit_stop_string(self, index: int) -> bool:
+        if not self.stop_strings:
+            return False
+        text = self.backend._tokenizer.decode(self.tokens[index], skip_special_tokens=False)
+        return any(stop in text for stop in self.stop_strings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers (module level so they stay small and testable)
+
+
+def _check_adapter_id(adapter_id: str) -> None:
+    if not isinstance(adapter_id, str) or not adapter_id:
+        raise UserInputError(f"adapter id must be a non-empty string, got {adapter_id!r}")
+
+
+def _check_int(value: Any, what: str, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        raise UserInputError(f"{what} must be an integer >= {low}, got {value!r}")
+
+
+def _check_sampling_params(spec: SampleSpec) -> None:
+    if not isinstance(spec.temperature, int | float) or not (
+        math.isfinite(spec.temperature) and spec.temperature >= 0
+    ):
+        raise UserInputError(f"temperature must be a finite number >= 0, got {spec.temperature!r}")
+    if isinstance(spec.top_k, bool) or not isinstance(spec.top_k, int) or spec.top_k < -1:
+        raise UserInputError(f"top_k must be -1 (off) or a positive integer, got {spec.top_k!r}")
+    if not isinstance(spec.top_p, int | float) or not 0 < spec.top_p <= 1:
+        raise UserInputError(f"top_p must be in (0, 1], got {spec.top_p!r}")
+    if spec.seed is not None and (
+        isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or not 0 <= spec.seed < 2**64
+    ):
+        raise UserInputError(f"seed must be an integer in [0, 2**64), got {spec.seed!r}")
+    for what in ("topk_prompt_logprobs", "topk_sample_logprobs"):
+        k = getattr(spec, what)
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOPK_LOGPROBS:
+            raise UserInputError(f"{what} must be between 0 and {MAX_TOPK_LOGPROBS}, got {k!r}")
+    for token in spec.stop_token_ids or ():
+        if isinstance(token, bool) or not isinstance(token, int | np.integer):
+            raise UserInputError(f"stop token ids must be integers, got {token!r}")
+    for text in spec.stop_strings or ():
+        if not isinstance(text, str) or not text:
+            raise UserInputError(f"stop strings must be non-empty strings, got {text!r}")
+
+
+def _choose_tokens(
+    logits: torch.Tensor, spec: SampleSpec, generator: torch.Generator
+) -> torch.Tensor:
+    """One token per row: argmax at temperature 0, else temperature → top-k → top-p → draw."""
+    if spec.temperature == 0:
+        return logits.argmax(dim=-1)
+    scaled = logits / spec.temperature
+    if 0 < spec.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, spec.top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if spec.top_p < 1.0:
+        scaled = _nucleus(scaled, spec.top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _nucleus(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability mass reaches top_p."""
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = mass_before >= top_p  # the most likely token always has mass_before 0
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scaled.masked_fill(drop, float("-inf"))
+
+
+def _topk_rows(logp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    values, ids = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)  # sorted, best first
+    return [
+        list(zip(row_ids, row_values, strict=True))
+        for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
+    ]
+
+
+def _init_lora(params: dict[str, torch.nn.Parameter], seed: int) -> None:
+    """Kaiming-uniform A (as nn.Linear/PEFT) and zero B, from a private generator on the CPU
+    so the same seed gives the same adapter whatever the device or global RNG state."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for key, param in params.items():  # sorted keys: a stable draw order
+            if ".lora_A." in key:
+                init = torch.empty(param.shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator)
+                param.copy_(init)
+            else:
+                param.zero_()
+
+
+def _new_optimizer(params: dict[str, torch.nn.Parameter]) -> torch.optim.AdamW:
+    # Hyper-parameters are overwritten from each AdamStep before every step.
+    return torch.optim.AdamW(list(params.values()), lr=0.0, weight_decay=0.0)
+
+
+def _gradients(loss: torch.Tensor, adapter: _Adapter) -> dict[str, torch.Tensor]:
+    keys = list(adapter.params)
+    grads = torch.autograd.grad(loss, [adapter.params[k] for k in keys], allow_unused=True)
+    result = {}
+    for key, grad in zip(keys, grads, strict=True):
+        param = adapter.params[key]
+        result[key] = torch.zeros_like(param) if grad is None else grad.float()
+        if not bool(torch.isfinite(result[key]).all()):
+            raise NonFiniteError("the gradient is not finite; nothing was accumulated")
+    return result
+
+
+def _add_grads(
+    total: dict[str, torch.Tensor] | None, grads: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor] | None:
+    if grads is None:
+        return total
+    if total is None:
+        return grads
+    return {key: total[key] + grads[key] for key in total}
+
+
+def _commit_grads(adapter: _Adapter, request: dict[str, torch.Tensor]) -> None:
+    """Add a request's gradients to the accumulator only if every sum stays finite."""
+    summed = {key: adapter.grads[key] + grad for key, grad in request.items()}
+    if not all(bool(torch.isfinite(g).all()) for g in summed.values()):
+        raise NonFiniteError("the accumulated gradient would overflow; nothing was accumulated")
+    adapter.grads = summed
+
+
+def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
+def _check_adam(step: AdamStep) -> None:
+    values = {
+        "learning_rate": step.learning_rate,
+        "beta1": step.beta1,
+        "beta2": step.beta2,
+        "eps": step.eps,
+        "weight_decay": step.weight_decay,
+        "grad_clip_norm": step.grad_clip_norm,
+    }
+    for name, value in values.items():
+        finite = isinstance(value, int | float) and math.isfinite(value)
+        if isinstance(value, bool) or not finite:
+            raise UserInputError(f"adam_params.{name} must be a finite number, got {value!r}")
+        if value < 0:
+            raise UserInputError(f"adam_params.{name} must be >= 0, got {value!r}")
+    for name in ("beta1", "beta2"):
+        if not values[name] < 1:
+            raise UserInputError(f"adam_params.{name} must be < 1, got {values[name]!r}")
+
+
+def _set_hyperparameters(optimizer: torch.optim.AdamW, step: AdamStep) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = float(step.learning_rate)
+        group["betas"] = (float(step.beta1), float(step.beta2))
+        group["eps"] = float(step.eps)
+        group["weight_decay"] = float(step.weight_decay)
+
+
+def _snapshot(adapter: _Adapter) -> dict[str, Any]:
+    params = {key: p.detach().clone() for key, p in adapter.params.items()}
+    state = {
+        key: {name: _clone(value) for name, value in adapter.optimizer.state[p].items()}
+        for key, p in adapter.params.items()
+        if p in adapter.optimizer.state
+    }
+    return {"params": params, "state": state}
+
+
+def _restore(adapter: _Adapter, saved: dict[str, Any]) -> None:
+    with torch.no_grad():
+        for key, param in adapter.params.items():
+            param.copy_(saved["params"][key])
+            if key in saved["state"]:
+                adapter.optimizer.state[param] = saved["state"][key]
+            else:
+                adapter.optimizer.state.pop(param, None)
+
+
+def _clone(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _all_finite(adapter: _Adapter) -> bool:
+    for param in adapter.params.values():
+        if not bool(torch.isfinite(param).all()):
+            return False
+        for value in adapter.optimizer.state.get(param, {}).values():
+            if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
+                return False
+    return True
+
+
+def _load_into(adapter: _Adapter, checkpoint: Checkpoint) -> None:
+    """Copy checkpoint tensors (and optimizer state) into a freshly created adapter."""
+    expected = {key: tuple(p.shape) for key, p in adapter.params.items()}
+    found = {key: tuple(t.shape) for key, t in checkpoint.adapter.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))[:3]
+        extra = sorted(set(found) - set(expected))[:3]
+        raise UserInputError(
+            "checkpoint tensors do not fit this base model and LoRA spec "
+            f"(missing {missing}, unexpected {extra}, or shapes differ)"
+        )
+    with torch.no_grad():
+        for key, param in adapter.params.items():
+            param.copy_(checkpoint.adapter[key])
+    for key, state in (checkpoint.optimizer or {}).items():
+        param = adapter.params[key]
+        adapter.optimizer.state[param] = {
+            # torch keeps AdamW's step count as a CPU float32 scalar (non-capturable mode).
+            "step": state["step"].reshape(()).to(torch.float32).clone(),
+            "exp_avg": state["exp_avg"].to(param.device, torch.float32).clone(),
+            "exp_avg_sq": state["exp_avg_sq"].to(param.device, torch.float32).clone(),
+        }
