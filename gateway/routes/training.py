@@ -101,6 +101,10 @@ def get_info(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
 
 @router.post("/forward_backward", name="forward_backward")
 async def forward_backward(request: Request, ctx: Ctx) -> dict[str, Any]:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > wire.MAX_BODY_BYTES:
+        raise BadRequest(f"request body of {declared} bytes exceeds the limit of "
+                         f"{wire.MAX_BODY_BYTES}; split the batch into smaller calls")
     raw = await request.body()
     return await run_in_threadpool(_admit_forward_backward, ctx, raw,
                                    request.headers.get("content-encoding"))

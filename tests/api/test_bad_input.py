@@ -238,3 +238,27 @@ def test_another_principals_objects_are_not_found(server, client, trainer):
     assert rest(server, server.create_key()).list_user_checkpoints().result().checkpoints == []
     # The owner still has everything.
     assert trainer.get_info().model_id == run_id
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(server, api_key):
+    import json
+    import socket
+    from urllib.parse import urlparse
+
+    from engine.wire import MAX_BODY_BYTES
+
+    url = urlparse(server.base_url)
+    head = (f"POST /api/v1/forward_backward HTTP/1.1\r\nHost: {url.netloc}\r\n"
+            f"X-API-Key: {api_key}\r\nContent-Type: application/x-protobuf\r\n"
+            f"Content-Length: {MAX_BODY_BYTES + 1}\r\nConnection: close\r\n\r\n")
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(head.encode() + b"x" * 1024)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert b" 400 " in status_line
+    assert "exceeds the limit" in json.loads(rest.partition(b"\r\n\r\n")[2])["detail"]

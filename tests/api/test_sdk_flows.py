@@ -228,3 +228,36 @@ def test_sampler_lookup_returns_its_base_model(server, api_key, client, trainer)
     sc = client.create_sampling_client(model_path=sampler_path).result()
     info = rest(server, api_key).get_sampler(sc._sampling_session_id).result()
     assert info.base_model == TINY and info.model_path == sampler_path
+
+
+def test_forward_backward_custom_runs_the_loss_in_the_client(trainer):
+    """The SDK sends a forward, computes the loss locally, then a cross_entropy backward
+    with signed surrogate weights; no code reaches the server."""
+    import torch
+
+    tok = trainer.get_tokenizer()
+    batch = [sft_datum(tok, t) for t in TEXTS]
+
+    def mean_logprob_loss(data, logprobs_list):
+        loss = -torch.stack([lp.mean() for lp in logprobs_list]).sum()
+        return loss, {"custom_metric:mean": 1.0}
+
+    before = trainer.forward(batch, "cross_entropy").result().metrics["loss:sum"]
+    out = trainer.forward_backward_custom(batch, mean_logprob_loss).result()
+    assert "surrogate_loss:sum" in out.metrics and out.metrics["custom_metric:mean"] == 1.0
+    trainer.optim_step(ADAM).result()
+    assert trainer.forward(batch, "cross_entropy").result().metrics["loss:sum"] < before
+
+
+def test_a_stop_token_ends_sampling_and_is_returned(trainer):
+    tok = trainer.get_tokenizer()
+    sampler = trainer.save_weights_and_get_sampling_client().result()
+    prompt = types.ModelInput.from_ints(tok.encode("The quick brown"))
+    free = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=6, temperature=0.0,
+                                                          stop=[])).result().sequences[0]
+    stop_id = free.tokens[2]
+    first = free.tokens.index(stop_id)
+    stopped = sampler.sample(prompt, 1, types.SamplingParams(
+        max_tokens=6, temperature=0.0, stop=[stop_id])).result().sequences[0]
+    assert stopped.stop_reason == "stop"
+    assert stopped.tokens == free.tokens[: first + 1]
