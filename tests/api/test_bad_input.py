@@ -20,16 +20,6 @@ from tests.api.helpers import TEXTS, TINY, rest, service, sft_datum
 FAST_SECONDS = 3.0
 
 
-@pytest.fixture
-def client(server, api_key):
-    sc = service(server, api_key)
-    yield sc
-    sc.close("success").result()
-
-
-@pytest.fixture
-def trainer(client):
-    return client.create_lora_training_client(base_model=TINY, rank=4, seed=1).result()
 
 
 def _loss(trainer) -> float:

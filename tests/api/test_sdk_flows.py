@@ -16,23 +16,12 @@ from tests.api.helpers import (
     reference_logprobs,
     rest,
     rl_datum,
-    service,
     sft_datum,
 )
 
 ADAM = types.AdamParams(learning_rate=5e-3)
 
 
-@pytest.fixture
-def client(server, api_key):
-    sc = service(server, api_key)
-    yield sc
-    sc.close("success").result()
-
-
-@pytest.fixture
-def trainer(client):
-    return client.create_lora_training_client(base_model=TINY, rank=4, seed=0).result()
 
 
 def test_training_client_reports_model_info_and_loads_the_tokenizer_offline(trainer, server):
