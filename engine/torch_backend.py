@@ -851,7 +851,7 @@ def _clone(value: Any) -> Any:
 
 def _all_finite(adapter: _Adapter) -> bool:
     """Weights and Adam moments of the adapter, all finite."""
-    tensors = list(adapter.params.values())
+    tensors: list[torch.Tensor] = list(adapter.params.values())
     for param in adapter.params.values():
         state = adapter.optimizer.state.get(param, {})
         tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor) and v.numel() > 1)

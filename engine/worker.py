@@ -78,6 +78,7 @@ class Worker:
         self.wake = threading.Event()
         self._backends: dict[str, Backend] = {}
         self._sampler_adapters: OrderedDict[str, str] = OrderedDict()
+        self._run_models: dict[str, str] = {}
 
     # ------------------------------------------------------------------ loop
 
@@ -227,11 +228,14 @@ class Worker:
         return handler(fut)
 
     def _run_base_model(self, model_id: str) -> str:
-        with transaction(self.factory) as session:
-            run = session.get(TrainingRun, model_id)
-            if run is None:
-                raise UserInputError(f"training run {model_id} does not exist")
-            return run.base_model
+        """A run's base model never changes: read it once."""
+        if model_id not in self._run_models:
+            with transaction(self.factory) as session:
+                run = session.get(TrainingRun, model_id)
+                if run is None:
+                    raise UserInputError(f"training run {model_id} does not exist")
+                self._run_models[model_id] = run.base_model
+        return self._run_models[model_id]
 
     def _training_backend(self, model_id: str) -> Backend:
         backend = self.backend(self._run_base_model(model_id))

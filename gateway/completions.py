@@ -1,44 +1,45 @@
 """In-process wake-ups for long-polling `retrieve_future` callers.
 
-The embedded worker calls `notify(request_id)` from its thread when a future resolves;
-pollers waiting in the event loop wake at once instead of at their next database check.
-Must not be relied on for correctness: pollers always re-read the database.
+The embedded worker calls `notify(request_id)` from its thread when a future resolves.
+A poller registers with `watch(request_id)` *before* it reads the database, so a result
+that lands between the read and the wait still wakes it. Pollers always re-read the
+database; this only saves them from waiting for their next periodic check.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
+
+_Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Event]
 
 
 class Completions:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = (
-            defaultdict(list)
-        )
+        self._waiters: dict[str, list[_Waiter]] = defaultdict(list)
 
     def notify(self, request_id: str) -> None:
         with self._lock:
-            waiters = self._waiters.pop(request_id, [])
+            waiters = list(self._waiters.get(request_id, ()))
         for loop, event in waiters:
             loop.call_soon_threadsafe(event.set)
 
-    async def wait(self, request_id: str, timeout: float) -> None:
-        """Return when notified or after `timeout` seconds, whichever is first."""
-        event = asyncio.Event()
-        entry = (asyncio.get_running_loop(), event)
+    @contextlib.contextmanager
+    def watch(self, request_id: str) -> Iterator[asyncio.Event]:
+        """An event set when `request_id` resolves, for as long as the block runs."""
+        entry = (asyncio.get_running_loop(), asyncio.Event())
         with self._lock:
             self._waiters[request_id].append(entry)
         try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
+            yield entry[1]
         finally:
             with self._lock:
                 waiters = self._waiters.get(request_id)
-                if waiters and entry in waiters:
+                if waiters is not None:
                     waiters.remove(entry)
                     if not waiters:
                         del self._waiters[request_id]

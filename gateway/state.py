@@ -26,6 +26,7 @@ from migrations import upgrade_to_head
 logger = logging.getLogger("loragate.gateway")
 
 AdmissionCheck = Callable[..., None]
+EMBEDDED_RECHECK_SECONDS = 2.0
 
 
 @dataclass
@@ -47,6 +48,15 @@ class AppState:
 
     def model_info(self, name: str) -> ModelInfo | None:
         return self.models.get(name)
+
+    @property
+    def recheck_seconds(self) -> float:
+        """How often a long-poll re-reads the database. An embedded worker wakes pollers
+        directly, so the re-read is only a safety net; workers in other processes
+        cannot, so then it is the settings' poll interval."""
+        if self.worker is not None:
+            return max(self.settings.poll_interval_seconds, EMBEDDED_RECHECK_SECONDS)
+        return self.settings.poll_interval_seconds
 
     def wake_worker(self) -> None:
         if self.worker is not None:

@@ -9,6 +9,7 @@ at once instead of retrying. Never holds a database transaction while waiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Response
@@ -49,21 +50,26 @@ async def retrieve_future(ctx: Ctx, body: JsonBody) -> Response:
     state = ctx.state
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.settings.long_poll_seconds
-    while True:
-        snap = await run_in_threadpool(_read, state, req.request_id, ctx.principal.id)
-        if snap is None:
-            raise NotFound(f"future {req.request_id} not found")
-        ctx.note(subject=req.request_id, status=snap.status)
-        if snap.status == "done":
-            media = "application/x-protobuf" if snap.result_format == "proto" else (
-                "application/json")
-            return Response(content=snap.result or b"", media_type=media)
-        if snap.status == "failed":
-            return JSONResponse({"error": snap.error or "request failed",
-                                 "category": snap.category or "unknown"})
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return JSONResponse({"type": "try_again", "request_id": req.request_id,
-                                 "queue_state": "active"}, status_code=408)
-        await state.completions.wait(req.request_id,
-                                     min(remaining, state.settings.poll_interval_seconds))
+    with state.completions.watch(req.request_id) as resolved:
+        while True:
+            snap = await run_in_threadpool(_read, state, req.request_id, ctx.principal.id)
+            if snap is None:
+                raise NotFound(f"future {req.request_id} not found")
+            ctx.note(subject=req.request_id, status=snap.status)
+            if snap.status in ("done", "failed"):
+                return _result_response(snap)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return JSONResponse({"type": "try_again", "request_id": req.request_id,
+                                     "queue_state": "active"}, status_code=408)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(resolved.wait(), min(remaining, state.recheck_seconds))
+            resolved.clear()
+
+
+def _result_response(snap: FutureSnapshot) -> Response:
+    if snap.status == "failed":
+        return JSONResponse({"error": snap.error or "request failed",
+                             "category": snap.category or "unknown"})
+    media = "application/x-protobuf" if snap.result_format == "proto" else "application/json"
+    return Response(content=snap.result or b"", media_type=media)
