@@ -250,3 +250,28 @@ def test_a_stop_token_ends_sampling_and_is_returned(trainer):
         max_tokens=6, temperature=0.0, stop=[stop_id])).result().sequences[0]
     assert stopped.stop_reason == "stop"
     assert stopped.tokens == free.tokens[: first + 1]
+
+
+def test_prompt_logprobs_and_top_k_decode_through_the_sdk(trainer):
+    tok = trainer.get_tokenizer()
+    ids = tok.encode(TEXTS[0])
+    sampler = trainer.save_weights_and_get_sampling_client().result()
+    out = sampler.sample(types.ModelInput.from_ints(ids), 1,
+                         types.SamplingParams(max_tokens=3, seed=0, stop=[]),
+                         include_prompt_logprobs=True, topk_prompt_logprobs=5,
+                         topk_sample_logprobs=2).result()
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    assert out.topk_prompt_logprobs[0] is None
+    for pos, row in enumerate(out.topk_prompt_logprobs[1:], start=1):
+        assert len(row) == 5
+        lps = [lp for _, lp in row]
+        assert lps == sorted(lps, reverse=True)
+        chosen = dict(row).get(ids[pos])
+        if chosen is not None:  # the actual token, when in the top 5, has its own logprob
+            assert chosen == pytest.approx(out.prompt_logprobs[pos], abs=1e-4)
+    sampled = out.sequences[0]
+    assert [len(row) for row in sampled.topk_logprobs] == [2, 2, 2]
+    for token, logprob, row in zip(sampled.tokens, sampled.logprobs, sampled.topk_logprobs,
+                                   strict=True):
+        if token in dict(row):
+            assert dict(row)[token] == pytest.approx(logprob, abs=1e-4)
