@@ -189,3 +189,23 @@ class AuditEntry(Base):
     mac: Mapped[str | None] = mapped_column(String(64))
     key_id: Mapped[str | None] = mapped_column(String(64))
     hash_version: Mapped[int] = mapped_column(SmallInteger, default=1)
+
+
+class PolicyRule(Base):
+    """One casbin policy line (`p, sub, res, act, eft`). Written by policy.authz only."""
+
+    __tablename__ = "policy_rules"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ptype: Mapped[str] = mapped_column(String(8))
+    v0: Mapped[str] = mapped_column(String(256), default="")
+    v1: Mapped[str] = mapped_column(String(256), default="")
+    v2: Mapped[str] = mapped_column(String(256), default="")
+    v3: Mapped[str] = mapped_column(String(256), default="")
+    v4: Mapped[str] = mapped_column(String(256), default="")
+    v5: Mapped[str] = mapped_column(String(256), default="")
+
+    def values(self) -> list[str]:
+        fields = [self.v0, self.v1, self.v2, self.v3, self.v4, self.v5]
+        while fields and not fields[-1]:
+            fields.pop()
+        return fields

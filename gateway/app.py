@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audit import log as audit_log
@@ -39,7 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await run_in_threadpool(state.close)
 
-    app = FastAPI(title="loragate", version="0.1.0", lifespan=lifespan)
+    # No generated docs routes: every route must pass the policy, and those would not.
+    app = FastAPI(title="loragate", version="0.1.0", lifespan=lifespan, openapi_url=None,
+                  docs_url=None, redoc_url=None)
     for module in (service, training, sampling, futures, rest):
         app.include_router(module.router)
     app.middleware("http")(_assign_request_id)
@@ -49,6 +52,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                       StarletteHTTPException, Exception):
         app.add_exception_handler(exc_class, _handle_error)
     return app
+
+
+def api_routes(app: FastAPI) -> list[APIRoute]:
+    """Every APIRoute, including those of included routers (kept nested by FastAPI)."""
+    found: list[APIRoute] = []
+    pending: list[object] = list(app.router.routes)
+    while pending:
+        route = pending.pop()
+        if isinstance(route, APIRoute):
+            found.append(route)
+        elif hasattr(route, "original_router"):
+            pending.extend(route.original_router.routes)
+        elif hasattr(route, "routes"):
+            pending.extend(route.routes)
+    return found
 
 
 async def _assign_request_id(

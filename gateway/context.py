@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 from audit import log as audit_log
 from audit.db import transaction
 from audit.models import Principal
-from gateway.errors import Unprocessable
+from gateway.errors import Forbidden, Unprocessable
+from gateway.permissions import ROUTE_PERMISSIONS
 from gateway.state import AppState
 from policy.keys import authenticate
 
@@ -81,6 +82,7 @@ def request_context(request: Request) -> Iterator[RequestContext]:
         principal = authenticate(session, request.headers.get("x-api-key"))
         session.expunge(principal)
     request.state.principal = principal
+    _authorize(state, request, principal)
     ctx = RequestContext(state=state, request_id=request.state.request_id, principal=principal,
                          event_type=route_event(request))
     ok = False
@@ -92,6 +94,15 @@ def request_context(request: Request) -> Iterator[RequestContext]:
         ctx._close(ok)
     for callback in ctx.after_commit:
         callback()
+
+
+def _authorize(state: AppState, request: Request, principal: Principal) -> None:
+    """casbin decides every route; a route with no declared permission is refused."""
+    name = getattr(request.scope.get("route"), "name", None)
+    permission = ROUTE_PERMISSIONS.get(name or "")
+    if permission is None:
+        raise Forbidden(f"no policy decision is defined for {request.url.path}")
+    state.authorizer.authorize(principal.id, principal.role, *permission)
 
 
 Ctx = Annotated[RequestContext, Depends(request_context, scope="function")]

@@ -22,6 +22,7 @@ from engine.registry import ModelRegistry
 from gateway.completions import Completions
 from gateway.settings import Settings
 from migrations import upgrade_to_head
+from policy.authz import Authorizer, seed_default_policy
 
 logger = logging.getLogger("loragate.gateway")
 
@@ -41,6 +42,7 @@ class AppState:
     completions: Completions
     # Extra checks run by gateway.admission on every data-bearing request (screening,
     # quotas): each takes the AdmissionRequest and raises to refuse it.
+    authorizer: Authorizer
     admission_checks: list[AdmissionCheck] = field(default_factory=list)
     worker: Any = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -77,12 +79,17 @@ def build_state(settings: Settings) -> AppState:
     url = settings.database
     upgrade_to_head(url)
     engine, read_engine = make_engine(url), make_engine(url, read_only=True)
+    factory = make_sessionmaker(engine)
     registry = ModelRegistry(settings.data_dir, settings.extra_models)
     models = {name: registry.info(name) for name in settings.base_models}
+    with transaction(factory) as session:
+        seed_default_policy(session)
+    authorizer = Authorizer(factory)
+    authorizer.load()
     state = AppState(
-        settings=settings, engine=engine, read_engine=read_engine,
-        factory=make_sessionmaker(engine), read_factory=make_sessionmaker(read_engine),
-        registry=registry, models=models, completions=Completions(),
+        settings=settings, engine=engine, read_engine=read_engine, factory=factory,
+        read_factory=make_sessionmaker(read_engine), registry=registry, models=models,
+        completions=Completions(), authorizer=authorizer,
     )
     with transaction(state.factory) as session:
         audit_log.append(session, actor="system", event_type="gateway.start", decision="info",
