@@ -4,6 +4,7 @@
   loragate worker [--data-dir D] [--base-model NAME]
   loragate keys create --role researcher|auditor|admin --owner NAME [--data-dir D]
   loragate audit verify [--data-dir D]
+  loragate policy list|add SUBJECT RESOURCE ACTION allow|deny|remove ID [--data-dir D]
   loragate models prepare [--data-dir D] [--base-model NAME]
 
 `LORAGATE_DATABASE_URL` overrides the SQLite default for all of them.
@@ -97,6 +98,37 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _cmd_policy(args: argparse.Namespace) -> int:
+    """List, add or remove policy rules directly in the database (audited as 'cli')."""
+    from audit.db import make_engine, make_sessionmaker, transaction
+    from migrations import upgrade_to_head
+    from policy import authz
+    from policy.errors import PolicyError
+
+    settings = _settings(args)
+    upgrade_to_head(settings.database)
+    engine = make_engine(settings.database)
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            authz.seed_default_policy(session, actor="cli")
+            if args.policy_cmd == "add":
+                rule = authz.add_rule(session, actor="cli", subject=args.subject,
+                                      resource=args.resource, action=args.action,
+                                      effect=args.effect)
+                print(f"{rule.id}\t{', '.join([rule.ptype, *rule.values()])}")
+            elif args.policy_cmd == "remove":
+                authz.remove_rule(session, actor="cli", rule_id=args.rule_id)
+            else:
+                for rule in authz.list_rules(session):
+                    print(f"{rule.id}\t{', '.join([rule.ptype, *rule.values()])}")
+    except PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    return 0
+
+
 def _cmd_models_prepare(args: argparse.Namespace) -> int:
     from engine.registry import ModelRegistry
 
@@ -148,6 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
                                              "bad seq")
     data_dir(verify)
     verify.set_defaults(func=_cmd_audit_verify)
+
+    policy = sub.add_parser("policy", help="authorization rules (casbin)").add_subparsers(
+        dest="policy_cmd", required=True)
+    listing = policy.add_parser("list", help="print the rules in force: id, rule")
+    data_dir(listing)
+    listing.set_defaults(func=_cmd_policy)
+    add = policy.add_parser("add", help="add a rule; takes effect on the next request")
+    add.add_argument("subject", help="'*', 'role:<name>' or 'principal:<id>'")
+    add.add_argument("resource")
+    add.add_argument("action")
+    add.add_argument("effect", choices=["allow", "deny"])
+    data_dir(add)
+    add.set_defaults(func=_cmd_policy)
+    remove = policy.add_parser("remove", help="remove a rule by id")
+    remove.add_argument("rule_id", type=int)
+    data_dir(remove)
+    remove.set_defaults(func=_cmd_policy)
 
     models = sub.add_parser("models", help="base models").add_subparsers(dest="models_cmd",
                                                                          required=True)

@@ -81,6 +81,7 @@ def request_context(request: Request) -> Iterator[RequestContext]:
     with transaction(state.read_factory) as session:
         principal = authenticate(session, request.headers.get("x-api-key"))
         session.expunge(principal)
+        state.authorizer.ensure_current(session)
     request.state.principal = principal
     _authorize(state, request, principal)
     ctx = RequestContext(state=state, request_id=request.state.request_id, principal=principal,

@@ -49,4 +49,8 @@ ROUTE_PERMISSIONS: dict[str, Permission] = {
     "set_checkpoint_ttl": ("checkpoints", "manage"),
     "unpublish_checkpoint": ("checkpoints", "manage"),
     "publish_checkpoint": ("checkpoints", "publish"),
+    # administration
+    "admin_list_policy": ("policy", "read"),
+    "admin_add_policy_rule": ("policy", "write"),
+    "admin_remove_policy_rule": ("policy", "write"),
 }

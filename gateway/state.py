@@ -79,16 +79,16 @@ def build_state(settings: Settings) -> AppState:
     url = settings.database
     upgrade_to_head(url)
     engine, read_engine = make_engine(url), make_engine(url, read_only=True)
-    factory = make_sessionmaker(engine)
+    factory, read_factory = make_sessionmaker(engine), make_sessionmaker(read_engine)
     registry = ModelRegistry(settings.data_dir, settings.extra_models)
     models = {name: registry.info(name) for name in settings.base_models}
     with transaction(factory) as session:
         seed_default_policy(session)
-    authorizer = Authorizer(factory)
+    authorizer = Authorizer(read_factory)  # it only ever reads the rules
     authorizer.load()
     state = AppState(
         settings=settings, engine=engine, read_engine=read_engine, factory=factory,
-        read_factory=make_sessionmaker(read_engine), registry=registry, models=models,
+        read_factory=read_factory, registry=registry, models=models,
         completions=Completions(), authorizer=authorizer,
     )
     with transaction(state.factory) as session:

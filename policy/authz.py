@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from audit import log as audit_log
 from audit.db import transaction
 from audit.models import PolicyRule
-from policy.errors import PolicyError
+from policy.errors import LimitExceeded, PolicyError
 
 MODEL_PATH = Path(__file__).with_name("casbin_model.conf")
 DEFAULT_POLICY_PATH = Path(__file__).with_name("default_policy.csv")
@@ -33,6 +34,14 @@ logger = logging.getLogger("loragate.policy")
 
 class Denied(PolicyError):
     """The policy does not allow this request (HTTP 403)."""
+
+
+class InvalidRule(LimitExceeded):
+    """A policy rule that is malformed (HTTP 400)."""
+
+
+class PolicyNotFound(PolicyError):
+    """No such policy rule (HTTP 404)."""
 
 
 def read_policy_file(path: Path = DEFAULT_POLICY_PATH) -> list[list[str]]:
@@ -61,6 +70,72 @@ def seed_default_policy(session: Session, actor: str = "system") -> int:
     return len(rows)
 
 
+RULE_SUBJECT = re.compile(r"^(\*|role:[a-z_]+|principal:[A-Za-z0-9-]+)$")
+RULE_WORD = re.compile(r"^(\*|[a-z_]+)$")
+
+
+def list_rules(session: Session) -> list[PolicyRule]:
+    return list(session.scalars(select(PolicyRule).order_by(PolicyRule.id)).all())
+
+
+def _policy_digest(rules: list[PolicyRule]) -> str:
+    text = "\n".join(", ".join([r.ptype, *r.values()]) for r in rules)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _rule_text(rule: PolicyRule) -> str:
+    return ", ".join([rule.ptype, *rule.values()])
+
+
+def add_rule(session: Session, *, actor: str, subject: str, resource: str, action: str,
+             effect: str) -> PolicyRule:
+    """Add `p, subject, resource, action, effect`; audited with the policy before/after."""
+    _check_rule(subject, resource, action, effect)
+    before = list_rules(session)
+    rule = PolicyRule(ptype="p", v0=subject, v1=resource, v2=action, v3=effect)
+    session.add(rule)
+    session.flush()
+    _audit_change(session, actor, "policy.add_rule", rule, before)
+    return rule
+
+
+def remove_rule(session: Session, *, actor: str, rule_id: int) -> PolicyRule:
+    before = list_rules(session)
+    rule = session.get(PolicyRule, rule_id)
+    if rule is None:
+        raise PolicyNotFound(f"policy rule {rule_id} not found")
+    session.delete(rule)
+    session.flush()
+    _audit_change(session, actor, "policy.remove_rule", rule, before)
+    return rule
+
+
+def _check_rule(subject: str, resource: str, action: str, effect: str) -> None:
+    if not RULE_SUBJECT.match(subject):
+        raise InvalidRule("subject must be '*', 'role:<name>' or 'principal:<id>'")
+    if not (RULE_WORD.match(resource) and RULE_WORD.match(action)):
+        raise InvalidRule("resource and action must be '*' or lower-case words")
+    if effect not in ("allow", "deny"):
+        raise InvalidRule("effect must be 'allow' or 'deny'")
+
+
+def _audit_change(session: Session, actor: str, event: str, rule: PolicyRule,
+                  before: list[PolicyRule]) -> None:
+    after = list_rules(session)
+    audit_log.append(session, actor=actor, event_type=event, decision="allow",
+                     subject=f"policy_rules/{rule.id}",
+                     payload={"rule": _rule_text(rule),
+                              "before": {"rules": len(before), "sha256": _policy_digest(before)},
+                              "after": {"rules": len(after), "sha256": _policy_digest(after)}})
+
+
+def policy_fingerprint(session: Session) -> tuple[int, int]:
+    """Changes whenever a rule is added or removed (rules are never edited in place)."""
+    count, top = session.execute(
+        select(func.count(PolicyRule.id), func.coalesce(func.max(PolicyRule.id), 0))).one()
+    return int(count), int(top)
+
+
 class _SqlAdapter(persist.Adapter):  # type: ignore[misc]
     """Reads the policy rows; edits go through this module's functions, not casbin's."""
 
@@ -76,19 +151,30 @@ class _SqlAdapter(persist.Adapter):  # type: ignore[misc]
 
 
 class Authorizer:
-    """Thread-safe, fail-closed access to the enforcer."""
+    """Thread-safe, fail-closed access to the enforcer. Give it a read-only session
+    factory: it never writes, and on SQLite a reload must not queue for the write lock."""
 
     def __init__(self, factory: sessionmaker[Session]) -> None:
         self._factory = factory
         self._lock = threading.Lock()
         self._enforcer: casbin.Enforcer | None = None
+        self._fingerprint: tuple[int, int] | None = None
 
     def load(self) -> None:
         """(Re)build the enforcer from the table. On failure the old one is dropped, so
         every decision is a deny until a load succeeds."""
         with self._lock:
             self._enforcer = None
+            with transaction(self._factory) as session:
+                fingerprint = policy_fingerprint(session)
             self._enforcer = casbin.Enforcer(str(MODEL_PATH), _SqlAdapter(self._factory))
+            self._fingerprint = fingerprint
+
+    def ensure_current(self, session: Session) -> None:
+        """Reload if the rules changed since the last load (in this or another process),
+        so a policy edit applies to the very next request without a restart."""
+        if policy_fingerprint(session) != self._fingerprint:
+            self.load()
 
     def disable(self) -> None:
         with self._lock:
