@@ -2,7 +2,8 @@
 
   loragate serve [--host H] [--port P] [--data-dir D] [--base-model NAME] [--no-worker]
   loragate worker [--data-dir D] [--base-model NAME]
-  loragate keys create --role researcher|auditor|admin --owner NAME [--data-dir D]
+  loragate keys create --role researcher|auditor|admin --owner NAME [--expires-in-days N]
+  loragate keys list | keys revoke KEY_ID [--reason R]
   loragate audit verify [--data-dir D]
   loragate policy list|add SUBJECT RESOURCE ACTION allow|deny|remove ID [--data-dir D]
   loragate models prepare [--data-dir D] [--base-model NAME]
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import signal
 import sys
@@ -62,6 +64,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 def _cmd_keys_create(args: argparse.Namespace) -> int:
     from audit.db import make_engine, make_sessionmaker, transaction
+    from audit.models import utcnow
     from migrations import upgrade_to_head
     from policy.errors import PolicyError
     from policy.keys import create_key
@@ -69,15 +72,49 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
     settings = _settings(args)
     upgrade_to_head(settings.database)
     engine = make_engine(settings.database)
+    expires = None
+    if args.expires_in_days is not None:
+        if args.expires_in_days < 1:
+            print("error: --expires-in-days must be at least 1", file=sys.stderr)
+            return 2
+        expires = utcnow() + dt.timedelta(days=args.expires_in_days)
     try:
         with transaction(make_sessionmaker(engine)) as session:
-            key = create_key(session, owner=args.owner, role=args.role, actor="cli")
+            key = create_key(session, owner=args.owner, role=args.role, actor="cli",
+                             expires_at=expires)
     except PolicyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()
     print(key)
+    return 0
+
+
+def _cmd_keys_admin(args: argparse.Namespace) -> int:
+    """`keys list` and `keys revoke`, directly in the database (audited as 'cli')."""
+    from audit.db import make_engine, make_sessionmaker, transaction
+    from migrations import upgrade_to_head
+    from policy import keys
+    from policy.errors import PolicyError
+
+    settings = _settings(args)
+    upgrade_to_head(settings.database)
+    engine = make_engine(settings.database)
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            if args.keys_cmd == "revoke":
+                keys.revoke_key(session, key_id=args.key_id, actor="cli", reason=args.reason)
+                return 0
+            for key, principal in keys.list_keys(session):
+                expires = key.expires_at.isoformat() if key.expires_at else "-"
+                print(f"{key.id}\t{key.prefix}…\t{principal.name}\t{principal.role}\t"
+                      f"{key.status}\texpires {expires}")
+    except PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
     return 0
 
 
@@ -171,8 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys.add_parser("create", help="create a key; prints it alone on stdout")
     create.add_argument("--role", required=True, choices=["researcher", "auditor", "admin"])
     create.add_argument("--owner", required=True, help="principal name")
+    create.add_argument("--expires-in-days", type=int, help="the key stops working after this")
     data_dir(create)
     create.set_defaults(func=_cmd_keys_create)
+    key_list = keys.add_parser("list", help="id, prefix, owner, role, status, expiry")
+    data_dir(key_list)
+    key_list.set_defaults(func=_cmd_keys_admin)
+    revoke = keys.add_parser("revoke", help="revoke a key by id (see `keys list`)")
+    revoke.add_argument("key_id")
+    revoke.add_argument("--reason", default="revoked by an operator")
+    data_dir(revoke)
+    revoke.set_defaults(func=_cmd_keys_admin)
 
     audit = sub.add_parser("audit", help="audit trail").add_subparsers(dest="audit_cmd",
                                                                        required=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from engine.errors import UnknownModelError, UserInputError
 from policy.authz import PolicyNotFound
-from policy.errors import KeyRejected, LimitExceeded, PolicyError
+from policy.errors import KeyNotFound, KeyRejected, LimitExceeded, PolicyError
 
 
 class ApiError(Exception):
@@ -46,7 +46,7 @@ def to_api_error(exc: Exception) -> ApiError | None:
     """Map errors raised below the gateway to their HTTP form; None = not a user error."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, PolicyNotFound):
+    if isinstance(exc, (PolicyNotFound, KeyNotFound)):
         return NotFound(str(exc))
     if isinstance(exc, KeyRejected):
         return Unauthorized(str(exc))

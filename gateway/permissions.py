@@ -53,4 +53,7 @@ ROUTE_PERMISSIONS: dict[str, Permission] = {
     "admin_list_policy": ("policy", "read"),
     "admin_add_policy_rule": ("policy", "write"),
     "admin_remove_policy_rule": ("policy", "write"),
+    "admin_list_keys": ("keys", "read"),
+    "admin_create_key": ("keys", "write"),
+    "admin_revoke_key": ("keys", "write"),
 }

@@ -11,3 +11,7 @@ class KeyRejected(PolicyError):
 
 class LimitExceeded(PolicyError):
     """A request exceeds a configured limit such as the maximum LoRA rank (HTTP 400)."""
+
+
+class KeyNotFound(PolicyError):
+    """No API key with that id (HTTP 404)."""

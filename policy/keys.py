@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from audit import log as audit_log
 from audit.models import ROLES, ApiKey, Principal, utcnow
-from policy.errors import KeyRejected, LimitExceeded
+from policy.errors import KeyNotFound, KeyRejected, LimitExceeded
 
 KEY_PREFIX = "tml-"
 
@@ -54,6 +54,28 @@ def create_key(
                      payload={"key_id": key.id, "role": role, "owner": owner,
                               "expires_at": expires_at.isoformat() if expires_at else None})
     return plaintext
+
+
+def list_keys(session: Session) -> list[tuple[ApiKey, Principal]]:
+    rows = session.execute(select(ApiKey, Principal).join(
+        Principal, Principal.id == ApiKey.principal_id).order_by(ApiKey.created_at)).all()
+    return [(key, principal) for key, principal in rows]
+
+
+def revoke_key(session: Session, *, key_id: str, actor: str, reason: str) -> ApiKey:
+    """Revoke a key for good; its next request gets a 401 saying it was revoked."""
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise KeyNotFound(f"API key {key_id} not found")
+    if key.status == "revoked":
+        raise LimitExceeded(f"API key {key_id} is already revoked")
+    before = key.status
+    key.status, key.revoked_at = "revoked", utcnow()
+    audit_log.append(session, actor=actor, event_type="keys.revoke", decision="allow",
+                     subject=key.principal_id,
+                     payload={"key_id": key_id, "before": before, "after": "revoked",
+                              "reason": reason[:500]})
+    return key
 
 
 def authenticate(session: Session, presented: str | None) -> Principal:

@@ -1,15 +1,19 @@
-"""Admin API: the policy rules in force. Edits apply to the next request (no restart) and
-are audited with the policy before and after."""
+"""Admin API: the policy rules in force, and API keys.
+
+Policy edits apply to the next request (no restart) and are audited with the policy
+before and after; key creation and revocation are audited with who did them."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from fastapi import APIRouter, Response
 
-from gateway.context import Ctx, JsonBody
+from audit.models import utcnow
+from gateway.context import Ctx, JsonBody, OptionalJsonBody
 from gateway.errors import BadRequest
-from policy import authz
+from policy import authz, keys
 
 router = APIRouter(prefix="/api/v1/admin")
 
@@ -39,3 +43,44 @@ def remove_policy_rule(rule_id: int, ctx: Ctx) -> Response:
     authz.remove_rule(ctx.session, actor=ctx.principal.id, rule_id=rule_id)
     ctx.note(subject=f"policy_rules/{rule_id}")
     return Response(status_code=204)
+
+
+def _key_view(key: Any, principal: Any) -> dict[str, Any]:
+    return {"id": key.id, "prefix": key.prefix, "owner": principal.name, "role": principal.role,
+            "status": key.status, "created_at": key.created_at.isoformat(),
+            "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+            "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None}
+
+
+@router.get("/keys", name="admin_list_keys")
+def list_api_keys(ctx: Ctx) -> dict[str, Any]:
+    return {"keys": [_key_view(k, p) for k, p in keys.list_keys(ctx.session)]}
+
+
+@router.post("/keys", name="admin_create_key")
+def create_api_key(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    """An admin creating a key directly is an approval by that admin (audited as one).
+    The plaintext key is in this response only."""
+    owner, role = body.get("owner"), body.get("role", "researcher")
+    days = body.get("expires_in_days")
+    if not isinstance(owner, str) or not owner.strip():
+        raise BadRequest("owner (the principal's name) is required")
+    if not isinstance(role, str):
+        raise BadRequest("role must be researcher, auditor or admin")
+    if days is not None and (not isinstance(days, int) or days < 1):
+        raise BadRequest("expires_in_days must be a positive integer")
+    expires = utcnow() + dt.timedelta(days=days) if days else None
+    plaintext = keys.create_key(ctx.session, owner=owner.strip(), role=role,
+                                actor=ctx.principal.id, expires_at=expires)
+    ctx.note(subject=owner.strip(), role=role)
+    return {"key": plaintext, "owner": owner.strip(), "role": role,
+            "expires_at": expires.isoformat() if expires else None}
+
+
+@router.post("/keys/{key_id}/revoke", name="admin_revoke_key")
+def revoke_api_key(key_id: str, ctx: Ctx, body: OptionalJsonBody = None) -> dict[str, Any]:
+    reason = (body or {}).get("reason") or "revoked by an admin"
+    key = keys.revoke_key(ctx.session, key_id=key_id, actor=ctx.principal.id,
+                          reason=str(reason))
+    ctx.note(subject=key_id)
+    return {"id": key.id, "status": key.status}

@@ -24,8 +24,9 @@ RECORDS = {"list_training_runs", "get_training_run", "list_run_checkpoints",
 TRAIN_AND_SAMPLE = {"create_model", "forward_backward", "optim_step", "save_weights",
                     "save_weights_for_sampler", "load_weights", "get_info",
                     "create_sampling_session", "asample"}
-POLICY_READ = {"admin_list_policy"}
-POLICY_WRITE = {"admin_add_policy_rule", "admin_remove_policy_rule"}
+POLICY_READ = {"admin_list_policy", "admin_list_keys"}
+POLICY_WRITE = {"admin_add_policy_rule", "admin_remove_policy_rule", "admin_create_key",
+                "admin_revoke_key"}
 MANAGE = {"delete_checkpoint", "set_checkpoint_ttl", "unpublish_checkpoint",
           "publish_checkpoint", "save_weights_external", "external_weights_urls"}
 
