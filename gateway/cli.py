@@ -14,14 +14,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 def _settings(args: argparse.Namespace, **extra: object) -> Settings:
@@ -62,107 +68,81 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_keys_create(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _database(args: argparse.Namespace, read_only: bool = False) -> Iterator[Session]:
+    """One transaction on the (migrated) database the arguments point at."""
     from audit.db import make_engine, make_sessionmaker, transaction
-    from audit.models import utcnow
     from migrations import upgrade_to_head
-    from policy.errors import PolicyError
-    from policy.keys import create_key
 
     settings = _settings(args)
     upgrade_to_head(settings.database)
-    engine = make_engine(settings.database)
+    engine = make_engine(settings.database, read_only=read_only)
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def _cmd_keys_create(args: argparse.Namespace) -> int:
+    from audit.models import utcnow
+    from policy.keys import create_key
+
     expires = None
     if args.expires_in_days is not None:
         if args.expires_in_days < 1:
             print("error: --expires-in-days must be at least 1", file=sys.stderr)
             return 2
         expires = utcnow() + dt.timedelta(days=args.expires_in_days)
-    try:
-        with transaction(make_sessionmaker(engine)) as session:
-            key = create_key(session, owner=args.owner, role=args.role, actor="cli",
-                             expires_at=expires)
-    except PolicyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        engine.dispose()
-    print(key)
+    with _database(args) as session:
+        key = create_key(session, owner=args.owner, role=args.role, actor="cli",
+                         expires_at=expires)
+    print(key)  # only after the commit: a printed key always exists
     return 0
 
 
 def _cmd_keys_admin(args: argparse.Namespace) -> int:
     """`keys list` and `keys revoke`, directly in the database (audited as 'cli')."""
-    from audit.db import make_engine, make_sessionmaker, transaction
-    from migrations import upgrade_to_head
     from policy import keys
-    from policy.errors import PolicyError
 
-    settings = _settings(args)
-    upgrade_to_head(settings.database)
-    engine = make_engine(settings.database)
-    try:
-        with transaction(make_sessionmaker(engine)) as session:
-            if args.keys_cmd == "revoke":
-                keys.revoke_key(session, key_id=args.key_id, actor="cli", reason=args.reason)
-                return 0
-            for key, principal in keys.list_keys(session):
-                expires = key.expires_at.isoformat() if key.expires_at else "-"
-                print(f"{key.id}\t{key.prefix}…\t{principal.name}\t{principal.role}\t"
-                      f"{key.status}\texpires {expires}")
-    except PolicyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        engine.dispose()
+    with _database(args) as session:
+        if args.keys_cmd == "revoke":
+            keys.revoke_key(session, key_id=args.key_id, actor="cli", reason=args.reason)
+            return 0
+        for key, principal in keys.list_keys(session):
+            expires = key.expires_at.isoformat() if key.expires_at else "-"
+            print(f"{key.id}\t{key.prefix}…\t{principal.name}\t{principal.role}\t"
+                  f"{key.status}\texpires {expires}")
     return 0
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from audit import log as audit_log
-    from audit.db import make_engine, make_sessionmaker, transaction
-    from migrations import upgrade_to_head
 
-    settings = _settings(args)
-    upgrade_to_head(settings.database)
-    engine = make_engine(settings.database, read_only=True)
-    try:
-        with transaction(make_sessionmaker(engine)) as session:
-            result = audit_log.verify(session)
-    finally:
-        engine.dispose()
+    with _database(args, read_only=True) as session:
+        result = audit_log.verify(session)
     print(result.describe(), file=sys.stdout if result.ok else sys.stderr)
     return 0 if result.ok else 1
 
 
 def _cmd_policy(args: argparse.Namespace) -> int:
     """List, add or remove policy rules directly in the database (audited as 'cli')."""
-    from audit.db import make_engine, make_sessionmaker, transaction
-    from migrations import upgrade_to_head
     from policy import authz
-    from policy.errors import PolicyError
 
-    settings = _settings(args)
-    upgrade_to_head(settings.database)
-    engine = make_engine(settings.database)
-    try:
-        with transaction(make_sessionmaker(engine)) as session:
-            authz.seed_default_policy(session, actor="cli")
-            if args.policy_cmd == "add":
-                rule = authz.add_rule(session, actor="cli", subject=args.subject,
-                                      resource=args.resource, action=args.action,
-                                      effect=args.effect)
-                print(f"{rule.id}\t{', '.join([rule.ptype, *rule.values()])}")
-            elif args.policy_cmd == "remove":
-                authz.remove_rule(session, actor="cli", rule_id=args.rule_id)
-            else:
-                for rule in authz.list_rules(session):
-                    print(f"{rule.id}\t{', '.join([rule.ptype, *rule.values()])}")
-    except PolicyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        engine.dispose()
+    with _database(args) as session:
+        authz.seed_default_policy(session, actor="cli")
+        if args.policy_cmd == "add":
+            rules = [authz.add_rule(session, actor="cli", subject=args.subject,
+                                    resource=args.resource, action=args.action,
+                                    effect=args.effect)]
+        elif args.policy_cmd == "remove":
+            authz.remove_rule(session, actor="cli", rule_id=args.rule_id)
+            rules = []
+        else:
+            rules = authz.list_rules(session)
+        lines = [f"{rule.id}\t{', '.join([rule.ptype, *rule.values()])}" for rule in rules]
+    if lines:
+        print("\n".join(lines))
     return 0
 
 
@@ -257,7 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    from policy.errors import PolicyError
+
+    try:
+        return int(args.func(args))
+    except PolicyError as exc:  # a refusal (bad role, unknown key or rule): say why, exit 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
