@@ -59,6 +59,33 @@ class ApiKey(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    scopes: Mapped[str] = mapped_column(Text, default="{}")
+
+
+ACCESS_REQUEST_STATES = ("pending", "approved", "rejected", "claimed")
+
+
+class AccessRequest(Base):
+    """A researcher's request for a key. The requester holds a one-time claim token
+    (stored as SHA-256) and exchanges it for the key once an admin approves."""
+
+    __tablename__ = "access_requests"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    contact: Mapped[str] = mapped_column(String(300))
+    purpose: Mapped[str] = mapped_column(Text)
+    wanted_base_models: Mapped[str] = mapped_column(Text, default="[]")
+    claim_token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    role: Mapped[str] = mapped_column(String(20), default="researcher")
+    scopes: Mapped[str] = mapped_column(Text, default="{}")
+    expires_in_days: Mapped[int | None] = mapped_column(Integer)
+    decided_by: Mapped[str | None] = mapped_column(String(200))  # actor id, as in audit
+    decision_reason: Mapped[str | None] = mapped_column(Text)
+    key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    decided_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ClientSession(Base):

@@ -4,6 +4,7 @@
   loragate worker [--data-dir D] [--base-model NAME]
   loragate keys create --role researcher|auditor|admin --owner NAME [--expires-in-days N]
   loragate keys list | keys revoke KEY_ID [--reason R]
+  loragate keys request|claim|requests|approve|reject … (the access-request lifecycle)
   loragate audit verify [--data-dir D]
   loragate policy list|add SUBJECT RESOURCE ACTION allow|deny|remove ID [--data-dir D]
   loragate models prepare [--data-dir D] [--base-model NAME]
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import logging
 import signal
 import sys
@@ -116,6 +118,45 @@ def _cmd_keys_admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(text: str) -> dict[str, object]:
+    from policy.errors import LimitExceeded
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise LimitExceeded(f"--scopes is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise LimitExceeded("--scopes must be a JSON object")
+    return value
+
+
+def _cmd_access(args: argparse.Namespace) -> int:
+    """The access-request lifecycle from the command line (admin steps audited as 'cli')."""
+    from policy import access
+
+    with _database(args) as session:
+        if args.keys_cmd == "request":
+            _, output = access.request_access(session, name=args.name, contact=args.contact,
+                                              purpose=args.purpose,
+                                              base_models=args.base_model or [])
+        elif args.keys_cmd == "claim":
+            output = access.claim(session, args.claim_token)
+        elif args.keys_cmd == "approve":
+            scopes = _json_object(args.scopes) if args.scopes else {}
+            access.approve(session, request_id=args.request_id, actor="cli", role=args.role,
+                           scopes=scopes, expires_in_days=args.expires_in_days)
+            output = ""
+        elif args.keys_cmd == "reject":
+            access.reject(session, request_id=args.request_id, actor="cli", reason=args.reason)
+            output = ""
+        else:
+            output = "\n".join(f"{r.id}\t{r.status}\t{r.name}\t{r.contact}\t{r.purpose[:60]}"
+                               for r in access.list_requests(session, args.status))
+    if output:
+        print(output)  # a token or key is printed only after it was committed
+    return 0
+
+
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from audit import log as audit_log
 
@@ -194,6 +235,27 @@ def build_parser() -> argparse.ArgumentParser:
     key_list = keys.add_parser("list", help="id, prefix, owner, role, status, expiry")
     data_dir(key_list)
     key_list.set_defaults(func=_cmd_keys_admin)
+    request = keys.add_parser("request", help="request access; prints the claim token alone")
+    request.add_argument("--name", required=True, help="the principal name you want")
+    request.add_argument("--contact", required=True)
+    request.add_argument("--purpose", required=True)
+    request.add_argument("--base-model", action="append", help="wanted base model (repeatable)")
+    claim = keys.add_parser("claim", help="exchange an approved claim token for the key")
+    claim.add_argument("claim_token")
+    requests = keys.add_parser("requests", help="list access requests")
+    requests.add_argument("--status", choices=["pending", "approved", "rejected", "claimed"])
+    approve = keys.add_parser("approve", help="approve an access request")
+    approve.add_argument("request_id")
+    approve.add_argument("--role", default="researcher",
+                         choices=["researcher", "auditor", "admin"])
+    approve.add_argument("--expires-in-days", type=int)
+    approve.add_argument("--scopes", help="JSON object of scopes for the key")
+    reject = keys.add_parser("reject", help="reject an access request (the reason is shown)")
+    reject.add_argument("request_id")
+    reject.add_argument("--reason", required=True)
+    for cmd in (request, claim, requests, approve, reject):
+        data_dir(cmd)
+        cmd.set_defaults(func=_cmd_access)
     revoke = keys.add_parser("revoke", help="revoke a key by id (see `keys list`)")
     revoke.add_argument("key_id")
     revoke.add_argument("--reason", default="revoked by an operator")

@@ -28,6 +28,7 @@ from gateway.state import AppState
 from policy.keys import authenticate
 
 M = TypeVar("M", bound=BaseModel)
+ANONYMOUS = "anonymous"
 
 
 def app_state(request: Request) -> AppState:
@@ -86,6 +87,12 @@ def request_context(request: Request) -> Iterator[RequestContext]:
     _authorize(state, request, principal)
     ctx = RequestContext(state=state, request_id=request.state.request_id, principal=principal,
                          event_type=route_event(request))
+    yield from _unit_of_work(ctx)
+
+
+def _unit_of_work(ctx: RequestContext) -> Iterator[RequestContext]:
+    """Hand out the context; on success append the audit row and commit, else roll back.
+    After-commit callbacks (waking the worker, deleting files) run only after a commit."""
     ok = False
     try:
         yield ctx
@@ -95,6 +102,19 @@ def request_context(request: Request) -> Iterator[RequestContext]:
         ctx._close(ok)
     for callback in ctx.after_commit:
         callback()
+
+
+def public_request_context(request: Request) -> Iterator[RequestContext]:
+    """For the few routes callers use before they have a key (requesting access, claiming
+    a key): the caller is the anonymous principal, and casbin still decides."""
+    state = app_state(request)
+    anonymous = Principal(id=ANONYMOUS, name=ANONYMOUS, role=ANONYMOUS)
+    with transaction(state.read_factory) as session:
+        state.authorizer.ensure_current(session)
+    _authorize(state, request, anonymous)
+    ctx = RequestContext(state=state, request_id=request.state.request_id, principal=anonymous,
+                         event_type=route_event(request))
+    yield from _unit_of_work(ctx)
 
 
 def _authorize(state: AppState, request: Request, principal: Principal) -> None:
@@ -107,6 +127,7 @@ def _authorize(state: AppState, request: Request, principal: Principal) -> None:
 
 
 Ctx = Annotated[RequestContext, Depends(request_context, scope="function")]
+PublicCtx = Annotated[RequestContext, Depends(public_request_context, scope="function")]
 JsonBody = Annotated[dict[str, Any], Body()]
 OptionalJsonBody = Annotated[dict[str, Any] | None, Body()]
 

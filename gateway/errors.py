@@ -9,6 +9,7 @@ committed in its own transaction.
 from __future__ import annotations
 
 from engine.errors import UnknownModelError, UserInputError
+from policy.access import RequestNotFound
 from policy.authz import PolicyNotFound
 from policy.errors import KeyNotFound, KeyRejected, LimitExceeded, PolicyError
 
@@ -46,7 +47,7 @@ def to_api_error(exc: Exception) -> ApiError | None:
     """Map errors raised below the gateway to their HTTP form; None = not a user error."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, (PolicyNotFound, KeyNotFound)):
+    if isinstance(exc, (PolicyNotFound, KeyNotFound, RequestNotFound)):
         return NotFound(str(exc))
     if isinstance(exc, KeyRejected):
         return Unauthorized(str(exc))

@@ -56,4 +56,10 @@ ROUTE_PERMISSIONS: dict[str, Permission] = {
     "admin_list_keys": ("keys", "read"),
     "admin_create_key": ("keys", "write"),
     "admin_revoke_key": ("keys", "write"),
+    "admin_list_access_requests": ("keys", "read"),
+    "admin_approve_access": ("keys", "write"),
+    "admin_reject_access": ("keys", "write"),
+    # before a key exists (role "anonymous")
+    "request_access": ("access", "request"),
+    "claim_access": ("access", "claim"),
 }

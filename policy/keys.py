@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import secrets
 import uuid
 
@@ -19,6 +20,9 @@ from audit.models import ROLES, ApiKey, Principal, utcnow
 from policy.errors import KeyNotFound, KeyRejected, LimitExceeded
 
 KEY_PREFIX = "tml-"
+# Claim tokens look like keys to the SDK, so presenting one by mistake gets a 401 that says
+# what state the access request is in.
+CLAIM_PREFIX = "tml-claim-"
 
 
 def hash_key(key: str) -> str:
@@ -40,18 +44,21 @@ def ensure_principal(session: Session, name: str, role: str) -> Principal:
 
 
 def create_key(
-    session: Session, *, owner: str, role: str, actor: str, expires_at: dt.datetime | None = None
+    session: Session, *, owner: str, role: str, actor: str,
+    expires_at: dt.datetime | None = None, scopes: dict[str, object] | None = None,
 ) -> str:
     """Create a key for `owner` (creating the principal if needed); returns the plaintext."""
     principal = ensure_principal(session, owner, role)
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(id=str(uuid.uuid4()), principal_id=principal.id, key_hash=hash_key(plaintext),
-                 prefix=plaintext[:10], status="active", expires_at=expires_at)
+                 prefix=plaintext[:10], status="active", expires_at=expires_at,
+                 scopes=json.dumps(scopes or {}))
     session.add(key)
     session.flush()
     audit_log.append(session, actor=actor, event_type="keys.create", decision="allow",
                      subject=principal.id,
                      payload={"key_id": key.id, "role": role, "owner": owner,
+                              "scopes": scopes or {},
                               "expires_at": expires_at.isoformat() if expires_at else None})
     return plaintext
 
@@ -84,6 +91,11 @@ def authenticate(session: Session, presented: str | None) -> Principal:
         raise KeyRejected("missing API key: send it in the X-API-Key header")
     if not presented.startswith(KEY_PREFIX):
         raise KeyRejected("malformed API key: keys start with 'tml-'")
+    if presented.startswith(CLAIM_PREFIX):
+        from policy.access import describe_request, find_by_token
+
+        req = find_by_token(session, presented)
+        raise KeyRejected(describe_request(req) if req else "unknown claim token")
     key = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(presented))).first()
     if key is None:
         raise KeyRejected("unknown API key")

@@ -6,14 +6,15 @@ before and after; key creation and revocation are audited with who did them."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 from fastapi import APIRouter, Response
 
-from audit.models import utcnow
+from audit.models import ACCESS_REQUEST_STATES, utcnow
 from gateway.context import Ctx, JsonBody, OptionalJsonBody
 from gateway.errors import BadRequest
-from policy import authz, keys
+from policy import access, authz, keys
 
 router = APIRouter(prefix="/api/v1/admin")
 
@@ -84,3 +85,41 @@ def revoke_api_key(key_id: str, ctx: Ctx, body: OptionalJsonBody = None) -> dict
                           reason=str(reason))
     ctx.note(subject=key_id)
     return {"id": key.id, "status": key.status}
+
+
+def _request_view(req: Any) -> dict[str, Any]:
+    return {"id": req.id, "name": req.name, "contact": req.contact, "purpose": req.purpose,
+            "base_models": json.loads(req.wanted_base_models), "status": req.status,
+            "role": req.role, "scopes": json.loads(req.scopes),
+            "created_at": req.created_at.isoformat(), "decided_by": req.decided_by,
+            "decision_reason": req.decision_reason}
+
+
+@router.get("/access_requests", name="admin_list_access_requests")
+def list_access_requests(ctx: Ctx, status: str | None = None) -> dict[str, Any]:
+    if status is not None and status not in ACCESS_REQUEST_STATES:
+        raise BadRequest(f"status must be one of {', '.join(ACCESS_REQUEST_STATES)}")
+    return {"requests": [_request_view(r) for r in access.list_requests(ctx.session, status)]}
+
+
+@router.post("/access_requests/{request_id}/approve", name="admin_approve_access")
+def approve_access(request_id: str, ctx: Ctx, body: OptionalJsonBody = None) -> dict[str, Any]:
+    body = body or {}
+    scopes, days = body.get("scopes") or {}, body.get("expires_in_days")
+    if not isinstance(scopes, dict):
+        raise BadRequest("scopes must be an object")
+    if days is not None and not isinstance(days, int):
+        raise BadRequest("expires_in_days must be an integer")
+    req = access.approve(ctx.session, request_id=request_id, actor=ctx.principal.id,
+                         role=str(body.get("role", "researcher")), scopes=scopes,
+                         expires_in_days=days, reason=str(body.get("reason", "")))
+    ctx.note(subject=request_id)
+    return _request_view(req)
+
+
+@router.post("/access_requests/{request_id}/reject", name="admin_reject_access")
+def reject_access(request_id: str, ctx: Ctx, body: OptionalJsonBody = None) -> dict[str, Any]:
+    req = access.reject(ctx.session, request_id=request_id, actor=ctx.principal.id,
+                        reason=str((body or {}).get("reason", "")))
+    ctx.note(subject=request_id)
+    return _request_view(req)
