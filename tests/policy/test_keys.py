@@ -47,7 +47,7 @@ def test_an_admin_creates_and_revokes_a_key_and_the_revoked_key_gets_401(server)
         admin_id = authenticate(session, admin).id
         events = session.scalars(select(AuditEntry).where(
             AuditEntry.event_type.in_(["keys.create", "keys.revoke"]),
-            AuditEntry.actor == admin_id)).all()
+            AuditEntry.actor == admin_id).order_by(AuditEntry.seq)).all()
     assert [e.event_type for e in events] == ["keys.create", "keys.revoke"]
 
 

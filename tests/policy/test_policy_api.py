@@ -135,6 +135,6 @@ def test_the_cli_lists_adds_and_removes_rules_with_audit(database_url, tmp_path)
     engine = make_engine(database_url)
     with transaction(make_sessionmaker(engine)) as session:
         events = [e.event_type for e in session.scalars(
-            select(AuditEntry).where(AuditEntry.actor == "cli")).all()]
+            select(AuditEntry).where(AuditEntry.actor == "cli").order_by(AuditEntry.seq)).all()]
     engine.dispose()
     assert events == ["policy.seed", "policy.add_rule", "policy.remove_rule"]
