@@ -19,14 +19,14 @@ from sqlalchemy.orm import Session
 
 from audit import log as audit_log
 from audit.models import ROLES, AccessRequest, ApiKey, Principal, utcnow
-from policy.errors import KeyRejected, LimitExceeded
+from policy.errors import KeyRejected, LimitExceeded, PolicyError
 from policy.keys import CLAIM_PREFIX, create_key, hash_key
 
 MAX_FIELD = {"name": 200, "contact": 300, "purpose": 2000}
 
 
-class RequestNotFound(LimitExceeded):
-    """No access request with that id."""
+class RequestNotFound(PolicyError):
+    """No access request with that id (HTTP 404)."""
 
 
 def request_access(session: Session, *, name: str, contact: str, purpose: str,

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit import log as audit_log
-from audit.models import ROLES, ApiKey, Principal, utcnow
+from audit.models import ROLES, ApiKey, Principal, as_utc, utcnow
 from policy.errors import KeyNotFound, KeyRejected, LimitExceeded
 
 KEY_PREFIX = "tml-"
@@ -103,14 +103,9 @@ def authenticate(session: Session, presented: str | None) -> Principal:
         raise KeyRejected("this API key has been revoked")
     if key.status != "active":
         raise KeyRejected(f"this API key is {key.status}")
-    if key.expires_at is not None and _aware(key.expires_at) <= utcnow():
+    if key.expires_at is not None and as_utc(key.expires_at) <= utcnow():
         raise KeyRejected("this API key has expired")
     principal = session.get(Principal, key.principal_id)
     if principal is None:  # foreign key makes this impossible short of tampering
         raise KeyRejected("unknown API key")
     return principal
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    # SQLite returns naive datetimes even for timezone-aware columns.
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Response
 from sqlalchemy import func, select
 from tinker import types as tt
 
-from audit.models import Checkpoint, ClientSession, Sampler, TrainingRun
+from audit.models import Checkpoint, ClientSession, Sampler, TrainingRun, as_utc
 from gateway.context import Ctx, JsonBody, RequestContext, load_json_text
 from gateway.errors import BadRequest, Forbidden, NotFound
 from gateway.ownership import owned, owned_checkpoint, tinker_path
@@ -25,17 +25,12 @@ CHECKPOINT_TYPES: dict[str, CheckpointType] = {
 MAX_PAGE = 1000
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
-    """SQLite hands back naive datetimes even for timezone-aware columns."""
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
 def checkpoint_view(ckpt: Checkpoint) -> tt.Checkpoint:
     return tt.Checkpoint(
         checkpoint_id=f"{ckpt.kind}/{ckpt.name}", checkpoint_type=CHECKPOINT_TYPES[ckpt.kind],
-        time=_aware(ckpt.created_at), tinker_path=ckpt.tinker_path, size_bytes=ckpt.size_bytes,
+        time=as_utc(ckpt.created_at), tinker_path=ckpt.tinker_path, size_bytes=ckpt.size_bytes,
         public=ckpt.public, user_metadata=load_json_text(ckpt.user_metadata) or None,
-        expires_at=_aware(ckpt.expires_at) if ckpt.expires_at else None)
+        expires_at=as_utc(ckpt.expires_at) if ckpt.expires_at else None)
 
 
 def _latest(ctx: RequestContext, run_id: str, kind: str) -> tt.Checkpoint | None:
@@ -49,7 +44,7 @@ def run_view(ctx: RequestContext, run: TrainingRun) -> tt.TrainingRun:
     return tt.TrainingRun(
         training_run_id=run.id, base_model=run.base_model, model_owner=ctx.principal.name,
         is_lora=True, corrupted=run.status == "failed", lora_rank=run.lora_rank,
-        last_request_time=_aware(run.last_request_time),
+        last_request_time=as_utc(run.last_request_time),
         last_checkpoint=_latest(ctx, run.id, "weights"),
         last_sampler_checkpoint=_latest(ctx, run.id, "sampler_weights"),
         user_metadata=load_json_text(run.user_metadata) or None)
