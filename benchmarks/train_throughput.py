@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -98,34 +97,15 @@ class ThroughGateway:
 @contextlib.contextmanager
 def gateway_process(data_dir: Path, tmp: str) -> Iterator[tuple[str, str]]:
     """`loragate serve` in a subprocess with its own SQLite file; yields (url, key)."""
-    from gateway.embedded import free_port
+    from gateway.embedded import serve_in_subprocess
 
     env = {**os.environ, "LORAGATE_DATABASE_URL": f"sqlite:///{tmp}/bench.db"}
-    cli = [sys.executable, "-m", "gateway.cli"]
-    key = subprocess.run([*cli, "keys", "create", "--role", "researcher", "--owner", "bench",
-                          "--data-dir", str(data_dir)], env=env, check=True, text=True,
-                         capture_output=True, cwd=ROOT).stdout.strip()
-    port = free_port()
-    proc = subprocess.Popen([*cli, "serve", "--port", str(port), "--data-dir", str(data_dir)],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_port(port, proc)
-        yield f"http://127.0.0.1:{port}", key
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("loragate serve exited during start-up")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.2)
-    raise RuntimeError("loragate serve did not start")
+    key = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", "create", "--role",
+                          "researcher", "--owner", "bench", "--data-dir", str(data_dir)],
+                         env=env, check=True, text=True, capture_output=True,
+                         cwd=ROOT).stdout.strip()
+    with serve_in_subprocess(data_dir, env=env, start_timeout=300) as url:
+        yield url, key
 
 
 def tokens_per_second(runner, seqs: list[list[int]], steps: int, label: str) -> float:

@@ -16,19 +16,17 @@ Running it again reuses the data directory and simply adds another run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
+
+from gateway.embedded import serve_in_subprocess  # noqa: E402
 
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CLI = [sys.executable, "-m", "gateway.cli"]
@@ -41,34 +39,6 @@ def say(message: str) -> None:
 def loragate(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args, "--data-dir", str(data_dir)], cwd=ROOT, text=True,
                           capture_output=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def gateway(data_dir: Path, port: int) -> Iterator[str]:
-    log = (data_dir / "serve.log").open("w")
-    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--data-dir", str(data_dir)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"loragate serve exited; see {data_dir / 'serve.log'}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            if time.monotonic() > deadline:
-                raise SystemExit("loragate serve did not start in 10 minutes")
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
 
 
 def answer(sampler, tokenizer, question: str) -> str:
@@ -141,9 +111,14 @@ def main() -> int:
     print(f"  key {key[:10]}… (shown once; the gateway stores only its SHA-256)")
 
     say("starting loragate serve")
-    with gateway(data_dir, free_port()) as base_url:
-        print(f"  listening on {base_url}")
-        train(base_url, key, args.steps)
+    log_path = data_dir / "serve.log"
+    try:
+        with log_path.open("w") as log, serve_in_subprocess(data_dir, log=log) as base_url:
+            print(f"  listening on {base_url} (log: {log_path})")
+            train(base_url, key, args.steps)
+    except RuntimeError as exc:
+        print(f"error: {exc}; see {log_path}", file=sys.stderr)
+        return 1
 
     say("verifying the audit chain")
     verified = loragate("audit", "verify", data_dir=data_dir)

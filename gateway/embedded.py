@@ -1,17 +1,19 @@
-"""Run the gateway under uvicorn in a background thread of the current process.
-
-For tests, benchmarks and notebooks that want a real server on 127.0.0.1 without a
-subprocess; `loragate serve` is the way to run it for real.
-"""
+"""Run the gateway in the background on a free loopback port: under uvicorn in a thread
+of the current process (tests, notebooks), or as a `loragate serve` subprocess, as it is
+deployed (demo, benchmarks)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO
 
 from fastapi import FastAPI
 
@@ -58,3 +60,33 @@ def serve_in_thread(settings: Settings, start_timeout: float = 300) -> Iterator[
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def serve_in_subprocess(data_dir: Path, *, env: dict[str, str] | None = None,
+                        log: IO[str] | None = None,
+                        start_timeout: float = 600) -> Iterator[str]:
+    """`loragate serve` as its own process; yields its base URL, stops it afterwards.
+    Output goes to `log` (stdout and stderr together) or is discarded."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--data-dir",
+         str(data_dir)], env=env, stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, proc, start_timeout)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("loragate serve exited during start-up")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"loragate serve did not start within {timeout:.0f} s")
