@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+import httpx
 import numpy as np
 import tinker
 from tinker import types
@@ -56,3 +62,21 @@ def reference_logprobs(model_dir, tokens: list[int]) -> np.ndarray:
 
 def outputs_logprobs(result) -> list[np.ndarray]:
     return [np.asarray(o["logprobs"].tolist(), dtype=np.float64) for o in result.loss_fn_outputs]
+
+
+def run_cli(database_url: str, data_dir, *args: str) -> subprocess.CompletedProcess[str]:
+    """`loragate ARGS --data-dir D` against `database_url`, as a separate process."""
+    env = {**os.environ, "LORAGATE_DATABASE_URL": database_url}
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args, "--data-dir",
+                           str(data_dir)], env=env, text=True, capture_output=True, timeout=120)
+
+
+def cli_runner(database_url: str, data_dir, *command: str
+               ) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`run_cli` with the database, data dir and a subcommand (e.g. "keys") bound."""
+    return lambda *args: run_cli(database_url, data_dir, *command, *args)
+
+
+def admin_request(server, key: str, method: str, path: str, **kwargs) -> httpx.Response:
+    return httpx.request(method, f"{server.base_url}/api/v1/admin/{path}",
+                         headers={"X-API-Key": key}, timeout=10, **kwargs)

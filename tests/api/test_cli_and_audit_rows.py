@@ -3,47 +3,35 @@ allowed or refused — leaves exactly one row, without secrets in it."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import httpx
 import pytest
 from sqlalchemy import func, select, text
 
 from audit.db import transaction
 from audit.models import AuditEntry
-from tests.api.helpers import TEXTS, TINY, service, sft_datum
-
-
-def _cli(*args: str, database_url: str, data_dir) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "LORAGATE_DATABASE_URL": database_url}
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args, "--data-dir",
-                           str(data_dir)], capture_output=True, text=True, env=env, timeout=120)
+from tests.api.helpers import TEXTS, TINY, run_cli, service, sft_datum
 
 
 def test_keys_create_prints_the_key_alone_and_audit_verify_passes(database_url, tmp_path):
-    out = _cli("keys", "create", "--role", "researcher", "--owner", "alice",
-               database_url=database_url, data_dir=tmp_path)
+    out = run_cli(database_url, tmp_path, "keys", "create", "--role", "researcher", "--owner",
+                  "alice")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith("tml-") and len(lines[0]) > 30
-    verify = _cli("audit", "verify", database_url=database_url, data_dir=tmp_path)
+    verify = run_cli(database_url, tmp_path, "audit", "verify")
     assert verify.returncode == 0 and "OK" in verify.stdout
 
 
 def test_keys_create_refuses_a_role_change_for_an_existing_owner(database_url, tmp_path):
-    assert _cli("keys", "create", "--role", "researcher", "--owner", "bob",
-                database_url=database_url, data_dir=tmp_path).returncode == 0
-    out = _cli("keys", "create", "--role", "admin", "--owner", "bob",
-               database_url=database_url, data_dir=tmp_path)
+    assert run_cli(database_url, tmp_path, "keys", "create", "--role", "researcher", "--owner",
+                   "bob").returncode == 0
+    out = run_cli(database_url, tmp_path, "keys", "create", "--role", "admin", "--owner", "bob")
     assert out.returncode == 2 and "already exists with role" in out.stderr and not out.stdout
 
 
 def test_audit_verify_exits_1_naming_the_first_bad_seq(database_url, tmp_path):
     for owner in ("a", "b", "c"):
-        _cli("keys", "create", "--role", "researcher", "--owner", owner,
-             database_url=database_url, data_dir=tmp_path)
+        run_cli(database_url, tmp_path, "keys", "create", "--role", "researcher", "--owner", owner)
     from audit.db import make_engine, make_sessionmaker
 
     engine = make_engine(database_url)
@@ -54,7 +42,7 @@ def test_audit_verify_exits_1_naming_the_first_bad_seq(database_url, tmp_path):
             session.execute(text("DROP TRIGGER audit_log_no_update"))
         session.execute(text("UPDATE audit_log SET actor = 'mallory' WHERE seq = 2"))
     engine.dispose()
-    out = _cli("audit", "verify", database_url=database_url, data_dir=tmp_path)
+    out = run_cli(database_url, tmp_path, "audit", "verify")
     assert out.returncode == 1 and "seq 2" in out.stderr
 
 

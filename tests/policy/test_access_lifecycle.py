@@ -5,9 +5,6 @@ state's 401 message tested."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -16,7 +13,7 @@ from sqlalchemy import select
 
 from audit.db import transaction
 from audit.models import AuditEntry
-from tests.api.helpers import TINY, service
+from tests.api.helpers import TINY, cli_runner, service
 
 
 def _post(server, path: str, key: str | None = None, **kwargs) -> httpx.Response:
@@ -125,12 +122,7 @@ def test_only_admins_decide_requests(server):
 
 
 def test_the_lifecycle_through_the_cli(database_url, tmp_path):
-    env = {**os.environ, "LORAGATE_DATABASE_URL": database_url}
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gateway.cli", "keys", *args,
-                               "--data-dir", str(tmp_path)], env=env, text=True,
-                              capture_output=True, timeout=120)
+    cli = cli_runner(database_url, tmp_path, "keys")
 
     token = cli("request", "--name", "nora", "--contact", "n@lab", "--purpose", "evals",
                 "--base-model", TINY).stdout.strip()

@@ -4,9 +4,6 @@ expired keys get a 401 saying which; only admins manage keys."""
 from __future__ import annotations
 
 import datetime as dt
-import os
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -16,32 +13,28 @@ from sqlalchemy import select
 from audit.db import transaction
 from audit.models import AuditEntry, utcnow
 from policy.keys import authenticate, create_key
-from tests.api.helpers import TINY, service
-
-
-def _admin(server, key: str, method: str, path: str, **kwargs) -> httpx.Response:
-    return httpx.request(method, f"{server.base_url}/api/v1/admin/{path}",
-                         headers={"X-API-Key": key}, timeout=10, **kwargs)
+from tests.api.helpers import TINY, admin_request, cli_runner, service
 
 
 def test_an_admin_creates_and_revokes_a_key_and_the_revoked_key_gets_401(server):
     admin = server.create_key(role="admin")
-    created = _admin(server, admin, "POST", "keys", json={"owner": "carol", "role": "researcher"})
+    created = admin_request(server, admin, "POST", "keys",
+                            json={"owner": "carol", "role": "researcher"})
     assert created.status_code == 200, created.text
     key = created.json()["key"]
     sc = service(server, key)
     sc.create_lora_training_client(base_model=TINY, rank=4).result()
-    listed = _admin(server, admin, "GET", "keys").json()["keys"]
+    listed = admin_request(server, admin, "GET", "keys").json()["keys"]
     mine = [k for k in listed if k["owner"] == "carol"]
     assert len(mine) == 1 and mine[0]["status"] == "active" and "key" not in mine[0]
     assert key not in str(listed)
 
-    revoked = _admin(server, admin, "POST", f"keys/{mine[0]['id']}/revoke",
+    revoked = admin_request(server, admin, "POST", f"keys/{mine[0]['id']}/revoke",
                      json={"reason": "left the project"})
     assert revoked.status_code == 200
     with pytest.raises(tinker.AuthenticationError, match="revoked"):
         tinker.RestClient(base_url=server.base_url, api_key=key).list_training_runs().result()
-    again = _admin(server, admin, "POST", f"keys/{mine[0]['id']}/revoke")
+    again = admin_request(server, admin, "POST", f"keys/{mine[0]['id']}/revoke")
     assert again.status_code == 400 and "already revoked" in again.json()["detail"]
     with transaction(server.state.read_factory) as session:
         admin_id = authenticate(session, admin).id
@@ -63,9 +56,9 @@ def test_an_expired_key_gets_401_saying_it_expired(server):
 @pytest.mark.parametrize("role, can_list", [("researcher", False), ("auditor", True)])
 def test_only_admins_create_or_revoke_keys(server, role, can_list):
     key = server.create_key(role=role)
-    assert _admin(server, key, "GET", "keys").status_code == (200 if can_list else 403)
-    assert _admin(server, key, "POST", "keys", json={"owner": "eve"}).status_code == 403
-    assert _admin(server, key, "POST", "keys/anything/revoke").status_code == 403
+    assert admin_request(server, key, "GET", "keys").status_code == (200 if can_list else 403)
+    assert admin_request(server, key, "POST", "keys", json={"owner": "eve"}).status_code == 403
+    assert admin_request(server, key, "POST", "keys/anything/revoke").status_code == 403
 
 
 @pytest.mark.parametrize("body, message", [
@@ -75,22 +68,17 @@ def test_only_admins_create_or_revoke_keys(server, role, can_list):
 ])
 def test_bad_key_requests_are_refused(server, body, message):
     admin = server.create_key(role="admin")
-    resp = _admin(server, admin, "POST", "keys", json=body)
+    resp = admin_request(server, admin, "POST", "keys", json=body)
     assert resp.status_code == 400 and message in resp.json()["detail"]
 
 
 def test_revoking_an_unknown_key_is_a_404(server):
     admin = server.create_key(role="admin")
-    assert _admin(server, admin, "POST", "keys/no-such-key/revoke").status_code == 404
+    assert admin_request(server, admin, "POST", "keys/no-such-key/revoke").status_code == 404
 
 
 def test_cli_lists_and_revokes_keys(database_url, tmp_path):
-    env = {**os.environ, "LORAGATE_DATABASE_URL": database_url}
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gateway.cli", "keys", *args,
-                               "--data-dir", str(tmp_path)], env=env, text=True,
-                              capture_output=True, timeout=120)
+    cli = cli_runner(database_url, tmp_path, "keys")
 
     created = cli("create", "--role", "researcher", "--owner", "gina", "--expires-in-days", "7")
     assert created.returncode == 0 and created.stdout.startswith("tml-")

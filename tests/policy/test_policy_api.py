@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 import tinker
 from sqlalchemy import select
@@ -15,17 +14,13 @@ from audit.db import transaction
 from audit.models import AuditEntry
 from policy import authz
 from policy.keys import authenticate
-from tests.api.helpers import TINY, service
+from tests.api.helpers import TINY, admin_request, cli_runner, service
 
 
 def _principal_id(server, key: str) -> str:
     with transaction(server.state.read_factory) as session:
         return authenticate(session, key).id
 
-
-def _admin(server, key: str, method: str, path: str, **kwargs) -> httpx.Response:
-    return httpx.request(method, f"{server.base_url}/api/v1/admin/{path}",
-                         headers={"X-API-Key": key}, timeout=10, **kwargs)
 
 
 def test_a_deny_rule_added_by_an_admin_applies_to_the_next_request(server):
@@ -35,7 +30,7 @@ def test_a_deny_rule_added_by_an_admin_applies_to_the_next_request(server):
     sc = service(server, researcher)
     sc.create_lora_training_client(base_model=TINY, rank=4).result()  # allowed before
 
-    added = _admin(server, admin, "POST", "policy/rules", json={
+    added = admin_request(server, admin, "POST", "policy/rules", json={
         "subject": f"principal:{target}", "resource": "training", "action": "write",
         "effect": "deny"})
     assert added.status_code == 200, added.text
@@ -50,7 +45,7 @@ def test_a_deny_rule_added_by_an_admin_applies_to_the_next_request(server):
     assert payload["after"]["rules"] == payload["before"]["rules"] + 1
     assert payload["after"]["sha256"] != payload["before"]["sha256"]
 
-    removed = _admin(server, admin, "DELETE", f"policy/rules/{added.json()['id']}")
+    removed = admin_request(server, admin, "DELETE", f"policy/rules/{added.json()['id']}")
     assert removed.status_code == 204
     sc.create_lora_training_client(base_model=TINY, rank=4).result()  # allowed again
     sc.close("success").result()
@@ -59,8 +54,8 @@ def test_a_deny_rule_added_by_an_admin_applies_to_the_next_request(server):
 @pytest.mark.parametrize("role, can_read", [("researcher", False), ("auditor", True)])
 def test_only_admins_edit_the_policy(server, role, can_read):
     key = server.create_key(role=role)
-    assert _admin(server, key, "GET", "policy").status_code == (200 if can_read else 403)
-    resp = _admin(server, key, "POST", "policy/rules", json={
+    assert admin_request(server, key, "GET", "policy").status_code == (200 if can_read else 403)
+    resp = admin_request(server, key, "POST", "policy/rules", json={
         "subject": "*", "resource": "training", "action": "write", "effect": "allow"})
     assert resp.status_code == 403
 
@@ -76,15 +71,15 @@ def test_only_admins_edit_the_policy(server, role, can_read):
 ])
 def test_malformed_rules_are_refused_and_change_nothing(server, rule, message):
     admin = server.create_key(role="admin")
-    before = _admin(server, admin, "GET", "policy").json()["rules"]
-    resp = _admin(server, admin, "POST", "policy/rules", json=rule)
+    before = admin_request(server, admin, "GET", "policy").json()["rules"]
+    resp = admin_request(server, admin, "POST", "policy/rules", json=rule)
     assert resp.status_code == 400 and message in resp.json()["detail"]
-    assert _admin(server, admin, "GET", "policy").json()["rules"] == before
+    assert admin_request(server, admin, "GET", "policy").json()["rules"] == before
 
 
 def test_removing_an_unknown_rule_is_a_404(server):
     admin = server.create_key(role="admin")
-    assert _admin(server, admin, "DELETE", "policy/rules/999999").status_code == 404
+    assert admin_request(server, admin, "DELETE", "policy/rules/999999").status_code == 404
 
 
 def test_another_api_process_sees_the_change_on_its_next_check(database_url):
@@ -111,18 +106,10 @@ def test_another_api_process_sees_the_change_on_its_next_check(database_url):
 
 
 def test_the_cli_lists_adds_and_removes_rules_with_audit(database_url, tmp_path):
-    import os
-    import subprocess
-    import sys
 
     from audit.db import make_engine, make_sessionmaker
 
-    env = {**os.environ, "LORAGATE_DATABASE_URL": database_url}
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gateway.cli", "policy", *args,
-                               "--data-dir", str(tmp_path)], env=env, text=True,
-                              capture_output=True, timeout=120)
+    cli = cli_runner(database_url, tmp_path, "policy")
 
     listed = cli("list")
     assert listed.returncode == 0 and "role:researcher, training, write, allow" in listed.stdout
