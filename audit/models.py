@@ -124,6 +124,7 @@ class TrainingRun(Base):
     lora_config: Mapped[str] = mapped_column(Text)
     user_metadata: Mapped[str] = mapped_column(Text, default="{}")
     status: Mapped[str] = mapped_column(String(20), default="creating")
+    api_key_id: Mapped[str | None] = mapped_column(String(36), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_request_time: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow
@@ -183,6 +184,7 @@ class Future(Base):
         UniqueConstraint("model_id", "seq_id", name="uq_futures_model_seq"),
         UniqueConstraint("sampler_id", "seq_id", name="uq_futures_sampler_seq"),
         Index("ix_futures_status_created", "status", "created_at"),
+        Index("ix_futures_api_key_status", "api_key_id", "status"),
     )
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"), index=True)
@@ -198,9 +200,28 @@ class Future(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     error_category: Mapped[str | None] = mapped_column(String(20))
     worker_id: Mapped[str | None] = mapped_column(String(100))
+    api_key_id: Mapped[str | None] = mapped_column(String(36))
+    # What admission reserved against the key's quotas (JSON); settled once at completion.
+    quota_reservation: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class UsageCounter(Base):
+    """Tokens used and still reserved, per API key, UTC day and training run ('' when
+    the usage belongs to no run). Written by policy.quotas (reserve) and audit.usage
+    (settle) only."""
+
+    __tablename__ = "usage_counters"
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)
+    training_run_id: Mapped[str] = mapped_column(String(100), primary_key=True, index=True)
+    training_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    training_tokens_reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+    prefill_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    sampled_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    sampled_tokens_reserved: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class AuditEntry(Base):

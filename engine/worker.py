@@ -28,6 +28,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from audit import log as audit_log
+from audit import usage
 from audit.db import transaction
 from audit.models import Checkpoint, Future, Sampler, TrainingRun, utcnow
 from engine import jobs, wire
@@ -50,6 +51,8 @@ class Outcome:
     result: bytes
     audit: dict[str, Any] = field(default_factory=dict)
     apply: Callable[[Session], None] | None = None
+    # Tokens actually used, charged against the key's reservation (audit.usage.settle).
+    used: dict[str, int] = field(default_factory=dict)
 
 
 def json_result(value: dict[str, Any]) -> bytes:
@@ -171,14 +174,19 @@ class Worker:
 
     def _finish_done(self, fut: Future, outcome: Outcome) -> None:
         with transaction(self.factory) as session:
-            if outcome.apply is not None:
-                outcome.apply(session)
-            session.execute(
+            resolved = session.execute(
                 update(Future)
-                .where(Future.request_id == fut.request_id)
+                .where(Future.request_id == fut.request_id, Future.status == "running")
                 .values(status="done", result_format=outcome.result_format,
                         result_payload=outcome.result, finished_at=utcnow())
             )
+            if resolved.rowcount != 1:  # type: ignore[attr-defined]
+                logger.warning("future %s was resolved elsewhere; dropping its result",
+                               fut.request_id)
+                return
+            if outcome.apply is not None:
+                outcome.apply(session)
+            usage.settle(session, fut.quota_reservation, outcome.used)
             self._touch_run(session, fut)
             audit_log.append(
                 session, actor=f"worker:{self.worker_id}", event_type=f"engine.{fut.kind}",
@@ -189,7 +197,7 @@ class Worker:
     def _finish_failed(self, fut: Future, message: str, category: str) -> None:
         with transaction(self.factory) as session:
             row = session.get(Future, fut.request_id)
-            if row is not None:
+            if row is not None and row.status == "running":
                 self._mark_failed(session, row, message, category)
             if fut.kind in ("create_model", "load_weights_new") and fut.model_id:
                 session.execute(update(TrainingRun).where(TrainingRun.id == fut.model_id)
@@ -198,6 +206,7 @@ class Worker:
     def _mark_failed(self, session: Session, fut: Future, message: str, category: str) -> None:
         fut.status, fut.error_message, fut.error_category = "failed", message, category
         fut.finished_at = utcnow()
+        usage.settle(session, fut.quota_reservation, None)  # failed work is not charged
         audit_log.append(
             session, actor=f"worker:{self.worker_id}", event_type=f"engine.{fut.kind}",
             decision="failed", subject=fut.model_id or fut.sampler_id or "",
@@ -271,15 +280,17 @@ class Worker:
         wire.check_tokens_fit(call.data, backend.info)
         result = backend.forward_backward(call.model_id, call.data, call.loss_fn,
                                           call.loss_config, call.forward_only)
+        tokens = int(sum(len(d.tokens) for d in call.data))
         audit = {
             "loss_fn": call.loss_fn,
             "forward_only": call.forward_only,
             "datums": len(call.data),
-            "tokens": int(sum(len(d.tokens) for d in call.data)),
+            "tokens": tokens,
             "content_sha256": hashlib.sha256(fut.request_payload).hexdigest(),
             "loss_sum": result.metrics.get("loss:sum"),
         }
-        return Outcome("proto", wire.encode_forward_backward_result(result), audit=audit)
+        return Outcome("proto", wire.encode_forward_backward_result(result), audit=audit,
+                       used={"training_tokens": tokens})
 
     def _optim_step(self, fut: Future) -> Outcome:
         job = jobs.load_job(jobs.OptimStepJob, fut.request_payload)
@@ -307,13 +318,10 @@ class Worker:
         call = wire.parse_sample_request(job.request, backend.info)
         adapter = self._sampler_adapter(backend, job.adapter_dir)
         result = backend.sample(adapter, call.spec)
-        audit = {
-            "samples": call.spec.num_samples,
-            "prompt_tokens": len(call.spec.prompt),
-            "sampled_tokens": sum(len(s.tokens) for s in result.sequences),
-            "adapter": job.adapter_dir,
-        }
-        return Outcome("proto", wire.encode_sample_result(result), audit=audit)
+        used = {"prefill_tokens": len(call.spec.prompt),
+                "sampled_tokens": sum(len(s.tokens) for s in result.sequences)}
+        audit = {"samples": call.spec.num_samples, **used, "adapter": job.adapter_dir}
+        return Outcome("proto", wire.encode_sample_result(result), audit=audit, used=used)
 
     def _sampler_adapter(self, backend: Backend, adapter_dir: str | None) -> str | None:
         """Sampler weights are immutable snapshots: load each once, keep a few."""

@@ -1,18 +1,19 @@
 """Admission: the one function every data-bearing request passes through before it is
 queued.
 
-`admit` runs the pluggable checks (screening and quotas hook in via
-`AppState.admission_checks`), deduplicates resubmits on (model_id, seq_id) or
-(sampler_id, seq_id), and writes the future row. The audit entry for the request is
-committed in the same transaction by the request context. Must not run models or
-contain policy rules itself.
+`admit` runs the pluggable checks (screening hooks in via `AppState.admission_checks`),
+deduplicates resubmits on (model_id, seq_id) or (sampler_id, seq_id), reserves the
+request's charge against the key's quotas (a resubmit reserves nothing twice), and
+writes the future row. The audit entry for the request is committed in the same
+transaction by the request context, so a reservation exists exactly when its future
+does. Must not run models or contain policy rules itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -20,6 +21,8 @@ from sqlalchemy import select
 from audit.models import Future
 from gateway.context import RequestContext
 from gateway.errors import BadRequest
+from policy import quotas
+from policy.quotas import Charge
 
 
 @dataclass
@@ -30,6 +33,7 @@ class AdmissionRequest:
     model_id: str | None = None
     sampler_id: str | None = None
     seq_id: int | None = None
+    charge: Charge = field(default_factory=Charge)
     audit: dict[str, Any] = field(default_factory=dict)
 
 
@@ -47,15 +51,24 @@ def admit(ctx: RequestContext, req: AdmissionRequest) -> str:
         ctx.note(subject=req.model_id or req.sampler_id or "", kind=req.kind,
                  seq_id=req.seq_id, duplicate_of=existing.request_id, content_sha256=digest)
         return existing.request_id
+    reservation = None
+    if req.charge and ctx.api_key_id is not None:
+        reservation = quotas.reserve(ctx.session, ctx.api_key_id, ctx.scopes, req.charge)
     request_id = f"fut-{uuid.uuid4().hex}"
     ctx.session.add(Future(
         request_id=request_id, principal_id=ctx.principal.id, kind=req.kind,
         model_id=req.model_id, sampler_id=req.sampler_id, seq_id=req.seq_id,
         status="pending", request_format=req.request_format, request_payload=req.payload,
+        api_key_id=ctx.api_key_id,
+        quota_reservation=reservation.to_json() if reservation else None,
     ))
     ctx.session.flush()
     ctx.note(subject=req.model_id or req.sampler_id or "", kind=req.kind, seq_id=req.seq_id,
              future=request_id, content_sha256=digest, **req.audit)
+    if reservation is not None:
+        ctx.note(reserved={k: v for k, v in asdict(reservation).items()
+                           if k in ("training_tokens", "sampled_tokens", "checkpoint") and v}
+                 | ({"run_slot": req.charge.new_run} if req.charge.new_run else {}))
     ctx.after_commit.append(ctx.state.wake_worker)
     return request_id
 

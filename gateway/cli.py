@@ -31,6 +31,8 @@ from gateway.settings import Settings
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
+    from policy.scopes import Scopes
+
 
 def _settings(args: argparse.Namespace, **extra: object) -> Settings:
     models = tuple(args.base_model) if getattr(args, "base_model", None) else None
@@ -96,9 +98,10 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
             print("error: --expires-in-days must be at least 1", file=sys.stderr)
             return 2
         expires = utcnow() + dt.timedelta(days=args.expires_in_days)
+    scopes = _json_object(args.scopes) if args.scopes else {}
     with _database(args) as session:
         key = create_key(session, owner=args.owner, role=args.role, actor="cli",
-                         expires_at=expires)
+                         defaults=_scope_defaults(args), expires_at=expires, scopes=scopes)
     print(key)  # only after the commit: a printed key always exists
     return 0
 
@@ -116,6 +119,12 @@ def _cmd_keys_admin(args: argparse.Namespace) -> int:
             print(f"{key.id}\t{key.prefix}…\t{principal.name}\t{principal.role}\t"
                   f"{key.status}\texpires {expires}")
     return 0
+
+
+def _scope_defaults(args: argparse.Namespace) -> Scopes:
+    from policy.scopes import load_defaults
+
+    return load_defaults(_settings(args).scopes_file)
 
 
 def _json_object(text: str) -> dict[str, object]:
@@ -140,11 +149,12 @@ def _cmd_access(args: argparse.Namespace) -> int:
                                               purpose=args.purpose,
                                               base_models=args.base_model or [])
         elif args.keys_cmd == "claim":
-            output = access.claim(session, args.claim_token)
+            output = access.claim(session, args.claim_token, _scope_defaults(args))
         elif args.keys_cmd == "approve":
             scopes = _json_object(args.scopes) if args.scopes else {}
             access.approve(session, request_id=args.request_id, actor="cli", role=args.role,
-                           scopes=scopes, expires_in_days=args.expires_in_days)
+                           scopes=scopes, expires_in_days=args.expires_in_days,
+                           defaults=_scope_defaults(args))
             output = ""
         elif args.keys_cmd == "reject":
             access.reject(session, request_id=args.request_id, actor="cli", reason=args.reason)
@@ -230,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--role", required=True, choices=["researcher", "auditor", "admin"])
     create.add_argument("--owner", required=True, help="principal name")
     create.add_argument("--expires-in-days", type=int, help="the key stops working after this")
+    create.add_argument("--scopes", help="JSON object overriding default scopes, e.g. "
+                        '\'{"max_lora_rank": 8, "training_tokens_per_day": 100000}\'')
     data_dir(create)
     create.set_defaults(func=_cmd_keys_create)
     key_list = keys.add_parser("list", help="id, prefix, owner, role, status, expiry")

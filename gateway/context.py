@@ -26,6 +26,7 @@ from gateway.errors import Forbidden, Unprocessable
 from gateway.permissions import ROUTE_PERMISSIONS
 from gateway.state import AppState
 from policy.keys import authenticate
+from policy.scopes import Scopes, effective
 
 M = TypeVar("M", bound=BaseModel)
 ANONYMOUS = "anonymous"
@@ -46,6 +47,8 @@ class RequestContext:
     request_id: str
     principal: Principal
     event_type: str
+    scopes: Scopes
+    api_key_id: str | None = None  # None only for the anonymous routes
     subject: str = ""
     audit_payload: dict[str, Any] = field(default_factory=dict)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
@@ -57,6 +60,11 @@ class RequestContext:
         if self._session is None:
             self._session = self.state.factory()
         return self._session
+
+    def may(self, resource: str, action: str) -> bool:
+        """A policy decision beyond the route's own (e.g. reading other principals' records)."""
+        return self.state.authorizer.allows(self.principal.id, self.principal.role, resource,
+                                            action)
 
     def note(self, subject: str | None = None, **payload: Any) -> None:
         """Add ids, decisions and hashes to this request's audit entry (never raw text)."""
@@ -80,13 +88,15 @@ class RequestContext:
 def request_context(request: Request) -> Iterator[RequestContext]:
     state = app_state(request)
     with transaction(state.read_factory) as session:
-        principal = authenticate(session, request.headers.get("x-api-key"))
+        principal, key = authenticate(session, request.headers.get("x-api-key"))
         session.expunge(principal)
+        scopes = effective(state.scope_defaults, key.scopes)
+        key_id = key.id
         state.authorizer.ensure_current(session)
     request.state.principal = principal
     _authorize(state, request, principal)
     ctx = RequestContext(state=state, request_id=request.state.request_id, principal=principal,
-                         event_type=route_event(request))
+                         event_type=route_event(request), scopes=scopes, api_key_id=key_id)
     yield from _unit_of_work(ctx)
 
 
@@ -113,7 +123,7 @@ def public_request_context(request: Request) -> Iterator[RequestContext]:
         state.authorizer.ensure_current(session)
     _authorize(state, request, anonymous)
     ctx = RequestContext(state=state, request_id=request.state.request_id, principal=anonymous,
-                         event_type=route_event(request))
+                         event_type=route_event(request), scopes=state.scope_defaults)
     yield from _unit_of_work(ctx)
 
 

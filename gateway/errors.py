@@ -12,6 +12,8 @@ from engine.errors import UnknownModelError, UserInputError
 from policy.access import RequestNotFound
 from policy.authz import PolicyNotFound
 from policy.errors import KeyNotFound, KeyRejected, LimitExceeded, PolicyError
+from policy.quotas import QuotaExceeded
+from policy.scopes import ScopeDenied
 
 
 class ApiError(Exception):
@@ -35,6 +37,16 @@ class Forbidden(ApiError):
     status, code = 403, "forbidden"
 
 
+class OutsideScope(ApiError):
+    status, code = 403, "outside_scope"
+
+
+class QuotaError(ApiError):
+    # 403, not 429: the SDK retries 429 for minutes, and a day budget does not come back
+    # in minutes. The message names the quota and when it frees up.
+    status, code = 403, "quota_exceeded"
+
+
 class NotFound(ApiError):
     status, code = 404, "not_found"
 
@@ -49,6 +61,10 @@ def to_api_error(exc: Exception) -> ApiError | None:
         return exc
     if isinstance(exc, (PolicyNotFound, KeyNotFound, RequestNotFound)):
         return NotFound(str(exc))
+    if isinstance(exc, QuotaExceeded):
+        return QuotaError(str(exc))
+    if isinstance(exc, ScopeDenied):
+        return OutsideScope(str(exc))
     if isinstance(exc, KeyRejected):
         return Unauthorized(str(exc))
     if isinstance(exc, (UserInputError, UnknownModelError, LimitExceeded)):

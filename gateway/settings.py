@@ -27,6 +27,8 @@ class Settings:
     # cannot notify us in memory).
     poll_interval_seconds: float = 0.25
     limits: Limits = field(default_factory=Limits)
+    # Default scopes of every key (None: the reviewed policy/default_scopes.toml).
+    scopes_file: Path | None = None
 
     @property
     def database(self) -> str:
@@ -47,6 +49,8 @@ class Settings:
         if env.get("LORAGATE_BASE_MODELS"):
             names = tuple(n.strip() for n in env["LORAGATE_BASE_MODELS"].split(",") if n.strip())
             settings = replace(settings, base_models=names)
+        if env.get("LORAGATE_SCOPES_FILE"):
+            settings = replace(settings, scopes_file=Path(env["LORAGATE_SCOPES_FILE"]))
         if env.get("LORAGATE_DEVICE"):
             settings = replace(settings, device=env["LORAGATE_DEVICE"])
         clean = {k: v for k, v in overrides.items() if v is not None}

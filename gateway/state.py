@@ -23,6 +23,7 @@ from gateway.completions import Completions
 from gateway.settings import Settings
 from migrations import upgrade_to_head
 from policy.authz import Authorizer, seed_default_policy
+from policy.scopes import Scopes, load_defaults
 
 logger = logging.getLogger("loragate.gateway")
 
@@ -43,6 +44,7 @@ class AppState:
     # Extra checks run by gateway.admission on every data-bearing request (screening,
     # quotas): each takes the AdmissionRequest and raises to refuse it.
     authorizer: Authorizer
+    scope_defaults: Scopes
     admission_checks: list[AdmissionCheck] = field(default_factory=list)
     worker: Any = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -86,15 +88,17 @@ def build_state(settings: Settings) -> AppState:
         seed_default_policy(session)
     authorizer = Authorizer(read_factory)  # it only ever reads the rules
     authorizer.load()
+    scope_defaults = load_defaults(settings.scopes_file)
     state = AppState(
         settings=settings, engine=engine, read_engine=read_engine, factory=factory,
         read_factory=read_factory, registry=registry, models=models,
-        completions=Completions(), authorizer=authorizer,
+        completions=Completions(), authorizer=authorizer, scope_defaults=scope_defaults,
     )
     with transaction(state.factory) as session:
         audit_log.append(session, actor="system", event_type="gateway.start", decision="info",
                          payload={"base_models": sorted(models), "worker": settings.run_worker,
-                                  "database": engine.dialect.name})
+                                  "database": engine.dialect.name,
+                                  "default_scopes_sha256": scope_defaults.digest()})
     if settings.run_worker:
         _start_worker(state)
     return state

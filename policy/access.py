@@ -21,6 +21,7 @@ from audit import log as audit_log
 from audit.models import ROLES, AccessRequest, ApiKey, Principal, utcnow
 from policy.errors import KeyRejected, LimitExceeded, PolicyError
 from policy.keys import CLAIM_PREFIX, create_key, hash_key
+from policy.scopes import Scopes, check_overrides
 
 MAX_FIELD = {"name": 200, "contact": 300, "purpose": 2000}
 
@@ -73,9 +74,12 @@ def _pending(session: Session, request_id: str) -> AccessRequest:
     return req
 
 
-def approve(session: Session, *, request_id: str, actor: str, role: str = "researcher",
-            scopes: dict[str, Any] | None = None, expires_in_days: int | None = None,
-            reason: str = "") -> AccessRequest:
+def approve(session: Session, *, request_id: str, actor: str, defaults: Scopes,
+            role: str = "researcher", scopes: dict[str, Any] | None = None,
+            expires_in_days: int | None = None, reason: str = "") -> AccessRequest:
+    """Approve with a role and scope overrides (validated against `defaults` now, so a
+    typo is caught by the admin, not by the researcher at claim time)."""
+    scopes = check_overrides(scopes or {}, defaults)
     if role not in ROLES:
         raise LimitExceeded(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
     if expires_in_days is not None and expires_in_days < 1:
@@ -103,7 +107,7 @@ def reject(session: Session, *, request_id: str, actor: str, reason: str) -> Acc
     return req
 
 
-def claim(session: Session, token: str) -> str:
+def claim(session: Session, token: str, defaults: Scopes) -> str:
     """Exchange an approved request's claim token for its key, exactly once."""
     req = find_by_token(session, token)
     if req is None:
@@ -113,7 +117,7 @@ def claim(session: Session, token: str) -> str:
     expires = (utcnow() + dt.timedelta(days=req.expires_in_days)
                if req.expires_in_days else None)
     plaintext = create_key(session, owner=req.name, role=req.role, actor=req.decided_by or "",
-                           expires_at=expires, scopes=json.loads(req.scopes))
+                           defaults=defaults, expires_at=expires, scopes=json.loads(req.scopes))
     req.status, req.claimed_at = "claimed", utcnow()
     req.key_id = session.scalars(select(ApiKey.id).where(
         ApiKey.key_hash == hash_key(plaintext))).one()

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from audit import log as audit_log
 from audit.models import ROLES, ApiKey, Principal, as_utc, utcnow
 from policy.errors import KeyNotFound, KeyRejected, LimitExceeded
+from policy.scopes import Scopes, check_overrides
 
 KEY_PREFIX = "tml-"
 # Claim tokens look like keys to the SDK, so presenting one by mistake gets a 401 that says
@@ -44,10 +45,17 @@ def ensure_principal(session: Session, name: str, role: str) -> Principal:
 
 
 def create_key(
-    session: Session, *, owner: str, role: str, actor: str,
+    session: Session, *, owner: str, role: str, actor: str, defaults: Scopes,
     expires_at: dt.datetime | None = None, scopes: dict[str, object] | None = None,
 ) -> str:
-    """Create a key for `owner` (creating the principal if needed); returns the plaintext."""
+    """Create a key for `owner` (creating the principal if needed); returns the plaintext.
+
+    `scopes` are the admin's overrides of `defaults`; without `expires_at` the key expires
+    after the effective `expires_in_days` (never, if that is null)."""
+    scopes = check_overrides(scopes or {}, defaults)
+    if expires_at is None:
+        days = defaults.with_overrides(scopes).expires_in_days
+        expires_at = utcnow() + dt.timedelta(days=days) if days else None
     principal = ensure_principal(session, owner, role)
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(id=str(uuid.uuid4()), principal_id=principal.id, key_hash=hash_key(plaintext),
@@ -85,8 +93,8 @@ def revoke_key(session: Session, *, key_id: str, actor: str, reason: str) -> Api
     return key
 
 
-def authenticate(session: Session, presented: str | None) -> Principal:
-    """The principal behind a presented key, or KeyRejected saying why not."""
+def authenticate(session: Session, presented: str | None) -> tuple[Principal, ApiKey]:
+    """The principal and key behind a presented key, or KeyRejected saying why not."""
     if not presented:
         raise KeyRejected("missing API key: send it in the X-API-Key header")
     if not presented.startswith(KEY_PREFIX):
@@ -108,4 +116,4 @@ def authenticate(session: Session, presented: str | None) -> Principal:
     principal = session.get(Principal, key.principal_id)
     if principal is None:  # foreign key makes this impossible short of tampering
         raise KeyRejected("unknown API key")
-    return principal
+    return principal, key

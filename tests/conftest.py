@@ -83,13 +83,15 @@ class LiveServer:
     def state(self):
         return self.app.state.loragate
 
-    def create_key(self, owner: str | None = None, role: str = "researcher") -> str:
+    def create_key(self, owner: str | None = None, role: str = "researcher",
+                   scopes: dict | None = None) -> str:
         from audit.db import transaction
         from policy.keys import create_key
 
         with transaction(self.state.factory) as session:
             return create_key(session, owner=owner or f"user-{uuid.uuid4().hex[:8]}",
-                              role=role, actor="test")
+                              role=role, actor="test", scopes=scopes,
+                              defaults=self.state.scope_defaults)
 
 
 @contextlib.contextmanager

@@ -33,5 +33,5 @@ def claim_access(ctx: PublicCtx, body: JsonBody) -> dict[str, Any]:
     token = body.get("claim_token")
     if not isinstance(token, str) or not token:
         raise BadRequest("claim_token is required")
-    key = access.claim(ctx.session, token)
+    key = access.claim(ctx.session, token, ctx.state.scope_defaults)
     return {"key": key, "note": "this is the only time the key is shown"}

@@ -11,10 +11,11 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
-from audit.models import ACCESS_REQUEST_STATES, utcnow
+from audit.models import ACCESS_REQUEST_STATES, ApiKey, Principal, as_utc, utcnow
 from gateway.context import Ctx, JsonBody, OptionalJsonBody
 from gateway.errors import BadRequest
 from policy import access, authz, keys
+from policy.scopes import Scopes, effective
 
 router = APIRouter(prefix="/api/v1/admin")
 
@@ -46,16 +47,19 @@ def remove_policy_rule(rule_id: int, ctx: Ctx) -> Response:
     return Response(status_code=204)
 
 
-def _key_view(key: Any, principal: Any) -> dict[str, Any]:
+def _key_view(key: ApiKey, principal: Principal, defaults: Scopes) -> dict[str, Any]:
     return {"id": key.id, "prefix": key.prefix, "owner": principal.name, "role": principal.role,
-            "status": key.status, "created_at": key.created_at.isoformat(),
-            "expires_at": key.expires_at.isoformat() if key.expires_at else None,
-            "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None}
+            "status": key.status, "created_at": as_utc(key.created_at).isoformat(),
+            "expires_at": as_utc(key.expires_at).isoformat() if key.expires_at else None,
+            "revoked_at": as_utc(key.revoked_at).isoformat() if key.revoked_at else None,
+            "scope_overrides": json.loads(key.scopes or "{}"),
+            "scopes": effective(defaults, key.scopes).to_dict()}
 
 
 @router.get("/keys", name="admin_list_keys")
 def list_api_keys(ctx: Ctx) -> dict[str, Any]:
-    return {"keys": [_key_view(k, p) for k, p in keys.list_keys(ctx.session)]}
+    defaults = ctx.state.scope_defaults
+    return {"keys": [_key_view(k, p, defaults) for k, p in keys.list_keys(ctx.session)]}
 
 
 @router.post("/keys", name="admin_create_key")
@@ -63,7 +67,7 @@ def create_api_key(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     """An admin creating a key directly is an approval by that admin (audited as one).
     The plaintext key is in this response only."""
     owner, role = body.get("owner"), body.get("role", "researcher")
-    days = body.get("expires_in_days")
+    days, scopes = body.get("expires_in_days"), body.get("scopes") or {}
     if not isinstance(owner, str) or not owner.strip():
         raise BadRequest("owner (the principal's name) is required")
     if not isinstance(role, str):
@@ -72,10 +76,11 @@ def create_api_key(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
         raise BadRequest("expires_in_days must be a positive integer")
     expires = utcnow() + dt.timedelta(days=days) if days else None
     plaintext = keys.create_key(ctx.session, owner=owner.strip(), role=role,
-                                actor=ctx.principal.id, expires_at=expires)
+                                actor=ctx.principal.id, expires_at=expires, scopes=scopes,
+                                defaults=ctx.state.scope_defaults)
+    principal, key = keys.authenticate(ctx.session, plaintext)
     ctx.note(subject=owner.strip(), role=role)
-    return {"key": plaintext, "owner": owner.strip(), "role": role,
-            "expires_at": expires.isoformat() if expires else None}
+    return {"key": plaintext, **_key_view(key, principal, ctx.state.scope_defaults)}
 
 
 @router.post("/keys/{key_id}/revoke", name="admin_revoke_key")
@@ -112,7 +117,8 @@ def approve_access(request_id: str, ctx: Ctx, body: OptionalJsonBody = None) -> 
         raise BadRequest("expires_in_days must be an integer")
     req = access.approve(ctx.session, request_id=request_id, actor=ctx.principal.id,
                          role=str(body.get("role", "researcher")), scopes=scopes,
-                         expires_in_days=days, reason=str(body.get("reason", "")))
+                         expires_in_days=days, reason=str(body.get("reason", "")),
+                         defaults=ctx.state.scope_defaults)
     ctx.note(subject=request_id)
     return _request_view(req)
 

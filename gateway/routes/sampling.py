@@ -14,6 +14,7 @@ from gateway.context import Ctx, JsonBody, RequestContext, parse
 from gateway.errors import BadRequest, NotFound
 from gateway.ownership import owned, owned_checkpoint
 from gateway.routes.training import base_model_info, check_new_session_child
+from policy.quotas import Charge
 
 router = APIRouter(prefix="/api/v1")
 
@@ -56,23 +57,31 @@ def asample(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
         raise BadRequest("sampling_session_id is required")
     sampler = owned(ctx, Sampler, sampler_id, "sampler")
     call = wire.parse_sample_request(body, base_model_info(ctx, sampler.base_model))
-    ctx.state.settings.limits.check_sampling(call.spec.num_samples, call.spec.max_tokens)
+    spec = call.spec
+    ctx.state.settings.limits.check_sampling(spec.num_samples, spec.max_tokens)
+    adapter = _adapter(ctx, sampler)
+    if adapter is None:
+        ctx.scopes.check_base_topk(spec.topk_prompt_logprobs, spec.topk_sample_logprobs)
     job = jobs.SampleJob(sampler_id=sampler.id, base_model=sampler.base_model,
-                         adapter_dir=_adapter_dir(ctx, sampler), request=body)
+                         adapter_dir=adapter.storage_dir if adapter else None, request=body)
+    charge = Charge(sampled_tokens=spec.num_samples * spec.max_tokens,
+                    training_run_id=adapter.training_run_id if adapter else "")
     request_id = admit(ctx, AdmissionRequest(
         kind="sample", payload=jobs.dump_job(job), sampler_id=sampler.id, seq_id=call.seq_id,
-        audit={"samples": call.spec.num_samples, "max_tokens": call.spec.max_tokens,
-               "prompt_tokens": len(call.spec.prompt), "adapter": sampler.model_path}))
-    ids = [f"{request_id}:{i}" for i in range(call.spec.num_samples)]
+        charge=charge,
+        audit={"samples": spec.num_samples, "max_tokens": spec.max_tokens,
+               "prompt_tokens": len(spec.prompt), "adapter": sampler.model_path}))
+    ids = [f"{request_id}:{i}" for i in range(spec.num_samples)]
     return tt.UntypedAPIFuture(request_id=request_id, sample_sequence_ids=ids).model_dump(
         mode="json", exclude_none=True)
 
 
-def _adapter_dir(ctx: RequestContext, sampler: Sampler) -> str | None:
+def _adapter(ctx: RequestContext, sampler: Sampler) -> Checkpoint | None:
+    """The checkpoint a sampler samples through; None for the bare base model."""
     if sampler.model_path is None:
         return None
     ckpt = ctx.session.get(Checkpoint, sampler.checkpoint_id) if sampler.checkpoint_id else None
     if ckpt is None:
         raise NotFound(f"the weights of sampler {sampler.id} ({sampler.model_path}) were deleted")
-    return ckpt.storage_dir
+    return ckpt
 

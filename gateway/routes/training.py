@@ -24,6 +24,7 @@ from gateway.ownership import (
     tinker_path,
 )
 from policy.limits import check_adam, check_checkpoint_name
+from policy.quotas import Charge
 
 router = APIRouter(prefix="/api/v1")
 
@@ -34,10 +35,12 @@ def _future(request_id: str, model_id: str | None = None) -> dict[str, Any]:
 
 
 def base_model_info(ctx: RequestContext, name: str) -> ModelInfo:
+    """A served base model that the caller's key may use."""
     info = ctx.state.model_info(name)
     if info is None:
         served = ", ".join(sorted(ctx.state.models))
         raise BadRequest(f"unknown base model {name!r}; this server offers: {served}")
+    ctx.scopes.check_base_model(name)
     return info
 
 
@@ -69,6 +72,7 @@ def create_model(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
                     train_mlp=req.lora_config.train_mlp, train_attn=req.lora_config.train_attn,
                     train_unembed=req.lora_config.train_unembed)
     ctx.state.settings.limits.check_rank(lora.rank)
+    ctx.scopes.check_rank(lora.rank)
     if not (lora.train_mlp or lora.train_attn or lora.train_unembed):
         raise BadRequest("at least one of train_mlp, train_attn, train_unembed must be true")
     if ctx.session.get(TrainingRun, model_id) is None:
@@ -77,11 +81,13 @@ def create_model(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
             principal_id=ctx.principal.id, base_model=req.base_model, lora_rank=lora.rank,
             lora_config=json.dumps(lora.to_dict()),
             user_metadata=json.dumps(req.user_metadata or {}), status="creating",
+            api_key_id=ctx.api_key_id,
         ))
         ctx.session.flush()
     job = jobs.CreateAdapterJob(model_id=model_id, base_model=req.base_model, lora=lora)
     request_id = admit(ctx, AdmissionRequest(
         kind="create_model", payload=jobs.dump_job(job), model_id=model_id, seq_id=0,
+        charge=Charge(new_run=model_id, training_run_id=model_id),
         audit={"base_model": req.base_model, "lora": lora.to_dict()}))
     return _future(request_id, model_id)
 
@@ -117,10 +123,11 @@ def _admit_forward_backward(ctx: RequestContext, raw: bytes, encoding: str | Non
     wire.check_tokens_fit(call.data, base_model_info(ctx, run.base_model))
     tokens = int(sum(len(d.tokens) for d in call.data))
     ctx.state.settings.limits.check_batch(len(call.data), tokens)
+    ctx.scopes.check_loss(call.loss_fn)
     kind = "forward" if call.forward_only else "forward_backward"
     request_id = admit(ctx, AdmissionRequest(
         kind="forward_backward", payload=body, request_format="proto", model_id=run.id,
-        seq_id=call.seq_id,
+        seq_id=call.seq_id, charge=Charge(training_tokens=tokens, training_run_id=run.id),
         audit={"op": kind, "loss_fn": call.loss_fn, "datums": len(call.data), "tokens": tokens,
                "loss_config": call.loss_config}))
     return _future(request_id, run.id)
@@ -148,7 +155,8 @@ def optim_step(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
 def _save_job(ctx: RequestContext, run: TrainingRun, kind: str, name: str, *,
               with_optimizer: bool, overwrite: bool, ttl: int | None,
               metadata: dict[str, str] | None,
-              sampler_id: str | None = None) -> jobs.SaveAdapterJob:
+              sampler_id: str | None = None) -> tuple[jobs.SaveAdapterJob, Charge]:
+    """The save job, and its charge: a new checkpoint takes a slot, an overwrite does not."""
     check_checkpoint_name(name)
     path = tinker_path(run.id, kind, name)
     exists = ctx.session.query(Checkpoint.id).filter_by(tinker_path=path).first() is not None
@@ -156,11 +164,12 @@ def _save_job(ctx: RequestContext, run: TrainingRun, kind: str, name: str, *,
         raise BadRequest(f"checkpoint {path} already exists; choose another name")
     if ttl is not None and ttl <= 0:
         raise BadRequest("ttl_seconds must be positive")
+    charge = Charge(checkpoint=not exists, training_run_id=run.id)
     return jobs.SaveAdapterJob(
         model_id=run.id, kind=kind, name=name, tinker_path=path,
         storage_dir=storage_dir(run.id, kind, name), with_optimizer=with_optimizer,
         ttl_seconds=ttl, user_metadata=dict(metadata or {}), sampler_id=sampler_id,
-        session_id=run.session_id if sampler_id else None)
+        session_id=run.session_id if sampler_id else None), charge
 
 
 @router.post("/save_weights", name="save_weights")
@@ -169,11 +178,12 @@ def save_weights(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     run = owned_run(ctx, req.model_id)
     if not req.path:
         raise BadRequest("path (the checkpoint name) is required")
-    job = _save_job(ctx, run, "weights", req.path, with_optimizer=True,
-                    overwrite=req.overwrite, ttl=req.ttl_seconds, metadata=req.user_metadata)
+    job, charge = _save_job(ctx, run, "weights", req.path, with_optimizer=True,
+                            overwrite=req.overwrite, ttl=req.ttl_seconds,
+                            metadata=req.user_metadata)
     request_id = admit(ctx, AdmissionRequest(
         kind="save_weights", payload=jobs.dump_job(job), model_id=run.id, seq_id=req.seq_id,
-        audit={"path": job.tinker_path}))
+        charge=charge, audit={"path": job.tinker_path}))
     return _future(request_id, run.id)
 
 
@@ -182,19 +192,22 @@ def save_weights_for_sampler(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     req = parse(tt.SaveWeightsForSamplerRequest, body)
     run = owned_run(ctx, req.model_id)
     if req.path:
-        job = _save_job(ctx, run, "sampler_weights", req.path, with_optimizer=False,
-                        overwrite=False, ttl=req.ttl_seconds, metadata=req.user_metadata)
+        job, charge = _save_job(ctx, run, "sampler_weights", req.path, with_optimizer=False,
+                                overwrite=False, ttl=req.ttl_seconds,
+                                metadata=req.user_metadata)
     elif req.sampling_session_seq_id is not None:
         n = req.sampling_session_seq_id
         # The unnamed snapshot behind save_weights_and_get_sampling_client.
-        job = _save_job(ctx, run, "sampler_weights", f"snapshot-{n}", with_optimizer=False,
-                        overwrite=False, ttl=req.ttl_seconds, metadata=req.user_metadata,
-                        sampler_id=f"{run.session_id}:sample:{n}")
+        job, charge = _save_job(ctx, run, "sampler_weights", f"snapshot-{n}",
+                                with_optimizer=False, overwrite=False, ttl=req.ttl_seconds,
+                                metadata=req.user_metadata,
+                                sampler_id=f"{run.session_id}:sample:{n}")
     else:
         raise BadRequest("give either path (a name) or sampling_session_seq_id")
     request_id = admit(ctx, AdmissionRequest(
         kind="save_weights_for_sampler", payload=jobs.dump_job(job), model_id=run.id,
-        seq_id=req.seq_id, audit={"path": job.tinker_path, "sampler": job.sampler_id}))
+        seq_id=req.seq_id, charge=charge,
+        audit={"path": job.tinker_path, "sampler": job.sampler_id}))
     return _future(request_id, run.id)
 
 
@@ -214,18 +227,22 @@ def load_weights(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     model_id = check_new_session_child(ctx, req.session_id, req.model_seq_id)
     if req.base_model and req.base_model != source.base_model:
         raise BadRequest(f"{req.path} was trained on {source.base_model}, not {req.base_model}")
+    base_model_info(ctx, source.base_model)
+    ctx.scopes.check_rank(source.lora_rank)
     if ctx.session.get(TrainingRun, model_id) is None:
         ctx.session.add(TrainingRun(
             id=model_id, session_id=req.session_id, model_seq_id=req.model_seq_id,
             principal_id=ctx.principal.id, base_model=source.base_model,
             lora_rank=source.lora_rank, lora_config=source.lora_config,
-            user_metadata=json.dumps(req.user_metadata or {}), status="creating"))
+            user_metadata=json.dumps(req.user_metadata or {}), status="creating",
+            api_key_id=ctx.api_key_id))
         ctx.session.flush()
     job = jobs.LoadAdapterJob(model_id=model_id, base_model=source.base_model,
                               source_path=req.path, storage_dir=ckpt.storage_dir,
                               with_optimizer=req.optimizer, creates_run=True)
     request_id = admit(ctx, AdmissionRequest(
         kind="load_weights_new", payload=jobs.dump_job(job), model_id=model_id, seq_id=0,
+        charge=Charge(new_run=model_id, training_run_id=model_id),
         audit={"source": req.path, "optimizer": req.optimizer}))
     return _future(request_id, model_id)
 

@@ -37,7 +37,7 @@ def test_an_admin_creates_and_revokes_a_key_and_the_revoked_key_gets_401(server)
     again = admin_request(server, admin, "POST", f"keys/{mine[0]['id']}/revoke")
     assert again.status_code == 400 and "already revoked" in again.json()["detail"]
     with transaction(server.state.read_factory) as session:
-        admin_id = authenticate(session, admin).id
+        admin_id = authenticate(session, admin)[0].id
         events = session.scalars(select(AuditEntry).where(
             AuditEntry.event_type.in_(["keys.create", "keys.revoke"]),
             AuditEntry.actor == admin_id).order_by(AuditEntry.seq)).all()
@@ -47,6 +47,7 @@ def test_an_admin_creates_and_revokes_a_key_and_the_revoked_key_gets_401(server)
 def test_an_expired_key_gets_401_saying_it_expired(server):
     with transaction(server.state.factory) as session:
         key = create_key(session, owner="dave", role="researcher", actor="test",
+                         defaults=server.state.scope_defaults,
                          expires_at=utcnow() - dt.timedelta(seconds=1))
     resp = httpx.post(f"{server.base_url}/api/v1/client/config", json={},
                       headers={"X-API-Key": key}, timeout=10)

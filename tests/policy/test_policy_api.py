@@ -19,7 +19,7 @@ from tests.api.helpers import TINY, admin_request, cli_runner, service
 
 def _principal_id(server, key: str) -> str:
     with transaction(server.state.read_factory) as session:
-        return authenticate(session, key).id
+        return authenticate(session, key)[0].id
 
 
 
