@@ -20,7 +20,7 @@ from audit.db import transaction
 from engine.errors import EngineError
 from gateway.context import route_event
 from gateway.errors import ApiError, NotFound, Unprocessable, to_api_error
-from gateway.routes import access, admin, futures, rest, sampling, service, training
+from gateway.routes import access, admin, futures, rest, sampling, service, training, usage
 from gateway.settings import Settings
 from gateway.state import AppState, build_state
 from policy.errors import PolicyError
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # No generated docs routes: every route must pass the policy, and those would not.
     app = FastAPI(title="loragate", version="0.1.0", lifespan=lifespan, openapi_url=None,
                   docs_url=None, redoc_url=None)
-    for module in (service, training, sampling, futures, rest, admin, access):
+    for module in (service, training, sampling, futures, rest, usage, admin, access):
         app.include_router(module.router)
     app.middleware("http")(_assign_request_id)
     # User errors are handled inside the app; `Exception` (a bug) reaches Starlette's

@@ -3,9 +3,11 @@
   loragate serve [--host H] [--port P] [--data-dir D] [--base-model NAME] [--no-worker]
   loragate worker [--data-dir D] [--base-model NAME]
   loragate keys create --role researcher|auditor|admin --owner NAME [--expires-in-days N]
+                       [--scopes JSON]
   loragate keys list | keys revoke KEY_ID [--reason R]
   loragate keys request|claim|requests|approve|reject … (the access-request lifecycle)
   loragate audit verify [--data-dir D]
+  loragate usage [--owner NAME] [--data-dir D]   (JSON: per key and per training run)
   loragate policy list|add SUBJECT RESOURCE ACTION allow|deny|remove ID [--data-dir D]
   loragate models prepare [--data-dir D] [--base-model NAME]
 
@@ -176,6 +178,28 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _cmd_usage(args: argparse.Namespace) -> int:
+    """Usage per key and per run, for everyone or one principal (read-only)."""
+    from sqlalchemy import select
+
+    from audit.models import Principal
+    from policy.quotas import usage_report
+
+    defaults = _scope_defaults(args)
+    with _database(args, read_only=True) as session:
+        principals = None
+        if args.owner:
+            found = session.scalars(select(Principal.id).where(
+                Principal.name == args.owner)).first()
+            if found is None:
+                print(f"error: principal {args.owner!r} not found", file=sys.stderr)
+                return 2
+            principals = [found]
+        report = usage_report(session, principals, defaults)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _cmd_policy(args: argparse.Namespace) -> int:
     """List, add or remove policy rules directly in the database (audited as 'cli')."""
     from policy import authz
@@ -280,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
                                              "bad seq")
     data_dir(verify)
     verify.set_defaults(func=_cmd_audit_verify)
+
+    usage = sub.add_parser("usage", help="tokens and checkpoints per key and per training run")
+    usage.add_argument("--owner", help="one principal's usage (default: everyone's)")
+    data_dir(usage)
+    usage.set_defaults(func=_cmd_usage)
 
     policy = sub.add_parser("policy", help="authorization rules (casbin)").add_subparsers(
         dest="policy_cmd", required=True)

@@ -1,5 +1,7 @@
 """Object lookups scoped to the calling principal: another principal's object, like a
-missing one, is a 404. Also parses tinker:// paths."""
+missing one, is a 404. Reads of records (`read=True`) also find other principals'
+objects when the policy grants `records, read_all` (auditors and admins by default);
+writes never do. Also parses tinker:// paths."""
 
 from __future__ import annotations
 
@@ -16,9 +18,24 @@ T = TypeVar("T")
 TINKER_SCHEME = "tinker://"
 
 
-def owned(ctx: RequestContext, model: type[T], key: object, what: str) -> T:
+READ_ALL = ("records", "read_all")
+
+
+def reads_all(ctx: RequestContext) -> bool:
+    """May the caller read every principal's records (runs, checkpoints, sessions, usage)?"""
+    return ctx.may(*READ_ALL)
+
+
+def _visible(ctx: RequestContext, row: object | None, read: bool) -> bool:
+    if row is None:
+        return False
+    return getattr(row, "principal_id", None) == ctx.principal.id or (read and reads_all(ctx))
+
+
+def owned(ctx: RequestContext, model: type[T], key: object, what: str, *,
+          read: bool = False) -> T:
     row = ctx.session.get(model, key)
-    if row is None or getattr(row, "principal_id", None) != ctx.principal.id:
+    if row is None or not _visible(ctx, row, read):
         raise NotFound(f"{what} {key} not found")
     return row
 
@@ -52,11 +69,11 @@ def storage_dir(run_id: str, kind: str, name: str) -> str:
     return f"{run_id.replace(':', '_')}/{kind}/{name}"
 
 
-def owned_checkpoint(ctx: RequestContext, path: str) -> Checkpoint:
+def owned_checkpoint(ctx: RequestContext, path: str, *, read: bool = False) -> Checkpoint:
     run_id, kind, name = parse_tinker_path(path)
     ckpt = ctx.session.scalars(select(Checkpoint).where(
         Checkpoint.training_run_id == run_id, Checkpoint.kind == kind,
         Checkpoint.name == name)).first()
-    if ckpt is None or ckpt.principal_id != ctx.principal.id:
+    if ckpt is None or not _visible(ctx, ckpt, read):
         raise NotFound(f"checkpoint {path} not found")
     return ckpt

@@ -44,6 +44,7 @@ ROUTE_PERMISSIONS: dict[str, Permission] = {
     "list_sessions": ("records", "read"),
     "get_session": ("records", "read"),
     "get_sampler": ("records", "read"),
+    "get_usage": ("records", "read"),
     # checkpoint management
     "delete_checkpoint": ("checkpoints", "manage"),
     "set_checkpoint_ttl": ("checkpoints", "manage"),

@@ -13,14 +13,24 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from audit import usage
-from audit.models import ApiKey, Checkpoint, ClientSession, Future, TrainingRun, as_utc, utcnow
+from audit.models import (
+    ApiKey,
+    Checkpoint,
+    ClientSession,
+    Future,
+    Principal,
+    TrainingRun,
+    as_utc,
+    utcnow,
+)
 from policy.errors import PolicyError
-from policy.scopes import Scopes
+from policy.scopes import Scopes, effective
 
 # A run counts as alive while its SDK session heartbeats (the SDK sends one every 10 s)
 # or the run is used; after this long without either, it no longer holds a slot.
@@ -140,3 +150,41 @@ def _check_checkpoints(session: Session, key_id: str, scopes: Scopes) -> None:
             "checkpoints_stored",
             f"{held} of {scopes.checkpoints_stored} checkpoints are stored or being saved",
             "delete a checkpoint (RestClient.delete_checkpoint) to free a slot")
+
+
+def usage_report(session: Session, principal_ids: list[str] | None, defaults: Scopes,
+                 now: dt.datetime | None = None) -> dict[str, Any]:
+    """Per key (today's budgets against its scopes, all-time totals) and per training run
+    (tokens, checkpoints): for the given principals, or everyone when None."""
+    now = now or utcnow()
+    day = usage.utc_day(now)
+    key_stmt = (select(ApiKey, Principal).join(Principal, Principal.id == ApiKey.principal_id)
+                .order_by(ApiKey.created_at))
+    run_stmt = (select(TrainingRun, Principal)
+                .join(Principal, Principal.id == TrainingRun.principal_id)
+                .order_by(TrainingRun.created_at))
+    if principal_ids is not None:
+        key_stmt = key_stmt.where(ApiKey.principal_id.in_(principal_ids))
+        run_stmt = run_stmt.where(TrainingRun.principal_id.in_(principal_ids))
+    key_rows = session.execute(key_stmt).all()
+    run_rows = session.execute(run_stmt).all()
+    totals = usage.usage_by_key(session, [k.id for k, _ in key_rows])
+    per_run = usage.usage_by_run(session, [r.id for r, _ in run_rows])
+    resets = usage.next_utc_midnight(now).isoformat()
+    keys = []
+    for key, owner in key_rows:
+        scopes = effective(defaults, key.scopes)
+        keys.append({
+            "key_id": key.id, "prefix": key.prefix, "owner": owner.name, "status": key.status,
+            "today": {"day": day, "resets_at": resets,
+                      **usage.day_totals(session, key.id, day),
+                      "training_tokens_per_day": scopes.training_tokens_per_day,
+                      "sampled_tokens_per_day": scopes.sampled_tokens_per_day},
+            "live_training_runs": len(live_runs(session, key.id, now)),
+            "concurrent_training_runs": scopes.concurrent_training_runs,
+            "checkpoints_stored": scopes.checkpoints_stored,
+            "total": totals[key.id],
+        })
+    runs = [{"training_run_id": run.id, "owner": owner.name, "key_id": run.api_key_id,
+             "base_model": run.base_model, **per_run[run.id]} for run, owner in run_rows]
+    return {"keys": keys, "training_runs": runs}

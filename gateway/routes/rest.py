@@ -1,5 +1,7 @@
 """Owner-scoped REST (the SDK's RestClient): training runs, checkpoints, sessions,
-samplers. A principal sees only its own objects; anything else is a 404."""
+samplers. A principal sees only its own objects, anything else is a 404 — except that
+principals the policy lets read all records (auditors, admins) see everyone's in the
+read routes. Changes (delete, publish, TTL) are always owner-only."""
 
 from __future__ import annotations
 
@@ -12,10 +14,10 @@ from fastapi import APIRouter, Response
 from sqlalchemy import func, select
 from tinker import types as tt
 
-from audit.models import Checkpoint, ClientSession, Sampler, TrainingRun, as_utc
+from audit.models import Checkpoint, ClientSession, Principal, Sampler, TrainingRun, as_utc
 from gateway.context import Ctx, JsonBody, RequestContext, load_json_text
 from gateway.errors import BadRequest, Forbidden, NotFound
-from gateway.ownership import owned, owned_checkpoint, tinker_path
+from gateway.ownership import owned, owned_checkpoint, reads_all, tinker_path
 
 router = APIRouter(prefix="/api/v1")
 
@@ -40,9 +42,22 @@ def _latest(ctx: RequestContext, run_id: str, kind: str) -> tt.Checkpoint | None
     return checkpoint_view(ckpt) if ckpt else None
 
 
+def _owner_name(ctx: RequestContext, principal_id: str) -> str:
+    if principal_id == ctx.principal.id:
+        return ctx.principal.name
+    owner = ctx.session.get(Principal, principal_id)
+    return owner.name if owner else principal_id
+
+
+def _mine_or_all(ctx: RequestContext, stmt: Any, model: Any) -> Any:
+    """Listing: the caller's own rows, or everyone's for those who read all records."""
+    return stmt if reads_all(ctx) else stmt.where(model.principal_id == ctx.principal.id)
+
+
 def run_view(ctx: RequestContext, run: TrainingRun) -> tt.TrainingRun:
     return tt.TrainingRun(
-        training_run_id=run.id, base_model=run.base_model, model_owner=ctx.principal.name,
+        training_run_id=run.id, base_model=run.base_model,
+        model_owner=_owner_name(ctx, run.principal_id),
         is_lora=True, corrupted=run.status == "failed", lora_rank=run.lora_rank,
         last_request_time=as_utc(run.last_request_time),
         last_checkpoint=_latest(ctx, run.id, "weights"),
@@ -59,7 +74,7 @@ def _page(limit: int, offset: int) -> tuple[int, int]:
 @router.get("/training_runs", name="list_training_runs")
 def list_training_runs(ctx: Ctx, limit: int = 20, offset: int = 0) -> dict:
     limit, offset = _page(limit, offset)
-    mine = select(TrainingRun).where(TrainingRun.principal_id == ctx.principal.id)
+    mine = _mine_or_all(ctx, select(TrainingRun), TrainingRun)
     total = ctx.session.scalar(select(func.count()).select_from(mine.subquery())) or 0
     runs = ctx.session.scalars(mine.order_by(TrainingRun.created_at.desc())
                                .limit(limit).offset(offset)).all()
@@ -72,12 +87,13 @@ def list_training_runs(ctx: Ctx, limit: int = 20, offset: int = 0) -> dict:
 @router.get("/training_runs/{run_id}", name="get_training_run")
 def get_training_run(run_id: str, ctx: Ctx) -> dict[str, Any]:
     ctx.note(subject=run_id)
-    return run_view(ctx, owned(ctx, TrainingRun, run_id, "training run")).model_dump(mode="json")
+    run = owned(ctx, TrainingRun, run_id, "training run", read=True)
+    return run_view(ctx, run).model_dump(mode="json")
 
 
 @router.get("/training_runs/{run_id}/checkpoints", name="list_run_checkpoints")
 def list_run_checkpoints(run_id: str, ctx: Ctx) -> dict[str, Any]:
-    owned(ctx, TrainingRun, run_id, "training run")
+    owned(ctx, TrainingRun, run_id, "training run", read=True)
     rows = ctx.session.scalars(select(Checkpoint).where(Checkpoint.training_run_id == run_id)
                                .order_by(Checkpoint.created_at, Checkpoint.id)).all()
     return tt.CheckpointsListResponse(checkpoints=[checkpoint_view(c) for c in rows]).model_dump(
@@ -87,7 +103,7 @@ def list_run_checkpoints(run_id: str, ctx: Ctx) -> dict[str, Any]:
 @router.get("/checkpoints", name="list_user_checkpoints")
 def list_user_checkpoints(ctx: Ctx, limit: int = 100, offset: int = 0) -> dict:
     limit, offset = _page(limit, offset)
-    mine = select(Checkpoint).where(Checkpoint.principal_id == ctx.principal.id)
+    mine = _mine_or_all(ctx, select(Checkpoint), Checkpoint)
     total = ctx.session.scalar(select(func.count()).select_from(mine.subquery())) or 0
     rows = ctx.session.scalars(mine.order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
                                .limit(limit).offset(offset)).all()
@@ -102,8 +118,8 @@ def weights_info(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     path = body.get("tinker_path") if isinstance(body, dict) else None
     if not isinstance(path, str):
         raise BadRequest("tinker_path is required")
-    ckpt = owned_checkpoint(ctx, path)
-    run = owned(ctx, TrainingRun, ckpt.training_run_id, "training run")
+    ckpt = owned_checkpoint(ctx, path, read=True)
+    run = owned(ctx, TrainingRun, ckpt.training_run_id, "training run", read=True)
     lora = json.loads(run.lora_config)
     ctx.note(subject=path)
     return tt.WeightsInfoResponse(
@@ -179,14 +195,14 @@ def delete_checkpoint(run_id: str, checkpoint_id: str, ctx: Ctx) -> Response:
 def list_sessions(ctx: Ctx, limit: int = 20, offset: int = 0) -> dict[str, Any]:
     limit, offset = _page(limit, offset)
     ids = ctx.session.scalars(
-        select(ClientSession.id).where(ClientSession.principal_id == ctx.principal.id)
+        _mine_or_all(ctx, select(ClientSession.id), ClientSession)
         .order_by(ClientSession.created_at.desc()).limit(limit).offset(offset)).all()
     return tt.ListSessionsResponse(sessions=list(ids)).model_dump(mode="json")
 
 
 @router.get("/sessions/{session_id}", name="get_session")
 def get_session(session_id: str, ctx: Ctx) -> dict[str, Any]:
-    session = owned(ctx, ClientSession, session_id, "session")
+    session = owned(ctx, ClientSession, session_id, "session", read=True)
     runs = ctx.session.scalars(select(TrainingRun.id).where(
         TrainingRun.session_id == session_id).order_by(TrainingRun.model_seq_id)).all()
     samplers = ctx.session.scalars(select(Sampler.id).where(
@@ -201,7 +217,7 @@ def get_session(session_id: str, ctx: Ctx) -> dict[str, Any]:
 
 @router.get("/samplers/{sampler_id}", name="get_sampler")
 def get_sampler(sampler_id: str, ctx: Ctx) -> dict[str, Any]:
-    sampler = owned(ctx, Sampler, sampler_id, "sampler")
+    sampler = owned(ctx, Sampler, sampler_id, "sampler", read=True)
     ctx.note(subject=sampler_id)
     return tt.GetSamplerResponse(sampler_id=sampler.id, base_model=sampler.base_model,
                                  model_path=sampler.model_path).model_dump(
