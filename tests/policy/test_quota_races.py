@@ -27,7 +27,7 @@ def _race(n: int, attempt) -> list[BaseException | None]:
     def run(i: int) -> None:
         try:
             attempt(barrier)
-        except BaseException as exc:  # noqa: BLE001 - collected and asserted on
+        except BaseException as exc:
             results[i] = exc
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
