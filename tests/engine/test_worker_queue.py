@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from sqlalchemy import select
+from tinker import types as tt
+from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from audit import log as audit_log
 from audit.db import make_engine, make_sessionmaker, transaction
-from audit.models import ClientSession, Future, Principal, TrainingRun
+from audit import usage
+from audit.models import ApiKey, ClientSession, Future, Principal, TrainingRun
 from engine import jobs
-from engine.backend import AdamStep, Backend, ModelInfo
+from engine.backend import AdamStep, Backend, ForwardBackwardResult, ModelInfo
 from engine.errors import NonFiniteError
 from engine.worker import Worker
 from migrations import upgrade_to_head
@@ -37,8 +41,14 @@ class RecordingBackend(Backend):
     def drop_adapter(self, adapter_id):
         self.adapters.discard(adapter_id)
 
-    def forward_backward(self, *args, **kwargs):
-        raise NotImplementedError
+    def forward_backward(self, adapter_id, data, loss_fn, loss_config, forward_only):
+        if loss_fn == "importance_sampling":  # stands in for any failure in the job
+            raise NonFiniteError("the loss is not finite")
+        n = len(data[0].tokens)
+        return ForwardBackwardResult(
+            outputs=[{"logprobs": np.zeros(n, np.float32),
+                      "elementwise_loss": np.zeros(n, np.float32)} for _ in data],
+            metrics={"loss:sum": 0.0})
 
     def optim_step(self, adapter_id, step):
         if step.learning_rate == 0.5:
@@ -63,6 +73,8 @@ def queue(database_url, tmp_path):
     factory = make_sessionmaker(engine)
     with transaction(factory) as session:
         session.add(Principal(id="p1", name="alice", role="researcher"))
+        session.flush()
+        session.add(ApiKey(id="k1", principal_id="p1", key_hash="0" * 64, prefix="tml-x"))
         session.flush()
         session.add(ClientSession(id="s1", principal_id="p1"))
         session.flush()
@@ -125,3 +137,41 @@ def test_a_run_waits_while_one_of_its_requests_is_running(queue):
         session.get(Future, "fut-s1:train:0-1").status = "running"  # held by another worker
     assert worker.run_once() is False
     assert backend.calls == []
+
+
+def _submit_reserved(factory, seq_id: int, loss_fn: str, tokens: int) -> None:
+    """A forward_backward future as admission leaves it: with its quota reservation."""
+    datum = tt.Datum(model_input=tt.ModelInput.from_ints(list(range(1, tokens + 1))),
+                     loss_fn_inputs={"target_tokens": [1] * tokens, "weights": [1.0] * tokens,
+                                     "logprobs": [-1.0] * tokens, "advantages": [1.0] * tokens}
+                     if loss_fn == "importance_sampling" else
+                     {"target_tokens": [1] * tokens, "weights": [1.0] * tokens})
+    body = forward_backward_request_to_proto(tt.ForwardBackwardRequest(
+        forward_backward_input=tt.ForwardBackwardInput(data=[datum], loss_fn=loss_fn),
+        model_id="s1:train:0", seq_id=seq_id)).SerializeToString()
+    reservation = usage.Reservation(api_key_id="k1", day=usage.utc_day(),
+                                    training_run_id="s1:train:0", training_tokens=tokens)
+    with transaction(factory) as session:
+        usage.record_reservation(session, reservation)
+        session.add(Future(request_id=f"fut-{seq_id}", principal_id="p1",
+                           kind="forward_backward", model_id="s1:train:0", seq_id=seq_id,
+                           status="pending", request_format="proto", request_payload=body,
+                           api_key_id="k1", quota_reservation=reservation.to_json()))
+
+
+def test_finished_work_is_charged_and_failed_work_is_refunded_exactly_once(queue):
+    factory, worker, _ = queue
+    _submit_reserved(factory, 1, "cross_entropy", tokens=5)
+    _submit_reserved(factory, 2, "importance_sampling", tokens=7)
+    with transaction(factory) as session:
+        held = usage.day_totals(session, "k1", usage.utc_day())
+    assert (held["training_tokens"], held["training_tokens_reserved"]) == (0, 12)
+    _drain(worker)
+    worker.fail_interrupted()  # nothing is running: settles nothing a second time
+    with transaction(factory) as session:
+        after = usage.day_totals(session, "k1", usage.utc_day())
+        statuses = [f.status for f in session.scalars(select(Future).order_by(Future.seq_id))]
+        per_run = usage.usage_by_run(session, ["s1:train:0"])["s1:train:0"]
+    assert statuses == ["done", "failed"]
+    assert (after["training_tokens"], after["training_tokens_reserved"]) == (5, 0)
+    assert per_run["training_tokens"] == 5

@@ -59,6 +59,8 @@ def test_request_approve_claim_once_then_train(server):
 
     sc = service(server, key)
     sc.create_lora_training_client(base_model=TINY, rank=4).result()
+    with pytest.raises(tinker.PermissionDeniedError, match="maximum of 8"):  # the approval's
+        sc.create_lora_training_client(base_model=TINY, rank=16).result()
     sc.close("success").result()
     with transaction(server.state.read_factory) as session:
         events = [e.event_type for e in session.scalars(select(AuditEntry).where(
@@ -139,3 +141,14 @@ def test_the_lifecycle_through_the_cli(database_url, tmp_path):
     assert not key.stdout.strip().startswith("tml-claim-")
     assert cli("claim", token).returncode == 2
     assert "claimed" in cli("requests").stdout
+
+
+def test_an_approval_with_unknown_scopes_is_refused_and_the_request_stays_pending(server):
+    filed = _request(server, "otto")
+    admin = server.create_key(role="admin")
+    bad = _post(server, f"admin/access_requests/{filed['request_id']}/approve", admin,
+                json={"scopes": {"tokens_per_day": 5}})
+    assert bad.status_code == 400 and "unknown scope 'tokens_per_day'" in bad.json()["detail"]
+    pending = httpx.get(f"{server.base_url}/api/v1/admin/access_requests?status=pending",
+                        headers={"X-API-Key": admin}, timeout=10).json()["requests"]
+    assert filed["request_id"] in [r["id"] for r in pending]

@@ -4,6 +4,8 @@ expired keys get a 401 saying which; only admins manage keys."""
 from __future__ import annotations
 
 import datetime as dt
+import json
+import uuid
 
 import httpx
 import pytest
@@ -13,7 +15,7 @@ from sqlalchemy import select
 from audit.db import transaction
 from audit.models import AuditEntry, utcnow
 from policy.keys import authenticate, create_key
-from tests.api.helpers import TINY, admin_request, cli_runner, service
+from tests.api.helpers import TINY, admin_request, cli_runner, run_cli, service
 
 
 def test_an_admin_creates_and_revokes_a_key_and_the_revoked_key_gets_401(server):
@@ -66,11 +68,37 @@ def test_only_admins_create_or_revoke_keys(server, role, can_list):
     ({}, "owner"),
     ({"owner": "frank", "role": "root"}, "unknown role"),
     ({"owner": "frank", "expires_in_days": 0}, "expires_in_days"),
+    ({"owner": "frank", "scopes": {"max_rank": 4}}, "unknown scope 'max_rank'"),
+    ({"owner": "frank", "scopes": {"losses": ["custom"]}}, "unknown losses ['custom']"),
+    ({"owner": "frank", "scopes": {"max_lora_rank": -1}}, "max_lora_rank must be a whole"),
+    ({"owner": "frank", "scopes": {"base_models": "all"}}, "base_models must be a list"),
+    ({"owner": "frank", "scopes": ["max_lora_rank"]}, "scopes must be a JSON object"),
 ])
 def test_bad_key_requests_are_refused(server, body, message):
     admin = server.create_key(role="admin")
     resp = admin_request(server, admin, "POST", "keys", json=body)
     assert resp.status_code == 400 and message in resp.json()["detail"]
+
+
+def test_a_key_gets_the_default_lifetime_and_scopes_unless_its_creator_overrides_them(server):
+    admin = server.create_key(role="admin")
+    tag = uuid.uuid4().hex[:8]
+    plain = admin_request(server, admin, "POST", "keys", json={"owner": f"p-{tag}"}).json()
+    short = admin_request(server, admin, "POST", "keys", json={
+        "owner": f"s-{tag}", "scopes": {"expires_in_days": 7, "max_lora_rank": 2}}).json()
+    defaults = server.state.scope_defaults
+    lifetime = dt.datetime.fromisoformat(plain["expires_at"]) - utcnow()
+    assert abs(lifetime - dt.timedelta(days=defaults.expires_in_days)) < dt.timedelta(minutes=1)
+    lifetime = dt.datetime.fromisoformat(short["expires_at"]) - utcnow()
+    assert abs(lifetime - dt.timedelta(days=7)) < dt.timedelta(minutes=1)
+    assert plain["scopes"] == defaults.to_dict() and plain["scope_overrides"] == {}
+    assert short["scopes"]["max_lora_rank"] == 2
+    assert short["scopes"]["losses"] == list(defaults.losses)
+    listed = {k["owner"]: k for k in admin_request(server, admin, "GET", "keys").json()["keys"]}
+    assert listed[f"s-{tag}"]["scope_overrides"] == {"expires_in_days": 7, "max_lora_rank": 2}
+    with pytest.raises(tinker.PermissionDeniedError, match="maximum of 2"):
+        service(server, short["key"]).create_lora_training_client(
+            base_model=TINY, rank=4).result()
 
 
 def test_revoking_an_unknown_key_is_a_404(server):
@@ -92,3 +120,12 @@ def test_cli_lists_and_revokes_keys(database_url, tmp_path):
     assert cli("revoke", key_id).returncode == 2
     assert cli("create", "--role", "researcher", "--owner", "h", "--expires-in-days",
                "0").returncode == 2
+    scoped = cli("create", "--role", "researcher", "--owner", "hal", "--scopes",
+                 '{"max_lora_rank": 2, "training_tokens_per_day": 10}')
+    assert scoped.returncode == 0
+    bad = cli("create", "--role", "researcher", "--owner", "hank", "--scopes", '{"rank": 2}')
+    assert bad.returncode == 2 and "unknown scope 'rank'" in bad.stderr
+    report = json.loads(run_cli(database_url, tmp_path, "usage", "--owner", "hal").stdout)
+    [hal] = report["keys"]
+    assert hal["today"]["training_tokens_per_day"] == 10 and report["training_runs"] == []
+    assert run_cli(database_url, tmp_path, "usage", "--owner", "nobody").returncode == 2
