@@ -13,8 +13,8 @@ from tinker import types as tt
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from audit import log as audit_log
-from audit.db import make_engine, make_sessionmaker, transaction
 from audit import usage
+from audit.db import make_engine, make_sessionmaker, transaction
 from audit.models import ApiKey, ClientSession, Future, Principal, TrainingRun
 from engine import jobs
 from engine.backend import AdamStep, Backend, ForwardBackwardResult, ModelInfo
