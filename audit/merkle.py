@@ -86,8 +86,8 @@ def _path(m: int, hashes: Sequence[bytes]) -> list[bytes]:
         return []
     k = _split(n)
     if m < k:
-        return _path(m, hashes[:k]) + [_subtree_root(hashes[k:])]
-    return _path(m - k, hashes[k:]) + [_subtree_root(hashes[:k])]
+        return [*_path(m, hashes[:k]), _subtree_root(hashes[k:])]
+    return [*_path(m - k, hashes[k:]), _subtree_root(hashes[:k])]
 
 
 def consistency_proof(leaves: Sequence[bytes], old_size: int) -> list[bytes]:
@@ -104,8 +104,8 @@ def _subproof(m: int, hashes: Sequence[bytes], whole: bool) -> list[bytes]:
         return [] if whole else [_subtree_root(hashes)]
     k = _split(n)
     if m <= k:
-        return _subproof(m, hashes[:k], whole) + [_subtree_root(hashes[k:])]
-    return _subproof(m - k, hashes[k:], False) + [_subtree_root(hashes[:k])]
+        return [*_subproof(m, hashes[:k], whole), _subtree_root(hashes[k:])]
+    return [*_subproof(m - k, hashes[k:], False), _subtree_root(hashes[:k])]
 
 
 def verify_inclusion(data: bytes, index: int, size: int, proof: Sequence[bytes],

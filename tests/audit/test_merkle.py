@@ -63,7 +63,8 @@ def test_wrong_leaves_indexes_sizes_or_proofs_fail():
     proof = merkle.inclusion_proof(LEAVES, 3)
     assert not merkle.verify_inclusion(LEAVES[4], 3, 8, proof, root)
     assert not merkle.verify_inclusion(LEAVES[3], 2, 8, proof, root)
-    assert not merkle.verify_inclusion(LEAVES[3], 3, 7, proof, root)
+    assert not merkle.verify_inclusion(LEAVES[3], 3, 3, proof, root)  # index beyond size
+    assert not merkle.verify_inclusion(LEAVES[3], 3, 16, proof, root)
     assert not merkle.verify_inclusion(LEAVES[3], 3, 8, proof[:-1], root)
     bad = [proof[0], hashlib.sha256(b"x").digest(), *proof[2:]]
     assert not merkle.verify_inclusion(LEAVES[3], 3, 8, bad, root)
