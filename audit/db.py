@@ -15,6 +15,8 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from audit.anchors import HMAC_INFO_KEY, HmacKeys
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -77,8 +79,12 @@ def _make_sqlite_engine(url: str, read_only: bool) -> Engine:
     return engine
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False, autoflush=True)
+def make_sessionmaker(engine: Engine, hmac_keys: HmacKeys | None = None
+                      ) -> sessionmaker[Session]:
+    """Sessions for `engine`; with `hmac_keys`, audit entries appended through them get
+    a MAC (audit.log.append reads the keys from the session's info)."""
+    info = {HMAC_INFO_KEY: hmac_keys} if hmac_keys is not None else {}
+    return sessionmaker(engine, expire_on_commit=False, autoflush=True, info=info)
 
 
 @contextmanager

@@ -4,7 +4,11 @@ Each entry's hash covers a canonical encoding of its content and the previous en
 hash, so modifying, deleting or reordering rows breaks the chain at a named `seq`.
 Appends run inside the caller's transaction (the audit row commits with the state change
 it records) and are serialized: SQLite holds the write lock from BEGIN IMMEDIATE,
-PostgreSQL takes a transaction-scoped advisory lock before reading the head.
+PostgreSQL takes a transaction-scoped advisory lock before reading the head. When the
+session factory carries HMAC keys (`session.info["audit_hmac"]`, see audit.db), each new
+entry also gets a MAC. Verification also checks MACs and external checkpoints
+(audit.anchors), which catch what a chain alone cannot: a truncated tail and a chain
+recomputed by someone with write access.
 
 Must not import other loragate packages; payloads must never carry secrets or raw
 training/sampled text (callers pass ids, hashes and decisions).
@@ -15,13 +19,20 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from audit.anchors import HMAC_INFO_KEY, Checkpoint, HmacKeys, save_checkpoint
+from audit.merkle import RootBuilder
 from audit.models import AuditEntry
 
 GENESIS_HASH = "0" * 64
@@ -55,8 +66,11 @@ def compute_entry_hash(
     payload: str,
     prev_hash: str,
 ) -> str:
-    fields = [seq, created_at, actor, event_type, subject, decision, request_id, payload,
-              prev_hash]
+    return _digest([seq, created_at, actor, event_type, subject, decision, request_id, payload,
+                    prev_hash])
+
+
+def _digest(fields: list[Any]) -> str:
     return hashlib.sha256(_HASH_DOMAIN + canonical_json(fields).encode("utf-8")).hexdigest()
 
 
@@ -95,6 +109,9 @@ def append(
         hash_version=HASH_VERSION,
     )
     entry.entry_hash = _hash_of(entry)
+    keys: HmacKeys | None = session.info.get(HMAC_INFO_KEY)
+    if keys is not None:
+        entry.mac, entry.key_id = keys.mac(entry.entry_hash)
     session.add(entry)
     session.flush()
     return entry
@@ -120,47 +137,160 @@ class VerifyResult:
     rows: int
     head_seq: int
     head_hash: str
+    merkle_root: str = ""
     bad_seq: int | None = None
     reason: str | None = None
+    checkpoints: int = 0
+    macs: int = 0
 
     def describe(self) -> str:
         if self.ok:
-            return f"audit chain OK: {self.rows} entries, head seq {self.head_seq} {self.head_hash}"
+            return (f"audit chain OK: {self.rows} entries, head seq {self.head_seq} "
+                    f"{self.head_hash}, Merkle root {self.merkle_root}; {self.macs} MACs and "
+                    f"{self.checkpoints} checkpoints checked")
         return f"audit chain BROKEN at seq {self.bad_seq}: {self.reason}"
 
 
-def _stream(session: Session, batch: int = 5000) -> Iterator[AuditEntry]:
+COLUMNS = (AuditEntry.seq, AuditEntry.created_at, AuditEntry.actor, AuditEntry.event_type,
+           AuditEntry.subject, AuditEntry.decision, AuditEntry.request_id, AuditEntry.payload,
+           AuditEntry.prev_hash, AuditEntry.entry_hash, AuditEntry.mac, AuditEntry.key_id,
+           AuditEntry.hash_version)
+
+
+def stream_rows(session: Session, columns: Sequence[Any] = COLUMNS, *, upto: int | None = None,
+                batch: int = 10_000) -> Iterator[Any]:
+    """Rows as tuples of `columns` (seq first), by seq, in batches: constant memory."""
     last = 0
     while True:
-        rows = session.scalars(
-            select(AuditEntry).where(AuditEntry.seq > last).order_by(AuditEntry.seq).limit(batch)
-        ).all()
+        stmt = select(*columns).where(AuditEntry.seq > last)
+        if upto is not None:
+            stmt = stmt.where(AuditEntry.seq <= upto)
+        rows = session.execute(stmt.order_by(AuditEntry.seq).limit(batch)).all()
         if not rows:
             return
         yield from rows
-        last = rows[-1].seq
-        session.expunge_all()
+        last = rows[-1][0]
 
 
-def verify(session: Session) -> VerifyResult:
-    """Walk the chain from seq 1; report the first entry that does not hold."""
-    expected_seq, prev_hash, rows = 1, GENESIS_HASH, 0
-    for entry in _stream(session):
-        problem = _check_entry(entry, expected_seq, prev_hash)
+HASH_COLUMNS = (AuditEntry.seq, AuditEntry.entry_hash)
+
+
+def _row_hash(row: Any) -> str:
+    return _digest(list(row[:9]))  # the hashed fields lead COLUMNS, in hash order
+
+
+class _Verifier:
+    """One pass over the log: the chain, MACs and checkpoints, first failure wins."""
+
+    def __init__(self, keys: HmacKeys | None, checkpoints: Sequence[Checkpoint]) -> None:
+        self.keys = keys
+        self.pending = sorted(checkpoints, key=lambda c: c.seq)
+        self.tree = RootBuilder()
+        self.expected_seq, self.prev_hash, self.rows, self.macs = 1, GENESIS_HASH, 0, 0
+
+    def check(self, row: Any) -> tuple[int, str] | None:
+        seq, prev_hash, entry_hash = row[0], row[8], row[9]
+        if seq != self.expected_seq:
+            return self.expected_seq, (f"missing entry: expected seq {self.expected_seq}, "
+                                       f"found {seq} (rows deleted)")
+        if row[12] != HASH_VERSION:
+            return seq, f"unknown hash version {row[12]}"
+        if prev_hash != self.prev_hash:
+            return seq, "prev_hash does not match the previous entry (rows reordered or forked)"
+        if _row_hash(row) != entry_hash:
+            return seq, "content does not match entry_hash (modified)"
+        problem = self._check_mac(row)
         if problem:
-            return VerifyResult(False, rows, expected_seq - 1, prev_hash, problem[0], problem[1])
-        rows += 1
-        expected_seq, prev_hash = entry.seq + 1, entry.entry_hash
-    return VerifyResult(True, rows, expected_seq - 1, prev_hash)
+            return seq, problem
+        self.tree.add(bytes.fromhex(entry_hash))
+        self.rows += 1
+        self.expected_seq, self.prev_hash = seq + 1, entry_hash
+        return self._check_checkpoints(seq, entry_hash)
+
+    def _check_mac(self, row: Any) -> str | None:
+        if self.keys is None:
+            return None
+        why = self.keys.check(row[11], row[9], row[10])
+        if why is None:
+            self.macs += 1
+            return None
+        if why == "no MAC" and self.macs == 0:
+            return None  # entries from before HMAC was switched on
+        return f"{why}: the chain was recomputed without the HMAC key, or MACs were stripped"
+
+    def _check_checkpoints(self, seq: int, entry_hash: str) -> tuple[int, str] | None:
+        while self.pending and self.pending[0].seq == seq:
+            cp = self.pending.pop(0)
+            if cp.entry_hash != entry_hash or cp.merkle_root != self.tree.root().hex():
+                return seq, (f"does not match the checkpoint of {cp.created_at}: the log up to "
+                             "here was rewritten and its chain recomputed")
+        return None
+
+    def finish(self) -> tuple[int, str] | None:
+        if self.keys is not None and self.rows and self.macs == 0:
+            return 1, ("no entry carries a valid MAC although HMAC keys were given: the chain "
+                       "was recomputed or the MACs stripped")
+        if self.pending:
+            cp = self.pending[0]
+            return self.expected_seq, (f"truncated tail: the checkpoint of {cp.created_at} "
+                                       f"vouches for seq {cp.seq}, but the log ends at seq "
+                                       f"{self.expected_seq - 1}")
+        return None
 
 
-def _check_entry(entry: AuditEntry, expected_seq: int, prev_hash: str) -> tuple[int, str] | None:
-    if entry.seq != expected_seq:
-        return expected_seq, f"missing entry: expected seq {expected_seq}, found {entry.seq}"
-    if entry.hash_version != HASH_VERSION:
-        return entry.seq, f"unknown hash version {entry.hash_version}"
-    if entry.prev_hash != prev_hash:
-        return entry.seq, "prev_hash does not match the previous entry (reordered or forked)"
-    if _hash_of(entry) != entry.entry_hash:
-        return entry.seq, "content does not match entry_hash (modified)"
-    return None
+def verify(session: Session, *, keys: HmacKeys | None = None,
+           checkpoints: Sequence[Checkpoint] = (),
+           public_key: Ed25519PublicKey | None = None) -> VerifyResult:
+    """Walk the log from seq 1 and report the first entry that does not hold: against
+    its own chain, against `keys` (MACs) and against external `checkpoints` (whose
+    signatures must verify with `public_key` when one is given)."""
+    if public_key is not None:
+        for cp in checkpoints:
+            if not cp.signature_ok(public_key):
+                return VerifyResult(False, 0, 0, "", bad_seq=cp.seq,
+                                    reason=f"the checkpoint of {cp.created_at} for seq {cp.seq} "
+                                    "has no valid signature for this public key")
+    v = _Verifier(keys, checkpoints)
+    for row in stream_rows(session):
+        problem = v.check(row)
+        if problem:
+            break
+    else:
+        problem = v.finish()
+    head = v.expected_seq - 1
+    if problem:
+        return VerifyResult(False, v.rows, head, v.prev_hash, bad_seq=problem[0],
+                            reason=problem[1])
+    return VerifyResult(True, v.rows, head, v.prev_hash, merkle_root=v.tree.root().hex(),
+                        checkpoints=len(checkpoints), macs=v.macs)
+
+
+def make_checkpoint(session: Session, reason: str,
+                    signing_key: Ed25519PrivateKey | None = None) -> Checkpoint | None:
+    """A (signed) checkpoint of the current head, or None for an empty log."""
+    tree, head, head_hash = RootBuilder(), 0, GENESIS_HASH
+    for seq, entry_hash in stream_rows(session, HASH_COLUMNS, batch=50_000):
+        tree.add(bytes.fromhex(entry_hash))
+        head, head_hash = seq, entry_hash
+    if head == 0:
+        return None
+    ckpt = Checkpoint(seq=head, entry_hash=head_hash, merkle_root=tree.root().hex(),
+                      created_at=timestamp_now(), reason=reason)
+    return ckpt.signed(signing_key) if signing_key is not None else ckpt
+
+
+def entry_hashes(session: Session, upto: int) -> list[bytes]:
+    """The raw entry hashes of seq 1..upto (the Merkle leaves), for proofs."""
+    return [bytes.fromhex(h) for _, h in stream_rows(session, HASH_COLUMNS, upto=upto,
+                                                     batch=50_000)]
+
+
+def write_checkpoint(session: Session, directory: Path, reason: str,
+                     signing_key: Ed25519PrivateKey | None = None,
+                     after_seq: int = 0) -> tuple[Checkpoint, Path] | None:
+    """Write a checkpoint of the head to `directory`; None when the log is empty or has
+    not grown past `after_seq`."""
+    ckpt = make_checkpoint(session, reason, signing_key)
+    if ckpt is None or ckpt.seq <= after_seq:
+        return None
+    return ckpt, save_checkpoint(directory, ckpt)

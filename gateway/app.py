@@ -20,7 +20,17 @@ from audit.db import transaction
 from engine.errors import EngineError
 from gateway.context import route_event
 from gateway.errors import ApiError, NotFound, Unprocessable, to_api_error
-from gateway.routes import access, admin, futures, rest, sampling, service, training, usage
+from gateway.routes import (
+    access,
+    admin,
+    audit,
+    futures,
+    rest,
+    sampling,
+    service,
+    training,
+    usage,
+)
 from gateway.settings import Settings
 from gateway.state import AppState, build_state
 from policy.errors import PolicyError
@@ -43,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # No generated docs routes: every route must pass the policy, and those would not.
     app = FastAPI(title="loragate", version="0.1.0", lifespan=lifespan, openapi_url=None,
                   docs_url=None, redoc_url=None)
-    for module in (service, training, sampling, futures, rest, usage, admin, access):
+    for module in (service, training, sampling, futures, rest, usage, audit, admin, access):
         app.include_router(module.router)
     app.middleware("http")(_assign_request_id)
     # User errors are handled inside the app; `Exception` (a bug) reaches Starlette's
@@ -117,6 +127,7 @@ def _audit_refusal(state: AppState, request: Request, status: int, code: str,
                 event_type=route_event(request), decision="deny" if status < 500 else "error",
                 subject=request.url.path, request_id=getattr(request.state, "request_id", ""),
                 payload={"status": status, "code": code, "reason": message[:500],
-                         "method": request.method})
+                         "method": request.method,
+                         "api_key_id": getattr(request.state, "api_key_id", None)})
     except Exception:
         logger.exception("could not audit a refused request")

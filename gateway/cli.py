@@ -6,7 +6,8 @@
                        [--scopes JSON]
   loragate keys list | keys revoke KEY_ID [--reason R]
   loragate keys request|claim|requests|approve|reject … (the access-request lifecycle)
-  loragate audit verify [--data-dir D]
+  loragate audit verify|checkpoint|keygen|prove|check-proof|query|export|verify-export …
+                 (see gateway/cli_audit.py)
   loragate usage [--owner NAME] [--data-dir D]   (JSON: per key and per training run)
   loragate policy list|add SUBJECT RESOURCE ACTION allow|deny|remove ID [--data-dir D]
   loragate models prepare [--data-dir D] [--base-model NAME]
@@ -28,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gateway import cli_audit
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -61,7 +63,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     upgrade_to_head(settings.database)
-    worker = Worker(make_sessionmaker(make_engine(settings.database)),
+    worker = Worker(make_sessionmaker(make_engine(settings.database), settings.hmac_keys()),
                     ModelRegistry(settings.data_dir, settings.extra_models),
                     settings.checkpoint_root, worker_id=args.worker_id, device=settings.device,
                     idle_poll_seconds=0.05)
@@ -84,7 +86,7 @@ def _database(args: argparse.Namespace, read_only: bool = False) -> Iterator[Ses
     upgrade_to_head(settings.database)
     engine = make_engine(settings.database, read_only=read_only)
     try:
-        with transaction(make_sessionmaker(engine)) as session:
+        with transaction(make_sessionmaker(engine, settings.hmac_keys())) as session:
             yield session
     finally:
         engine.dispose()
@@ -169,13 +171,8 @@ def _cmd_access(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_audit_verify(args: argparse.Namespace) -> int:
-    from audit import log as audit_log
-
-    with _database(args, read_only=True) as session:
-        result = audit_log.verify(session)
-    print(result.describe(), file=sys.stdout if result.ok else sys.stderr)
-    return 0 if result.ok else 1
+def _cmd_audit(args: argparse.Namespace) -> int:
+    return int(args.audit_func(args, _database, _settings))
 
 
 def _cmd_usage(args: argparse.Namespace) -> int:
@@ -298,12 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir(revoke)
     revoke.set_defaults(func=_cmd_keys_admin)
 
-    audit = sub.add_parser("audit", help="audit trail").add_subparsers(dest="audit_cmd",
-                                                                       required=True)
-    verify = audit.add_parser("verify", help="check the hash chain; exit 1 naming the first "
-                                             "bad seq")
-    data_dir(verify)
-    verify.set_defaults(func=_cmd_audit_verify)
+    cli_audit.add_commands(sub, data_dir)
+    sub.choices["audit"].set_defaults(func=_cmd_audit)
 
     usage = sub.add_parser("usage", help="tokens and checkpoints per key and per training run")
     usage.add_argument("--owner", help="one principal's usage (default: everyone's)")
@@ -340,11 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from audit.anchors import AnchorError
     from policy.errors import PolicyError
 
     try:
         return int(args.func(args))
-    except PolicyError as exc:  # a refusal (bad role, unknown key or rule): say why, exit 2
+    except (PolicyError, AnchorError) as exc:  # a refusal or unusable input: say why, exit 2
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

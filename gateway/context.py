@@ -73,9 +73,10 @@ class RequestContext:
         self.audit_payload.update(payload)
 
     def _commit(self) -> None:
+        payload = {**self.audit_payload, "api_key_id": self.api_key_id}
         audit_log.append(self.session, actor=self.principal.id, event_type=self.event_type,
                          decision="allow", subject=self.subject, request_id=self.request_id,
-                         payload=self.audit_payload)
+                         payload=payload)
         self.session.commit()
 
     def _close(self, ok: bool) -> None:
@@ -93,7 +94,7 @@ def request_context(request: Request) -> Iterator[RequestContext]:
         scopes = effective(state.scope_defaults, key.scopes)
         key_id = key.id
         state.authorizer.ensure_current(session)
-    request.state.principal = principal
+    request.state.principal, request.state.api_key_id = principal, key_id
     _authorize(state, request, principal)
     ctx = RequestContext(state=state, request_id=request.state.request_id, principal=principal,
                          event_type=route_event(request), scopes=scopes, api_key_id=key_id)

@@ -50,6 +50,10 @@ ROUTE_PERMISSIONS: dict[str, Permission] = {
     "set_checkpoint_ttl": ("checkpoints", "manage"),
     "unpublish_checkpoint": ("checkpoints", "manage"),
     "publish_checkpoint": ("checkpoints", "publish"),
+    # the audit trail (auditors, admins)
+    "audit_entries": ("audit", "read"),
+    "audit_export": ("audit", "read"),
+    "audit_day": ("audit", "read"),
     # administration
     "admin_list_policy": ("policy", "read"),
     "admin_add_policy_rule": ("policy", "write"),

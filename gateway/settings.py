@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from audit.anchors import HmacKeys, load_hmac_keys, load_signing_key
 from audit.db import sqlite_url
 from engine.registry import DEFAULT_BASE_MODEL
 from policy.limits import Limits
@@ -29,6 +33,16 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     # Default scopes of every key (None: the reviewed policy/default_scopes.toml).
     scopes_file: Path | None = None
+    # Audit anchors (audit.anchors). HMAC keys: this file, else $LORAGATE_AUDIT_HMAC_KEY;
+    # none means entries carry no MAC.
+    audit_hmac_key_file: Path | None = None
+    # Ed25519 key that signs checkpoints (unsigned checkpoints without one).
+    audit_signing_key_file: Path | None = None
+    # Where checkpoints go; None: <data_dir>/audit-checkpoints. Point it at storage the
+    # database's writers cannot rewrite.
+    audit_checkpoint_dir: Path | None = None
+    # A checkpoint of the head this often while the log grows (0 = only on decisions).
+    audit_checkpoint_seconds: float = 300.0
 
     @property
     def database(self) -> str:
@@ -37,6 +51,17 @@ class Settings:
     @property
     def checkpoint_root(self) -> Path:
         return (self.data_dir / "checkpoints").resolve()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.audit_checkpoint_dir or self.data_dir / "audit-checkpoints"
+
+    def hmac_keys(self) -> HmacKeys | None:
+        return load_hmac_keys(self.audit_hmac_key_file)
+
+    def signing_key(self) -> Ed25519PrivateKey | None:
+        return load_signing_key(self.audit_signing_key_file) if self.audit_signing_key_file \
+            else None
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -49,6 +74,10 @@ class Settings:
         if env.get("LORAGATE_BASE_MODELS"):
             names = tuple(n.strip() for n in env["LORAGATE_BASE_MODELS"].split(",") if n.strip())
             settings = replace(settings, base_models=names)
+        for name in ("audit_hmac_key_file", "audit_signing_key_file", "audit_checkpoint_dir"):
+            if env.get(f"LORAGATE_{name.upper()}"):
+                paths: dict[str, Any] = {name: Path(env[f"LORAGATE_{name.upper()}"])}
+                settings = replace(settings, **paths)
         if env.get("LORAGATE_SCOPES_FILE"):
             settings = replace(settings, scopes_file=Path(env["LORAGATE_SCOPES_FILE"]))
         if env.get("LORAGATE_DEVICE"):

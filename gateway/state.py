@@ -10,8 +10,10 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -45,10 +47,12 @@ class AppState:
     # quotas): each takes the AdmissionRequest and raises to refuse it.
     authorizer: Authorizer
     scope_defaults: Scopes
+    checkpoints: Checkpointer
     admission_checks: list[AdmissionCheck] = field(default_factory=list)
     worker: Any = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _checkpoint_thread: threading.Thread | None = None
 
     def model_info(self, name: str) -> ModelInfo | None:
         return self.models.get(name)
@@ -71,8 +75,46 @@ class AppState:
         self.wake_worker()
         if self._thread is not None:
             self._thread.join(timeout=60)
+        if self._checkpoint_thread is not None:
+            self._checkpoint_thread.join(timeout=60)
         self.engine.dispose()
         self.read_engine.dispose()
+
+
+class Checkpointer:
+    """Writes signed checkpoints of the audit head outside the database: on demand (every
+    release decision) and on a timer while the log grows."""
+
+    def __init__(self, factory: sessionmaker[Session], directory: Path,
+                 signing_key: Ed25519PrivateKey | None) -> None:
+        self.factory, self.directory, self.signing_key = factory, directory, signing_key
+        self.last_seq = 0
+        self._lock = threading.Lock()
+
+    @property
+    def signed(self) -> bool:
+        return self.signing_key is not None
+
+    def write(self, reason: str, *, only_if_grown: bool = False) -> Path | None:
+        with self._lock, transaction(self.factory) as session:
+            written = audit_log.write_checkpoint(
+                session, self.directory, reason, self.signing_key,
+                after_seq=self.last_seq if only_if_grown else 0)
+        if written is None:
+            return None
+        ckpt, path = written
+        self.last_seq = ckpt.seq
+        logger.info("audit checkpoint", extra={"seq": ckpt.seq, "path": str(path),
+                                               "reason": reason})
+        return path
+
+    def run_every(self, seconds: float, stop: threading.Event) -> None:
+        while not stop.wait(seconds):
+            try:
+                self.write("timer", only_if_grown=True)
+            except Exception:  # a full disk must not kill the thread silently
+                logger.exception("writing an audit checkpoint failed")
+        self.write("shutdown", only_if_grown=True)
 
 
 def build_state(settings: Settings) -> AppState:
@@ -81,7 +123,8 @@ def build_state(settings: Settings) -> AppState:
     url = settings.database
     upgrade_to_head(url)
     engine, read_engine = make_engine(url), make_engine(url, read_only=True)
-    factory, read_factory = make_sessionmaker(engine), make_sessionmaker(read_engine)
+    hmac_keys = settings.hmac_keys()
+    factory, read_factory = make_sessionmaker(engine, hmac_keys), make_sessionmaker(read_engine)
     registry = ModelRegistry(settings.data_dir, settings.extra_models)
     models = {name: registry.info(name) for name in settings.base_models}
     with transaction(factory) as session:
@@ -93,14 +136,23 @@ def build_state(settings: Settings) -> AppState:
         settings=settings, engine=engine, read_engine=read_engine, factory=factory,
         read_factory=read_factory, registry=registry, models=models,
         completions=Completions(), authorizer=authorizer, scope_defaults=scope_defaults,
+        checkpoints=Checkpointer(read_factory, settings.checkpoint_dir, settings.signing_key()),
     )
     with transaction(state.factory) as session:
         audit_log.append(session, actor="system", event_type="gateway.start", decision="info",
                          payload={"base_models": sorted(models), "worker": settings.run_worker,
                                   "database": engine.dialect.name,
-                                  "default_scopes_sha256": scope_defaults.digest()})
+                                  "default_scopes_sha256": scope_defaults.digest(),
+                                  "audit_hmac_key_id": hmac_keys.current if hmac_keys else None,
+                                  "audit_checkpoints": str(settings.checkpoint_dir),
+                                  "audit_checkpoints_signed": state.checkpoints.signed})
     if settings.run_worker:
         _start_worker(state)
+    if settings.audit_checkpoint_seconds > 0:
+        state._checkpoint_thread = threading.Thread(
+            target=state.checkpoints.run_every, name="loragate-audit-checkpoints", daemon=True,
+            args=(settings.audit_checkpoint_seconds, state._stop))
+        state._checkpoint_thread.start()
     return state
 
 

@@ -41,8 +41,8 @@ def _without_triggers(factory, sql: str, params: dict | None = None) -> None:
             session.execute(text(sql), params or {})
             session.execute(text("ALTER TABLE audit_log ENABLE TRIGGER USER"))
         else:
-            session.execute(text("DROP TRIGGER audit_log_no_update"))
-            session.execute(text("DROP TRIGGER audit_log_no_delete"))
+            session.execute(text("DROP TRIGGER IF EXISTS audit_log_no_update"))
+            session.execute(text("DROP TRIGGER IF EXISTS audit_log_no_delete"))
             session.execute(text(sql), params or {})
 
 

@@ -25,6 +25,7 @@ TRAIN_AND_SAMPLE = {"create_model", "forward_backward", "optim_step", "save_weig
                     "save_weights_for_sampler", "load_weights", "get_info",
                     "create_sampling_session", "asample"}
 POLICY_READ = {"admin_list_policy", "admin_list_keys", "admin_list_access_requests"}
+AUDIT_READ = {"audit_entries", "audit_export", "audit_day"}
 POLICY_WRITE = {"admin_add_policy_rule", "admin_remove_policy_rule", "admin_create_key",
                 "admin_revoke_key", "admin_approve_access", "admin_reject_access"}
 PUBLIC = {"request_access", "claim_access"}
@@ -35,8 +36,8 @@ MANAGE = {"delete_checkpoint", "set_checkpoint_ttl", "unpublish_checkpoint",
 ALLOWED = {
     "anonymous": PUBLIC,
     "researcher": SESSION | RECORDS | TRAIN_AND_SAMPLE | MANAGE | {"retrieve_future"},
-    "auditor": SESSION | RECORDS | POLICY_READ | {"retrieve_future"},
-    "admin": SESSION | RECORDS | POLICY_READ | POLICY_WRITE,
+    "auditor": SESSION | RECORDS | POLICY_READ | AUDIT_READ | {"retrieve_future"},
+    "admin": SESSION | RECORDS | POLICY_READ | AUDIT_READ | POLICY_WRITE,
 }
 
 
@@ -55,7 +56,7 @@ def test_every_route_declares_a_permission_and_no_entry_is_stale():
 
 
 def test_the_expectation_table_covers_every_route():
-    every = SESSION | RECORDS | TRAIN_AND_SAMPLE | MANAGE | POLICY_READ | POLICY_WRITE
+    every = SESSION | RECORDS | TRAIN_AND_SAMPLE | MANAGE | POLICY_READ | POLICY_WRITE | AUDIT_READ
     assert every | PUBLIC | {"retrieve_future", "create_custom_loss"} == _api_routes()
 
 
