@@ -4,10 +4,12 @@ errors become HTTP responses (and denial audit rows)."""
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import structlog
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +38,7 @@ from gateway.state import AppState, build_state
 from policy.errors import PolicyError
 
 logger = logging.getLogger("loragate.gateway")
+request_log = structlog.get_logger("loragate.requests")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -82,9 +85,18 @@ def api_routes(app: FastAPI) -> list[APIRoute]:
 async def _assign_request_id(
     request: Request, call_next: Callable[[Request], Awaitable[Response]]
 ) -> Response:
-    request.state.request_id = f"req-{uuid.uuid4().hex}"
-    response = await call_next(request)
-    response.headers["X-Request-Id"] = request.state.request_id
+    """Give the request its id (the audit row's too), bind it to every log line written
+    while it is handled, and log one line when it is answered."""
+    request_id = f"req-{uuid.uuid4().hex}"
+    request.state.request_id = request_id
+    started = time.perf_counter()
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        response = await call_next(request)
+        principal = getattr(request.state, "principal", None)
+        request_log.info("request", method=request.method, route=route_event(request),
+                         status=response.status_code, principal=principal.id if principal
+                         else None, seconds=round(time.perf_counter() - started, 4))
+    response.headers["X-Request-Id"] = request_id
     return response
 
 

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway import cli_audit
+from gateway import cli_audit, logs
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -50,8 +50,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
 
     settings = _settings(args, run_worker=not args.no_worker, host=args.host, port=args.port)
+    # log_config=None keeps our JSON logging; requests are logged by the app (with the
+    # request id its audit row carries), so uvicorn's access log is off.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level="info", timeout_graceful_shutdown=5)
+                log_level="info", log_config=None, access_log=False,
+                timeout_graceful_shutdown=5)
     return 0
 
 
@@ -330,8 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(logging.INFO)
     args = build_parser().parse_args(argv)
     from audit.anchors import AnchorError
     from policy.errors import PolicyError

@@ -7,6 +7,7 @@ import json
 import uuid
 from typing import Any
 
+import structlog
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from tinker import types as tt
@@ -91,10 +92,34 @@ def finish_session(session_id: str, ctx: Ctx, body: OptionalJsonBody = None) -> 
 
 @router.post("/telemetry", name="telemetry")
 def telemetry(ctx: Ctx, body: JsonBody) -> dict[str, str]:
-    # Telemetry can echo the caller's X-API-Key in clear: count it, never store or log it.
+    # SDK telemetry (client-side exceptions, session events) is useful to operators, but it
+    # can echo the caller's X-API-Key and carry arbitrary data: the audit row only counts
+    # it, and the log keeps a summary whose text is redacted (gateway.logs).
     events = body.get("events") if isinstance(body, dict) else None
-    ctx.note(events=len(events) if isinstance(events, list) else 0)
+    events = events if isinstance(events, list) else []
+    ctx.note(events=len(events))
+    for event in events[:MAX_TELEMETRY_LOGGED]:
+        if isinstance(event, dict):
+            telemetry_log.info("sdk telemetry", **_telemetry_summary(event))
     return tt.TelemetryResponse(status="accepted").model_dump(mode="json")
+
+
+MAX_TELEMETRY_LOGGED = 20
+telemetry_log = structlog.get_logger("loragate.telemetry")
+
+
+def _telemetry_summary(event: dict[str, Any]) -> dict[str, Any]:
+    """Names, severity and a short error message; never `event_data` values."""
+    # "event" is the log line's own field name, so the SDK's goes in as sdk_event.
+    summary: dict[str, Any] = {f"sdk_{k}" if k == "event" else k: str(event[k])[:100]
+                               for k in ("event", "event_name", "severity", "error_type")
+                               if k in event}
+    if "error_message" in event:
+        summary["error_message"] = str(event["error_message"])[:300]
+    data = event.get("event_data")
+    if isinstance(data, dict):
+        summary["event_data_keys"] = sorted(str(k) for k in data)[:20]
+    return summary
 
 
 @router.post("/create_custom_loss", name="create_custom_loss")
