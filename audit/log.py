@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
 from audit.anchors import HMAC_INFO_KEY, Checkpoint, HmacKeys, save_checkpoint
@@ -80,6 +80,10 @@ def _lock_head(session: Session) -> None:
     # SQLite: the transaction already holds the write lock (BEGIN IMMEDIATE, audit.db).
 
 
+_HEAD = select(AuditEntry.seq, AuditEntry.entry_hash).order_by(AuditEntry.seq.desc()).limit(1)
+_INSERT = insert(AuditEntry.__table__)
+
+
 def append(
     session: Session,
     *,
@@ -90,31 +94,25 @@ def append(
     request_id: str = "",
     payload: dict[str, Any] | None = None,
 ) -> AuditEntry:
-    """Append one entry in the caller's transaction and return it (flushed)."""
+    """Append one entry in the caller's transaction and return it (written, detached).
+
+    Runs on the session's connection with Core statements: the ORM's unit of work would
+    cost more than the rest of the append, and entries are never changed afterwards."""
+    conn = session.connection()
     _lock_head(session)
-    head = session.execute(
-        select(AuditEntry.seq, AuditEntry.entry_hash).order_by(AuditEntry.seq.desc()).limit(1)
-    ).first()
+    head = conn.execute(_HEAD).first()
     seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
-    entry = AuditEntry(
-        seq=seq,
-        created_at=timestamp_now(),
-        actor=actor,
-        event_type=event_type,
-        subject=subject,
-        decision=decision,
-        request_id=request_id,
-        payload=canonical_json(payload or {}),
-        prev_hash=prev_hash,
-        hash_version=HASH_VERSION,
-    )
-    entry.entry_hash = _hash_of(entry)
+    values: dict[str, Any] = {
+        "seq": seq, "created_at": timestamp_now(), "actor": actor, "event_type": event_type,
+        "subject": subject, "decision": decision, "request_id": request_id,
+        "payload": canonical_json(payload or {}), "prev_hash": prev_hash,
+    }
+    values["entry_hash"] = compute_entry_hash(**values)
     keys: HmacKeys | None = session.info.get(HMAC_INFO_KEY)
-    if keys is not None:
-        entry.mac, entry.key_id = keys.mac(entry.entry_hash)
-    session.add(entry)
-    session.flush()
-    return entry
+    values["mac"], values["key_id"] = keys.mac(values["entry_hash"]) if keys else (None, None)
+    values["hash_version"] = HASH_VERSION
+    conn.execute(_INSERT, values)
+    return AuditEntry(**values)
 
 
 def _hash_of(entry: AuditEntry) -> str:
