@@ -51,6 +51,12 @@ def _filter(actor: str | None, api_key_id: str | None, training_run: str | None,
                        until=_time(until, "until"), after_seq=after_seq)
 
 
+def _described(flt: AuditFilter) -> dict[str, Any]:
+    # Prefixed names: an auditor's query for a key must not itself match a search for
+    # that key's requests (which looks for a top-level "api_key_id").
+    return {f"by_{k}": v for k, v in flt.__dict__.items() if v}
+
+
 @router.get("/audit/entries", name="audit_entries")
 def audit_entries(ctx: Ctx, actor: str | None = None, api_key_id: str | None = None,
                   training_run: str | None = None, event_type: str | None = None,
@@ -63,7 +69,7 @@ def audit_entries(ctx: Ctx, actor: str | None = None, api_key_id: str | None = N
     flt = _filter(actor, api_key_id, training_run, event_type, decision, since, until,
                   after_seq)
     entries = query.find(ctx.session, flt, limit)
-    ctx.note(filter={k: v for k, v in flt.__dict__.items() if v}, returned=len(entries))
+    ctx.note(query=_described(flt), returned=len(entries))
     more = len(entries) == limit
     return {"entries": entries, "next_after_seq": entries[-1]["seq"] if more else None}
 
@@ -76,7 +82,7 @@ def audit_export(ctx: Ctx, actor: str | None = None, api_key_id: str | None = No
     """Every matching entry as JSON lines, with hashes (`loragate audit verify-export`)."""
     flt = _filter(actor, api_key_id, training_run, event_type, decision, since, until,
                   after_seq)
-    ctx.note(filter={k: v for k, v in flt.__dict__.items() if v})
+    ctx.note(query=_described(flt))
     # The stream reads on its own read-only session: the request's is closed by then.
     state = ctx.state
 
