@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 DATA    ?= data
 PYTEST_ARGS ?=
 
-.PHONY: setup demo serve test test-fast lint bench clean
+.PHONY: setup demo serve test test-fast lint bench bench-audit clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,9 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py
+
+bench-audit: setup
+	$(PY) benchmarks/audit_bench.py
 
 clean:
 	rm -rf $(DATA)/demo .pytest_cache .mypy_cache .ruff_cache

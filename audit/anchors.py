@@ -22,6 +22,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -113,28 +114,27 @@ def new_hmac_key_line(key_id: str) -> str:
 # ------------------------------------------------------------------ signing keys
 
 
-def load_signing_key(path: Path) -> Ed25519PrivateKey:
+def _load_pem(path: Path, what: str, loader: Any, kind: type[Any]) -> Any:
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = loader(path.read_bytes())
     except FileNotFoundError as exc:
-        raise AnchorError(f"signing key file {path} does not exist") from exc
+        raise AnchorError(f"{what} file {path} does not exist") from exc
     except ValueError as exc:
-        raise AnchorError(f"{path} is not a PEM private key: {exc}") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise AnchorError(f"{path} is not an Ed25519 private key")
+        raise AnchorError(f"{path} is not a PEM {what}: {exc}") from exc
+    if not isinstance(key, kind):
+        raise AnchorError(f"{path} is not an Ed25519 {what}")
     return key
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    return _load_pem(path, "private key",  # type: ignore[no-any-return]
+                     lambda raw: serialization.load_pem_private_key(raw, password=None),
+                     Ed25519PrivateKey)
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except FileNotFoundError as exc:
-        raise AnchorError(f"public key file {path} does not exist") from exc
-    except ValueError as exc:
-        raise AnchorError(f"{path} is not a PEM public key: {exc}") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise AnchorError(f"{path} is not an Ed25519 public key")
-    return key
+    return _load_pem(path, "public key",  # type: ignore[no-any-return]
+                     serialization.load_pem_public_key, Ed25519PublicKey)
 
 
 def write_signing_keypair(private_path: Path, public_path: Path) -> None:
