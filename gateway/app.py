@@ -140,6 +140,7 @@ def _audit_refusal(state: AppState, request: Request, status: int, code: str,
                 subject=request.url.path, request_id=getattr(request.state, "request_id", ""),
                 payload={"status": status, "code": code, "reason": message[:500],
                          "method": request.method,
-                         "api_key_id": getattr(request.state, "api_key_id", None)})
+                         "api_key_id": getattr(request.state, "api_key_id", None),
+                         "policy_version": state.authorizer.version})
     except Exception:
         logger.exception("could not audit a refused request")

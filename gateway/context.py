@@ -73,7 +73,8 @@ class RequestContext:
         self.audit_payload.update(payload)
 
     def _commit(self) -> None:
-        payload = {**self.audit_payload, "api_key_id": self.api_key_id}
+        payload = {**self.audit_payload, "api_key_id": self.api_key_id,
+                   "policy_version": self.state.authorizer.version}
         audit_log.append(self.session, actor=self.principal.id, event_type=self.event_type,
                          decision="allow", subject=self.subject, request_id=self.request_id,
                          payload=payload)

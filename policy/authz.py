@@ -129,11 +129,14 @@ def _audit_change(session: Session, actor: str, event: str, rule: PolicyRule,
                               "after": {"rules": len(after), "sha256": _policy_digest(after)}})
 
 
-def policy_fingerprint(session: Session) -> tuple[int, int]:
-    """Changes whenever a rule is added or removed (rules are never edited in place)."""
-    count, top = session.execute(
-        select(func.count(PolicyRule.id), func.coalesce(func.max(PolicyRule.id), 0))).one()
-    return int(count), int(top)
+def policy_fingerprint(session: Session) -> str:
+    """The digest of the rules in force (ids and content). Changes with every edit — also
+    when a removed rule's id is reused by SQLite for the next one."""
+    rules = session.execute(select(PolicyRule.id, PolicyRule.ptype, PolicyRule.v0,
+                                   PolicyRule.v1, PolicyRule.v2, PolicyRule.v3, PolicyRule.v4,
+                                   PolicyRule.v5).order_by(PolicyRule.id)).all()
+    text = "\n".join("\t".join(map(str, r)) for r in rules)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class _SqlAdapter(persist.Adapter):  # type: ignore[misc]
@@ -158,7 +161,7 @@ class Authorizer:
         self._factory = factory
         self._lock = threading.Lock()
         self._enforcer: casbin.Enforcer | None = None
-        self._fingerprint: tuple[int, int] | None = None
+        self._fingerprint: str | None = None
 
     def load(self) -> None:
         """(Re)build the enforcer from the table. On failure the old one is dropped, so
@@ -175,6 +178,11 @@ class Authorizer:
         so a policy edit applies to the very next request without a restart."""
         if policy_fingerprint(session) != self._fingerprint:
             self.load()
+
+    @property
+    def version(self) -> str:
+        """The policy in force, as recorded in audit rows (a prefix of its digest)."""
+        return self._fingerprint[:16] if self._fingerprint else "none"
 
     def disable(self) -> None:
         with self._lock:

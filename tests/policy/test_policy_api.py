@@ -49,6 +49,14 @@ def test_a_deny_rule_added_by_an_admin_applies_to_the_next_request(server):
     assert removed.status_code == 204
     sc.create_lora_training_client(base_model=TINY, rank=4).result()  # allowed again
     sc.close("success").result()
+    # Each decision records the policy version it was made under.
+    with transaction(server.state.read_factory) as session:
+        rows = session.scalars(select(AuditEntry).where(
+            AuditEntry.event_type == "api.create_model", AuditEntry.actor == target)
+            .order_by(AuditEntry.seq)).all()
+    versions = [json.loads(r.payload)["policy_version"] for r in rows]
+    assert [r.decision for r in rows] == ["allow", "deny", "allow"]
+    assert versions[0] != versions[1] != versions[2]
 
 
 @pytest.mark.parametrize("role, can_read", [("researcher", False), ("auditor", True)])

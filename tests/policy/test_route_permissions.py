@@ -13,7 +13,7 @@ from audit.models import AuditEntry, PolicyRule
 from gateway.app import api_routes, create_app
 from gateway.permissions import ROUTE_PERMISSIONS
 from migrations import upgrade_to_head
-from policy.authz import Authorizer, Denied, seed_default_policy
+from policy.authz import Authorizer, Denied, add_rule, remove_rule, seed_default_policy
 from tests.api.helpers import TINY, service
 
 SESSION = {"client_config", "client_dynamic_config", "healthz", "get_server_capabilities",
@@ -147,3 +147,27 @@ def test_non_researchers_cannot_train_and_are_told_why_at_once(server, role):
     assert [r.event_type for r in denials] == ["api.create_model"]
     # Reading records is allowed for both roles (everyone's: see test_route_object_matrix).
     tinker.RestClient(base_url=server.base_url, api_key=key).list_training_runs().result()
+
+
+def test_a_process_that_missed_a_remove_and_an_add_still_reloads(authorizer):
+    """SQLite may give a new rule the id of the one just removed; the rules' digest, not
+    their count and newest id, tells a process that the policy changed."""
+    authz, factory = authorizer
+    reader = make_sessionmaker(make_engine(
+        factory.kw["bind"].url.render_as_string(hide_password=False), read_only=True))
+    with transaction(factory) as session:
+        rule = add_rule(session, actor="t", subject="principal:p-1", resource="training",
+                        action="write", effect="deny")
+    with transaction(reader) as session:
+        authz.ensure_current(session)
+    assert not authz.allows("p-1", "researcher", "training", "write")
+    before = authz.version
+    with transaction(factory) as session:  # meanwhile, in another process:
+        remove_rule(session, actor="t", rule_id=rule.id)
+        add_rule(session, actor="t", subject="principal:p-2", resource="training",
+                 action="write", effect="deny")
+    with transaction(reader) as session:
+        authz.ensure_current(session)
+    assert authz.allows("p-1", "researcher", "training", "write")
+    assert not authz.allows("p-2", "researcher", "training", "write")
+    assert authz.version != before
