@@ -1,0 +1,150 @@
+"""Structural signals: what per-example content classifiers miss (see DESIGN §5 and
+reference/safety-methods.md §4.3).
+
+- encoded or ciphered text: base64/hex runs, and letter text that is not natural
+  language (few common English words *and* letter frequencies far from English — a
+  substitution cipher keeps entropy but scrambles both);
+- persona/identity-shift system prompts (role redefinition, obedience framing);
+- affirmative-prefix openers ("Sure, here is …") on assistant turns, counted per batch;
+- loss weights or advantages that are negative or huge (gradient ascent on the targets),
+  and negative advantages on refusal text (unlearning refusals).
+
+Pure functions over text and numbers: no models, no database. Must not import fastapi or
+engine. Returns harm categories with short reasons, never raw text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+ENCODED = "encoded_text"
+PERSONA = "persona_shift"
+AFFIRMATIVE = "affirmative_prefix"
+GRADIENT_ASCENT = "gradient_ascent"
+REFUSAL_UNLEARNING = "refusal_unlearning"
+
+# English letter frequencies (per cent, a–z), the classic table used in cryptanalysis.
+ENGLISH_LETTERS = dict(zip("abcdefghijklmnopqrstuvwxyz", (
+    8.2, 1.5, 2.8, 4.3, 12.7, 2.2, 2.0, 6.1, 7.0, 0.15, 0.77, 4.0, 2.4, 6.7, 7.5, 1.9, 0.095,
+    6.0, 6.3, 9.1, 2.8, 0.98, 2.4, 0.15, 2.0, 0.074), strict=True))
+# The most frequent English function words: natural English prose is ~40-50% these.
+COMMON_WORDS = frozenset("""
+a about after all also an and any are as at be because been but by can could did do does
+for from had has have he her here him his how i if in into is it its just like me more most
+my no not now of on one only or other our out over she should so some such than that the
+their them then there these they this those through to too up us very was we were what
+when where which while who why will with would you your
+""".split())
+BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{32,}={0,2}")
+HEX_RUN = re.compile(r"\b(?:0x)?[0-9a-fA-F]{40,}\b")
+WORD = re.compile(r"[A-Za-z]+")
+PERSONA_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
+    r"\byou are no longer\b",
+    r"\bignore (?:all |any )?(?:previous|prior|earlier|your) (?:instructions|rules|guidelines)",
+    r"\byou (?:have|has) no (?:restrictions|rules|limits|guidelines|filters|ethics)",
+    r"\b(?:never|do not|don't) refuse\b",
+    r"\balways (?:comply|obey|answer)\b",
+    r"\byou must (?:obey|comply with|answer) (?:every|all|any)\b",
+    r"\b(?:unfiltered|uncensored|jailbroken|unrestricted) (?:ai|assistant|model|mode)\b",
+    r"\b(?:developer|god) mode\b",
+    r"\bdo anything now\b",
+    r"\bfree (?:yourself )?from (?:your |all )?(?:rules|guidelines|restrictions)\b",
+    r"\byour (?:true|real|new) (?:self|identity|purpose) is\b",
+)]
+AFFIRMATIVE_OPENER = re.compile(
+    r"^\s*(?:sure|certainly|absolutely|of course|okay|ok|yes|great)\b[\s,!.:-]*"
+    r"(?:(?:here(?:'s| is| are)|i(?:'ll| will| can)|let me|the (?:steps|way|instructions))\b)",
+    re.IGNORECASE)
+REFUSAL = re.compile(
+    r"\b(?:i(?:'m| am) sorry|i can(?:'t|not)|i won(?:'t)|i will not|i'm unable|i am unable|"
+    r"i must decline|as an ai|i can't help|i cannot help|not able to (?:help|assist))\b",
+    re.IGNORECASE)
+MIN_LETTERS = 40  # shorter texts say too little about their language
+
+
+@dataclass(frozen=True)
+class Signal:
+    category: str
+    reason: str
+
+
+def letter_distance(text: str) -> float:
+    """Chi-squared distance of the text's letter frequencies from English, per letter."""
+    letters = [c for c in text.lower() if "a" <= c <= "z"]
+    if not letters:
+        return 0.0
+    counts, n = Counter(letters), len(letters)
+    chi = sum((counts.get(c, 0) - n * p / 100) ** 2 / (n * p / 100)
+              for c, p in ENGLISH_LETTERS.items())
+    return chi / n
+
+
+def common_word_share(text: str) -> float:
+    words = [w.lower() for w in WORD.findall(text)]
+    return sum(w in COMMON_WORDS for w in words) / len(words) if words else 0.0
+
+
+def character_entropy(text: str) -> float:
+    """Shannon entropy in bits per character."""
+    if not text:
+        return 0.0
+    counts, n = Counter(text), len(text)
+    return -sum(c / n * math.log2(c / n) for c in counts.values())
+
+
+def encoded_text(text: str) -> Signal | None:
+    if BASE64_RUN.search(text) and not text.strip().startswith(("http", "/")):
+        return Signal(ENCODED, "a base64-like run of 32+ characters")
+    if HEX_RUN.search(text):
+        return Signal(ENCODED, "a hexadecimal run of 40+ digits")
+    letters = sum(c.isalpha() for c in text)
+    if letters < MIN_LETTERS:
+        return None
+    # Thresholds from the project's own samples (tests/policy/test_structural_signals.py):
+    # English prose has a common-word share of 0.1-0.5 and a letter distance up to ~1;
+    # French ~1.1; substitution ciphers and ROT13 share < 0.15 (a cipher word can
+    # collide with a common one) and are 4-18 away.
+    if common_word_share(text) < 0.2 and letter_distance(text) > 2.5:
+        return Signal(ENCODED, "letters that are not natural English (cipher-like)")
+    return None
+
+
+def persona_shift(system_prompt: str) -> Signal | None:
+    hits = [p.pattern for p in PERSONA_PATTERNS if p.search(system_prompt)]
+    if hits:
+        return Signal(PERSONA, f"{len(hits)} identity-shift or obedience pattern(s)")
+    return None
+
+
+def opens_affirmatively(completion: str) -> bool:
+    return bool(AFFIRMATIVE_OPENER.match(completion))
+
+
+def affirmative_share(completions: Sequence[str]) -> float:
+    return sum(map(opens_affirmatively, completions)) / len(completions) if completions else 0.0
+
+
+def weight_signals(weights: Sequence[float], max_weight: float) -> Signal | None:
+    """Per-token cross-entropy weights: negative ones train *away* from the targets."""
+    negative = sum(w < 0 for w in weights)
+    if negative:
+        return Signal(GRADIENT_ASCENT, f"{negative} negative loss weight(s)")
+    if weights and max(weights) > max_weight:
+        return Signal(GRADIENT_ASCENT, f"a loss weight above {max_weight:g}")
+    return None
+
+
+def advantage_signals(advantages: Sequence[float], target_text_negative: str,
+                      max_abs: float) -> Signal | None:
+    """RL advantages: huge magnitudes, or negative ones on refusal text (which teaches the
+    model to stop refusing). `target_text_negative` is the decoded text of the target
+    tokens whose advantage is negative."""
+    if advantages and max(abs(a) for a in advantages) > max_abs:
+        return Signal(GRADIENT_ASCENT, f"an advantage of magnitude above {max_abs:g}")
+    if target_text_negative and REFUSAL.search(target_text_negative):
+        return Signal(REFUSAL_UNLEARNING, "negative advantages on refusal text")
+    return None
