@@ -32,13 +32,14 @@ ENGLISH_LETTERS = dict(zip("abcdefghijklmnopqrstuvwxyz", (
     8.2, 1.5, 2.8, 4.3, 12.7, 2.2, 2.0, 6.1, 7.0, 0.15, 0.77, 4.0, 2.4, 6.7, 7.5, 1.9, 0.095,
     6.0, 6.3, 9.1, 2.8, 0.98, 2.4, 0.15, 2.0, 0.074), strict=True))
 # The most frequent English function words: natural English prose is ~40-50% these.
-COMMON_WORDS = frozenset("""
+_COMMON = """
 a about after all also an and any are as at be because been but by can could did do does
 for from had has have he her here him his how i if in into is it its just like me more most
 my no not now of on one only or other our out over she should so some such than that the
 their them then there these they this those through to too up us very was we were what
 when where which while who why will with would you your
-""".split())
+"""
+COMMON_WORDS = frozenset(_COMMON.split())
 BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{32,}={0,2}")
 HEX_RUN = re.compile(r"\b(?:0x)?[0-9a-fA-F]{40,}\b")
 WORD = re.compile(r"[A-Za-z]+")
