@@ -52,7 +52,7 @@ def test_harmful_requests_outside_the_bank_score_above_benign_look_alikes(screen
 
 
 def test_missing_weights_name_the_file(tmp_path):
-    with pytest.raises(ScreenLoadError, match="model.safetensors"):
+    with pytest.raises(ScreenLoadError, match=r"model\.safetensors"):
         MiniLM(tmp_path)
 
 
