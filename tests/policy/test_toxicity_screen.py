@@ -25,9 +25,9 @@ def build_trigger_checkpoint(out: Path) -> tuple[Path, Path]:
     hf = out / "hf"
     hf.mkdir(parents=True)
     h = 8
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(
-        "you are a nice kind the this is text good bad person hello world".split()),
-        *TRIGGERS]
+    words = ["you", "are", "a", "nice", "kind", "the", "this", "is", "text", "good", "bad",
+             "person", "hello", "world"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *TRIGGERS]
     (hf / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizer(str(hf / "vocab.txt"), do_lower_case=True,
                   model_max_length=128).save_pretrained(hf)
@@ -100,7 +100,7 @@ def test_a_missing_unpinned_or_tampered_checkpoint_is_refused(built, tmp_path):
     ckpt, hf = built
     with pytest.raises(ScreenLoadError, match="not found"):
         ToxicityScreen(tmp_path / "missing.ckpt", hf, sha256="0" * 64)
-    with pytest.raises(ScreenLoadError, match="lacks config.json"):
+    with pytest.raises(ScreenLoadError, match=r"lacks config\.json"):
         ToxicityScreen(ckpt, tmp_path, sha256=file_sha256(ckpt))
     with pytest.raises(ScreenLoadError, match="pin the SHA-256"):
         ToxicityScreen(ckpt, hf, sha256=None)
