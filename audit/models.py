@@ -13,6 +13,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -125,6 +126,12 @@ class TrainingRun(Base):
     user_metadata: Mapped[str] = mapped_column(Text, default="{}")
     status: Mapped[str] = mapped_column(String(20), default="creating")
     api_key_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    # Screening tally (policy.screening): data screened and flagged so far; a run whose
+    # tally crossed the policy threshold is blocked for good (reason set).
+    screened_datums: Mapped[int] = mapped_column(Integer, default=0)
+    flagged_datums: Mapped[int] = mapped_column(Integer, default=0)
+    affirmative_openers: Mapped[int] = mapped_column(Integer, default=0)
+    blocked_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_request_time: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow
@@ -222,6 +229,25 @@ class UsageCounter(Base):
     prefill_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     sampled_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     sampled_tokens_reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ScreeningVerdict(Base):
+    """A classifier's scores for one content hash: the cache every process shares, so the
+    same text is never scored twice by the same classifier version."""
+
+    __tablename__ = "screening_verdicts"
+    content_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    classifier_version: Mapped[str] = mapped_column(String(120), primary_key=True)
+    scores: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ScreeningThreshold(Base):
+    """The score at or above which a category flags a text; written by policy only."""
+
+    __tablename__ = "screening_thresholds"
+    category: Mapped[str] = mapped_column(String(120), primary_key=True)
+    threshold: Mapped[float] = mapped_column(Float)
 
 
 class AuditEntry(Base):

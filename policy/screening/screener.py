@@ -1,0 +1,259 @@
+"""The screener: the classifiers policy names, their per-category thresholds, and the
+verdict cache every process shares.
+
+Built once per process from the screening policy (`default_screening.toml` or the
+operator's file). A classifier that cannot load stops start-up with a message naming the
+missing file, unless policy marks it optional; either way `describe()` says what is
+active, for the start-up audit row. Scores are cached by (content SHA-256, classifier
+version) in SQL, so a text — an RL prompt sent again and again — is scored once.
+Thresholds come from the policy file, overridden per category by audited admin edits.
+
+Must not import fastapi or engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from audit import log as audit_log
+from audit.db import transaction
+from audit.models import ScreeningThreshold, ScreeningVerdict
+from policy.errors import LimitExceeded
+from policy.screening import structural
+from policy.screening.harmful_requests import (
+    HarmfulRequestScreen,
+    MiniLM,
+    ScreenLoadError,
+    load_banks,
+)
+from policy.screening.rules import RuleScreen
+from policy.screening.toxicity import ToxicityScreen
+
+DEFAULT_SCREENING_PATH = Path(__file__).resolve().parents[1] / "default_screening.toml"
+logger = logging.getLogger("loragate.screening")
+
+
+class Classifier(Protocol):
+    name: str
+    version: str
+    categories: tuple[str, ...]
+
+    def score(self, texts: list[str]) -> list[dict[str, float]]: ...
+
+
+class StructuralScreen:
+    """Text-level structural signals as a classifier (1.0 when the signal fires)."""
+
+    name = "structural"
+    version = "structural-v1"
+    categories: tuple[str, ...] = (structural.ENCODED, structural.PERSONA)
+
+    def score(self, texts: list[str]) -> list[dict[str, float]]:
+        out = []
+        for text in texts:
+            scores = dict.fromkeys(self.categories, 0.0)
+            for signal in (structural.encoded_text(text), structural.persona_shift(text)):
+                if signal is not None:
+                    scores[signal.category] = 1.0
+            out.append(scores)
+        return out
+
+
+@dataclass(frozen=True)
+class TallyLimits:
+    flagged_datums_per_run: int
+    affirmative_share: float
+    affirmative_min_completions: int
+    max_loss_weight: float
+    max_abs_advantage: float
+
+
+@dataclass(frozen=True)
+class ScreeningConfig:
+    classifiers: dict[str, dict[str, Any]]
+    thresholds: dict[str, float]
+    tally: TallyLimits
+    sha256: str
+
+    def threshold(self, key: str, overrides: dict[str, float]) -> float:
+        """For "classifier.category": an admin override, the file's per-category value,
+        the file's classifier default, else 0.5."""
+        classifier = key.split(".", 1)[0]
+        for source, name in ((overrides, key), (self.thresholds, key),
+                             (self.thresholds, classifier)):
+            if name in source:
+                return float(source[name])
+        return 0.5
+
+
+def load_config(path: Path | None = None) -> ScreeningConfig:
+    path = path or DEFAULT_SCREENING_PATH
+    try:
+        raw = path.read_bytes()
+        data = tomllib.loads(raw.decode())
+        tally = TallyLimits(**data["tally"])
+        return ScreeningConfig(classifiers=data.get("classifiers", {}),
+                               thresholds={k: float(v) for k, v in data["thresholds"].items()},
+                               tally=tally, sha256=hashlib.sha256(raw).hexdigest())
+    except FileNotFoundError as exc:
+        raise ScreenLoadError(f"screening policy file not found: {path}") from exc
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ScreenLoadError(f"screening policy {path} is not usable: {exc}") from exc
+
+
+@dataclass
+class Verdict:
+    """One text: the categories it is flagged in ("classifier.category") and every score."""
+
+    flagged: list[str] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)  # "classifier.category" → score
+
+
+def content_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Screener:
+    def __init__(self, classifiers: Sequence[Classifier], config: ScreeningConfig,
+                 factory: sessionmaker[Session], inactive: dict[str, str] | None = None
+                 ) -> None:
+        self.classifiers = list(classifiers)
+        self.config = config
+        self.factory = factory
+        self.inactive = inactive or {}
+
+    @classmethod
+    def build(cls, config: ScreeningConfig, factory: sessionmaker[Session],
+              device: str = "cpu") -> Screener:
+        """Load what policy enables; a required classifier that fails stops start-up."""
+        loaded: list[Classifier] = [StructuralScreen()]
+        inactive: dict[str, str] = {}
+        for name, loader in (("harmful_request", _load_harmful), ("detoxify", _load_detoxify),
+                             ("rules", _load_rules)):
+            spec = config.classifiers.get(name, {})
+            if not spec.get("enabled", False):
+                inactive[name] = "disabled in the screening policy"
+                continue
+            try:
+                loaded.append(loader(spec, device))
+            except ScreenLoadError as exc:
+                if not spec.get("optional", False):
+                    raise ScreenLoadError(f"screening classifier {name!r} cannot load: {exc} "
+                                          "(mark it optional in the screening policy to start "
+                                          "without it)") from exc
+                inactive[name] = f"optional and not loaded: {exc}"
+                logger.warning("screening classifier %s inactive: %s", name, exc)
+        return cls(loaded, config, factory, inactive)
+
+    def describe(self) -> dict[str, Any]:
+        """What is active, for the start-up audit row (versions embed weight checksums)."""
+        return {"active": [{"name": c.name, "version": c.version,
+                            "categories": list(c.categories)} for c in self.classifiers],
+                "inactive": self.inactive, "policy_sha256": self.config.sha256}
+
+    def thresholds(self) -> dict[str, float]:
+        with transaction(self.factory) as session:
+            rows = session.scalars(select(ScreeningThreshold)).all()
+            return {r.category: r.threshold for r in rows}
+
+    def screen(self, texts: Sequence[str]) -> list[Verdict]:
+        """Score every text with every active classifier (cached) and flag what reaches
+        its threshold."""
+        hashes = [content_sha256(t) for t in texts]
+        overrides = self.thresholds()
+        verdicts = [Verdict() for _ in texts]
+        for clf in self.classifiers:
+            for verdict, scores in zip(verdicts, self._scores(clf, list(texts), hashes),
+                                       strict=True):
+                for category, score in scores.items():
+                    key = f"{clf.name}.{category}"
+                    verdict.scores[key] = score
+                    if score >= self.config.threshold(key, overrides):
+                        verdict.flagged.append(key)
+        return verdicts
+
+    def _scores(self, clf: Classifier, texts: list[str], hashes: list[str]
+                ) -> list[dict[str, float]]:
+        unique = sorted(set(hashes))
+        with transaction(self.factory) as session:
+            rows = session.scalars(select(ScreeningVerdict).where(
+                ScreeningVerdict.classifier_version == clf.version,
+                ScreeningVerdict.content_sha256.in_(unique))).all()
+            cached = {r.content_sha256: json.loads(r.scores) for r in rows}
+        missing = {h: t for h, t in zip(hashes, texts, strict=True) if h not in cached}
+        if missing:
+            fresh = dict(zip(missing, clf.score(list(missing.values())), strict=True))
+            self._store(clf.version, fresh)
+            cached.update(fresh)
+        return [cached[h] for h in hashes]
+
+    def _store(self, version: str, scores: dict[str, dict[str, float]]) -> None:
+        """Add verdicts to the shared cache; another process may have just added the same
+        ones, which is fine (same content, same version, same scores)."""
+        try:
+            with transaction(self.factory) as session:
+                existing = set(session.scalars(select(ScreeningVerdict.content_sha256).where(
+                    ScreeningVerdict.classifier_version == version,
+                    ScreeningVerdict.content_sha256.in_(list(scores)))).all())
+                for digest, s in scores.items():
+                    if digest not in existing:
+                        session.add(ScreeningVerdict(content_sha256=digest,
+                                                     classifier_version=version,
+                                                     scores=json.dumps(s, sort_keys=True)))
+        except IntegrityError:
+            # Another process cached some of the same texts first: same content, same
+            # version, same scores. The caller has its scores; the next lookup finds theirs.
+            logger.debug("screening verdicts were cached concurrently")
+
+
+def set_threshold(session: Session, *, actor: str, category: str, value: float | None,
+                  config: ScreeningConfig, known: Sequence[str]) -> None:
+    """Override (or, with None, reset) one category's threshold; audited before/after."""
+    if category not in known:
+        raise LimitExceeded(f"unknown screening category {category!r}; known: "
+                            f"{', '.join(sorted(known))}")
+    if value is not None and not 0.0 <= value <= 1.0e6:
+        raise LimitExceeded("a threshold must be a number >= 0")
+    row = session.get(ScreeningThreshold, category)
+    before = config.threshold(category, {category: row.threshold} if row else {})
+    if value is None:
+        if row is not None:
+            session.delete(row)
+    elif row is None:
+        session.add(ScreeningThreshold(category=category, threshold=value))
+    else:
+        row.threshold = value
+    after = value if value is not None else config.threshold(category, {})
+    audit_log.append(session, actor=actor, event_type="screening.set_threshold",
+                     decision="allow", subject=category,
+                     payload={"before": before, "after": after, "override": value is not None})
+
+
+def _load_harmful(spec: dict[str, Any], device: str) -> Classifier:
+    banks = [Path(p) for p in spec.get("banks", [])]
+    from policy.screening.harmful_requests import DEFAULT_BANK
+
+    return HarmfulRequestScreen(MiniLM(device=device), load_banks([DEFAULT_BANK, *banks]))
+
+
+def _load_detoxify(spec: dict[str, Any], device: str) -> Classifier:
+    if not spec.get("checkpoint"):
+        raise ScreenLoadError("no Detoxify checkpoint is configured "
+                              "(classifiers.detoxify.checkpoint)")
+    return ToxicityScreen(Path(spec["checkpoint"]), Path(spec.get("config_dir", "")),
+                          spec.get("sha256") or None, device)
+
+
+def _load_rules(spec: dict[str, Any], device: str) -> Classifier:
+    return RuleScreen([Path(p) for p in spec.get("files", [])])
