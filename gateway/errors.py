@@ -14,6 +14,7 @@ from policy.authz import PolicyNotFound
 from policy.errors import KeyNotFound, KeyRejected, LimitExceeded, PolicyError
 from policy.quotas import QuotaExceeded
 from policy.scopes import ScopeDenied
+from policy.screening.batch import RunBlocked, ScreeningRefused
 
 
 class ApiError(Exception):
@@ -47,6 +48,14 @@ class QuotaError(ApiError):
     status, code = 403, "quota_exceeded"
 
 
+class ScreeningError(ApiError):
+    status, code = 403, "screening_refused"
+
+
+class BlockedRun(ApiError):
+    status, code = 403, "run_blocked"
+
+
 class NotFound(ApiError):
     status, code = 404, "not_found"
 
@@ -61,6 +70,10 @@ def to_api_error(exc: Exception) -> ApiError | None:
         return exc
     if isinstance(exc, (PolicyNotFound, KeyNotFound, RequestNotFound)):
         return NotFound(str(exc))
+    if isinstance(exc, ScreeningRefused):
+        return ScreeningError(str(exc))
+    if isinstance(exc, RunBlocked):
+        return BlockedRun(str(exc))
     if isinstance(exc, QuotaExceeded):
         return QuotaError(str(exc))
     if isinstance(exc, ScopeDenied):

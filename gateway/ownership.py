@@ -12,6 +12,7 @@ from sqlalchemy import select
 from audit.models import CHECKPOINT_KINDS, Checkpoint, TrainingRun
 from gateway.context import RequestContext
 from gateway.errors import BadRequest, NotFound
+from policy.screening.batch import check_not_blocked
 
 T = TypeVar("T")
 
@@ -41,9 +42,11 @@ def owned(ctx: RequestContext, model: type[T], key: object, what: str, *,
 
 
 def owned_run(ctx: RequestContext, model_id: str) -> TrainingRun:
+    """The caller's run, usable for training: not failed, not blocked by screening."""
     run = owned(ctx, TrainingRun, model_id, "training run")
     if run.status == "failed":
         raise BadRequest(f"training run {model_id} failed to start; create a new one")
+    check_not_blocked(run)
     return run
 
 

@@ -33,6 +33,8 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     # Default scopes of every key (None: the reviewed policy/default_scopes.toml).
     scopes_file: Path | None = None
+    # Screening policy (None: the reviewed policy/default_screening.toml).
+    screening_file: Path | None = None
     # Audit anchors (audit.anchors). HMAC keys: this file, else $LORAGATE_AUDIT_HMAC_KEY;
     # none means entries carry no MAC.
     audit_hmac_key_file: Path | None = None
@@ -74,7 +76,8 @@ class Settings:
         if env.get("LORAGATE_BASE_MODELS"):
             names = tuple(n.strip() for n in env["LORAGATE_BASE_MODELS"].split(",") if n.strip())
             settings = replace(settings, base_models=names)
-        for name in ("audit_hmac_key_file", "audit_signing_key_file", "audit_checkpoint_dir"):
+        for name in ("audit_hmac_key_file", "audit_signing_key_file", "audit_checkpoint_dir",
+                     "screening_file"):
             if env.get(f"LORAGATE_{name.upper()}"):
                 paths: dict[str, Any] = {name: Path(env[f"LORAGATE_{name.upper()}"])}
                 settings = replace(settings, **paths)

@@ -26,6 +26,8 @@ from gateway.settings import Settings
 from migrations import upgrade_to_head
 from policy.authz import Authorizer, seed_default_policy
 from policy.scopes import Scopes, load_defaults
+from policy.screening.screener import Screener
+from policy.screening.screener import load_config as load_screening
 
 logger = logging.getLogger("loragate.gateway")
 
@@ -48,6 +50,7 @@ class AppState:
     authorizer: Authorizer
     scope_defaults: Scopes
     checkpoints: Checkpointer
+    screener: Screener
     admission_checks: list[AdmissionCheck] = field(default_factory=list)
     worker: Any = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -132,11 +135,14 @@ def build_state(settings: Settings) -> AppState:
     authorizer = Authorizer(read_factory)  # it only ever reads the rules
     authorizer.load()
     scope_defaults = load_defaults(settings.scopes_file)
+    # A required screen that cannot load stops start-up here, naming the missing file.
+    screener = Screener.build(load_screening(settings.screening_file), factory)
     state = AppState(
         settings=settings, engine=engine, read_engine=read_engine, factory=factory,
         read_factory=read_factory, registry=registry, models=models,
         completions=Completions(), authorizer=authorizer, scope_defaults=scope_defaults,
         checkpoints=Checkpointer(read_factory, settings.checkpoint_dir, settings.signing_key()),
+        screener=screener,
     )
     with transaction(state.factory) as session:
         audit_log.append(session, actor="system", event_type="gateway.start", decision="info",
@@ -145,7 +151,8 @@ def build_state(settings: Settings) -> AppState:
                                   "default_scopes_sha256": scope_defaults.digest(),
                                   "audit_hmac_key_id": hmac_keys.current if hmac_keys else None,
                                   "audit_checkpoints": str(settings.checkpoint_dir),
-                                  "audit_checkpoints_signed": state.checkpoints.signed})
+                                  "audit_checkpoints_signed": state.checkpoints.signed,
+                                  "screening": screener.describe()})
     if settings.run_worker:
         _start_worker(state)
     if settings.audit_checkpoint_seconds > 0:

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from tinker import types as tt
 
+from audit.db import transaction
 from audit.models import Checkpoint, Sampler, TrainingRun
 from engine import jobs, wire
 from gateway.admission import AdmissionRequest, admit
@@ -14,7 +15,9 @@ from gateway.context import Ctx, JsonBody, RequestContext, parse
 from gateway.errors import BadRequest, NotFound
 from gateway.ownership import owned, owned_checkpoint
 from gateway.routes.training import base_model_info, check_new_session_child
+from gateway.screening import screen_prompt
 from policy.quotas import Charge
+from policy.screening.batch import check_not_blocked
 
 router = APIRouter(prefix="/api/v1")
 
@@ -55,9 +58,15 @@ def asample(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     sampler_id = body.get("sampling_session_id") if isinstance(body, dict) else None
     if not isinstance(sampler_id, str) or not sampler_id:
         raise BadRequest("sampling_session_id is required")
-    sampler = owned(ctx, Sampler, sampler_id, "sampler")
-    call = wire.parse_sample_request(body, base_model_info(ctx, sampler.base_model))
+    # The prompt is screened before the request's transaction begins (see gateway.screening).
+    base_model = _sampler_base_model(ctx, sampler_id)
+    if base_model is None:
+        raise NotFound(f"sampler {sampler_id} not found")
+    info = base_model_info(ctx, base_model)
+    call = wire.parse_sample_request(body, info)
     spec = call.spec
+    screen_prompt(ctx, list(spec.prompt), info.tokenizer_dir)
+    sampler = owned(ctx, Sampler, sampler_id, "sampler")
     ctx.state.settings.limits.check_sampling(spec.num_samples, spec.max_tokens)
     adapter = _adapter(ctx, sampler)
     if adapter is None:
@@ -76,12 +85,24 @@ def asample(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
         mode="json", exclude_none=True)
 
 
+def _sampler_base_model(ctx: RequestContext, sampler_id: str) -> str | None:
+    with transaction(ctx.state.read_factory) as session:
+        sampler = session.get(Sampler, sampler_id)
+        if sampler is None or sampler.principal_id != ctx.principal.id:
+            return None
+        return sampler.base_model
+
+
 def _adapter(ctx: RequestContext, sampler: Sampler) -> Checkpoint | None:
-    """The checkpoint a sampler samples through; None for the bare base model."""
+    """The checkpoint a sampler samples through; None for the bare base model. Weights of
+    a run blocked by screening are not sampled."""
     if sampler.model_path is None:
         return None
     ckpt = ctx.session.get(Checkpoint, sampler.checkpoint_id) if sampler.checkpoint_id else None
     if ckpt is None:
         raise NotFound(f"the weights of sampler {sampler.id} ({sampler.model_path}) were deleted")
+    run = ctx.session.get(TrainingRun, ckpt.training_run_id)
+    if run is not None:
+        check_not_blocked(run)
     return ckpt
 

@@ -23,6 +23,7 @@ from gateway.ownership import (
     storage_dir,
     tinker_path,
 )
+from gateway.screening import apply_training_screening, screen_training
 from policy.limits import check_adam, check_checkpoint_name
 from policy.quotas import Charge
 
@@ -119,11 +120,15 @@ async def forward_backward(request: Request, ctx: Ctx) -> dict[str, Any]:
 def _admit_forward_backward(ctx: RequestContext, raw: bytes, encoding: str | None) -> dict:
     body = wire.decompress_body(raw, encoding)
     call = wire.decode_forward_backward(body)
-    run = owned_run(ctx, call.model_id)
-    wire.check_tokens_fit(call.data, base_model_info(ctx, run.base_model))
     tokens = int(sum(len(d.tokens) for d in call.data))
     ctx.state.settings.limits.check_batch(len(call.data), tokens)
     ctx.scopes.check_loss(call.loss_fn)
+    # Screened before the request's transaction begins: the screens' cache writes on its own.
+    batch = screen_training(ctx, call.model_id, call.data, call.loss_fn)
+    run = owned_run(ctx, call.model_id)
+    wire.check_tokens_fit(call.data, base_model_info(ctx, run.base_model))
+    if batch is not None:
+        ctx.note(screening=apply_training_screening(ctx, run, batch))
     kind = "forward" if call.forward_only else "forward_backward"
     request_id = admit(ctx, AdmissionRequest(
         kind="forward_backward", payload=body, request_format="proto", model_id=run.id,

@@ -130,20 +130,23 @@ def affirmative_share(completions: Sequence[str]) -> float:
 
 
 def weight_signals(weights: Sequence[float], max_weight: float) -> Signal | None:
-    """Per-token cross-entropy weights: negative ones train *away* from the targets."""
-    negative = sum(w < 0 for w in weights)
-    if negative:
-        return Signal(GRADIENT_ASCENT, f"{negative} negative loss weight(s)")
-    if weights and max(weights) > max_weight:
-        return Signal(GRADIENT_ASCENT, f"a loss weight above {max_weight:g}")
+    """Per-token cross-entropy weights. Negative ones train *away* from their targets; the
+    SDK's forward_backward_custom sends signed weights legitimately, so only a datum whose
+    negative mass outweighs its positive mass (net gradient ascent) is flagged, and any
+    weight beyond the policy's magnitude bound."""
+    if weights and max(abs(w) for w in weights) > max_weight:
+        return Signal(GRADIENT_ASCENT, f"a loss weight of magnitude above {max_weight:g}")
+    negative = -sum(w for w in weights if w < 0)
+    if negative > sum(w for w in weights if w > 0):
+        return Signal(GRADIENT_ASCENT, "negative loss weights outweigh positive ones")
     return None
 
 
 def advantage_signals(advantages: Sequence[float], target_text_negative: str,
                       max_abs: float) -> Signal | None:
-    """RL advantages: huge magnitudes, or negative ones on refusal text (which teaches the
-    model to stop refusing). `target_text_negative` is the decoded text of the target
-    tokens whose advantage is negative."""
+    """RL advantages (or signed weights): huge magnitudes, or negative values on refusal
+    text (which teaches the model to stop refusing). `target_text_negative` is the decoded
+    text of the target tokens whose value is negative."""
     if advantages and max(abs(a) for a in advantages) > max_abs:
         return Signal(GRADIENT_ASCENT, f"an advantage of magnitude above {max_abs:g}")
     if target_text_negative and REFUSAL.search(target_text_negative):

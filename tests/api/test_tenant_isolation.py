@@ -40,12 +40,19 @@ def test_one_tenants_poisoned_requests_leave_every_other_adapter_and_the_base_in
                       loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)})
     with pytest.raises(tinker.BadRequestError, match="outside the vocabulary"):
         attacker.forward_backward([oov], "cross_entropy").result()
-    # Finite float32 weights whose product with the logprobs overflows to -inf.
+    # Huge weights never reach the worker: screening refuses them as gradient ascent.
     huge = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
                        loss_fn_inputs={"target_tokens": ids[1:],
                                        "weights": [3.0e38] * (len(ids) - 1)})
-    with pytest.raises(tinker.RequestFailedError, match="not finite"):
+    with pytest.raises(tinker.PermissionDeniedError, match="gradient_ascent"):
         attacker.forward_backward([huge], "cross_entropy").result()
+    # Finite sampling logprobs whose importance ratio overflows to inf in the worker.
+    n = len(ids) - 1
+    overflow = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                           loss_fn_inputs={"target_tokens": ids[1:], "logprobs": [-3.0e38] * n,
+                                           "advantages": [1.0] * n})
+    with pytest.raises(tinker.RequestFailedError, match="not finite"):
+        attacker.forward_backward([overflow], "importance_sampling").result()
     attacker.optim_step(ADAM).result()  # nothing was accumulated: a no-op step
     with pytest.raises(tinker.BadRequestError, match="learning_rate"):
         attacker.optim_step(types.AdamParams(learning_rate=1e30)).result()

@@ -139,7 +139,7 @@ def test_non_researchers_cannot_train_and_are_told_why_at_once(server, role):
     with pytest.raises(tinker.PermissionDeniedError, match=f"role '{role}'"):
         sc.create_lora_training_client(base_model=TINY, rank=4).result()
     # The window includes the SDK's session set-up; a retried refusal would take minutes.
-    assert time.monotonic() - start < 3.0
+    assert time.monotonic() - start < 5.0
     with transaction(server.state.read_factory) as session:
         rows = session.scalars(select(AuditEntry).where(AuditEntry.seq > before)
                                .order_by(AuditEntry.seq)).all()
