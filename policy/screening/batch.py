@@ -24,7 +24,10 @@ from audit import log as audit_log
 from audit.models import TrainingRun
 from policy.errors import PolicyError
 from policy.screening import structural
+from policy.screening.harmful_requests import HarmfulRequestScreen
 from policy.screening.screener import Screener, content_sha256
+
+HARMFUL_REQUEST = HarmfulRequestScreen.name
 
 
 class ScreeningRefused(PolicyError):
@@ -63,15 +66,15 @@ class BatchScreening:
 
 def screen_batch(screener: Screener, datums: Sequence[DatumTexts]) -> BatchScreening:
     limits = screener.config.tally
-    texts: list[str] = []
     owners: list[tuple[int, str]] = []
-    for i, d in enumerate(datums):
-        for part in ("prompt", "completion"):
-            text = getattr(d, part)
-            if text.strip():
-                texts.append(text)
-                owners.append((i, part))
-    verdicts = screener.screen(texts)
+    verdicts = []
+    # The harmful-request screen judges requests: prompts, not completions (a bare "Sure,
+    # here is the code:" resembles anything). Every other screen reads both.
+    for part, skip in (("prompt", ()), ("completion", (HARMFUL_REQUEST,))):
+        chosen = [(i, getattr(d, part)) for i, d in enumerate(datums) if getattr(d, part).strip()]
+        owners += [(i, part) for i, _ in chosen]
+        verdicts += screener.screen([t for _, t in chosen], skip=skip)
+    texts = [getattr(datums[i], part) for i, part in owners]
     result = BatchScreening()
     details: dict[int, dict[str, Any]] = {}
     for (i, part), text, verdict in zip(owners, texts, verdicts, strict=True):

@@ -167,13 +167,15 @@ class Screener:
             rows = session.scalars(select(ScreeningThreshold)).all()
             return {r.category: r.threshold for r in rows}
 
-    def screen(self, texts: Sequence[str]) -> list[Verdict]:
-        """Score every text with every active classifier (cached) and flag what reaches
-        its threshold."""
+    def screen(self, texts: Sequence[str], skip: Sequence[str] = ()) -> list[Verdict]:
+        """Score every text with every active classifier not in `skip` (cached) and flag
+        what reaches its threshold."""
         hashes = [content_sha256(t) for t in texts]
         overrides = self.thresholds()
         verdicts = [Verdict() for _ in texts]
         for clf in self.classifiers:
+            if clf.name in skip:
+                continue
             for verdict, scores in zip(verdicts, self._scores(clf, list(texts), hashes),
                                        strict=True):
                 for category, score in scores.items():
