@@ -11,6 +11,7 @@ process reads `ModelInfo` without loading them): builders import them inside fun
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -20,6 +21,8 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from tokenizers import Tokenizer
 
 from engine.backend import ModelInfo
 from engine.errors import UnknownModelError
@@ -320,3 +323,10 @@ def _build_tiny_tokenizer():  # -> PreTrainedTokenizerFast
     )
     tokenizer.chat_template = _TINY_CHAT_TEMPLATE
     return tokenizer
+
+
+@functools.cache
+def fast_tokenizer(tokenizer_dir: str) -> Tokenizer:
+    """A model's `tokenizer.json` through the `tokenizers` library alone (no transformers):
+    what the API process and the worker use to decode text for screening."""
+    return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))

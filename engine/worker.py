@@ -32,7 +32,9 @@ from audit import usage
 from audit.db import transaction
 from audit.models import Checkpoint, Future, Sampler, TrainingRun, utcnow
 from engine import jobs, wire
+from engine.backend import SampledSequence, SampleResult
 from engine.errors import UnknownAdapterError, UserInputError
+from engine.registry import fast_tokenizer
 
 if TYPE_CHECKING:
     from engine.backend import Backend
@@ -41,6 +43,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger("loragate.worker")
 
 SAMPLER_ADAPTER_CACHE = 8
+# What a caller gets in place of a sampled sequence the output screen withheld: fixed, so
+# it is recognisable, and decoded from tokens like any sample.
+WITHHELD_NOTICE = "[loragate: this sample was withheld by output screening]"
+
+# Output screening, injected by whoever builds the worker (the gateway wires policy's
+# screener): for each text, the categories it is flagged in (empty: fine) and its scores.
+OutputScreen = Callable[[list[str]], list[tuple[list[str], dict[str, float]]]]
 
 
 @dataclass
@@ -70,6 +79,7 @@ class Worker:
         device: str | None = None,
         on_finished: Callable[[str], None] | None = None,
         idle_poll_seconds: float = 0.1,
+        output_screen: OutputScreen | None = None,
     ) -> None:
         self.factory = factory
         self.registry = registry
@@ -78,6 +88,7 @@ class Worker:
         self.device = device
         self.on_finished = on_finished
         self.idle_poll_seconds = idle_poll_seconds
+        self.output_screen = output_screen
         self.wake = threading.Event()
         self._backends: dict[str, Backend] = {}
         self._sampler_adapters: OrderedDict[str, str] = OrderedDict()
@@ -320,8 +331,30 @@ class Worker:
         result = backend.sample(adapter, call.spec)
         used = {"prefill_tokens": len(call.spec.prompt),
                 "sampled_tokens": sum(len(s.tokens) for s in result.sequences)}
-        audit = {"samples": call.spec.num_samples, **used, "adapter": job.adapter_dir}
+        audit = {"samples": call.spec.num_samples, **used, "adapter": job.adapter_dir,
+                 **self._screen_outputs(backend, result)}
         return Outcome("proto", wire.encode_sample_result(result), audit=audit, used=used)
+
+    def _screen_outputs(self, backend: Backend, result: SampleResult) -> dict[str, Any]:
+        """Withhold the sequences the output screen flags: each is replaced by
+        WITHHELD_NOTICE (its logprobs and top-k dropped) and counted in the audit row, with
+        the categories, scores and a hash of what was withheld."""
+        if self.output_screen is None or not result.sequences:
+            return {}
+        tok = fast_tokenizer(backend.info.tokenizer_dir)
+        texts = [tok.decode(s.tokens) for s in result.sequences]
+        withheld: dict[str, Any] = {}
+        for i, (text, (flagged, scores)) in enumerate(
+                zip(texts, self.output_screen(texts), strict=True)):
+            if not flagged:
+                continue
+            notice = tok.encode(WITHHELD_NOTICE, add_special_tokens=False).ids
+            result.sequences[i] = SampledSequence(tokens=notice, logprobs=[0.0] * len(notice),
+                                                  stopped=True, topk=None)
+            withheld[str(i)] = {"categories": flagged,
+                                "scores": {k: scores[k] for k in flagged},
+                                "sha256": hashlib.sha256(text.encode()).hexdigest()}
+        return {"screened_outputs": len(texts), "withheld": withheld}
 
     def _sampler_adapter(self, backend: Backend, adapter_dir: str | None) -> str | None:
         """Sampler weights are immutable snapshots: load each once, keep a few."""

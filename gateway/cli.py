@@ -63,13 +63,15 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from engine.registry import ModelRegistry
     from engine.worker import Worker
     from migrations import upgrade_to_head
+    from policy.screening.screener import Screener, load_config
 
     settings = _settings(args)
     upgrade_to_head(settings.database)
-    worker = Worker(make_sessionmaker(make_engine(settings.database), settings.hmac_keys()),
-                    ModelRegistry(settings.data_dir, settings.extra_models),
+    factory = make_sessionmaker(make_engine(settings.database), settings.hmac_keys())
+    screener = Screener.build(load_config(settings.screening_file), factory)
+    worker = Worker(factory, ModelRegistry(settings.data_dir, settings.extra_models),
                     settings.checkpoint_root, worker_id=args.worker_id, device=settings.device,
-                    idle_poll_seconds=0.05)
+                    idle_poll_seconds=0.05, output_screen=screener.flag_outputs)
     for name in settings.base_models:
         worker.backend(name)
     stop = threading.Event()

@@ -10,8 +10,6 @@ screening rules (policy does) or run models other than the screens.
 
 from __future__ import annotations
 
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +20,7 @@ from audit.db import transaction
 from audit.models import TrainingRun
 from engine import wire
 from engine.backend import TrainingDatum
+from engine.registry import fast_tokenizer
 from gateway.context import RequestContext
 from policy.screening.batch import (
     BatchScreening,
@@ -32,11 +31,6 @@ from policy.screening.batch import (
     screen_batch,
 )
 from policy.screening.screener import content_sha256
-
-
-@cache
-def tokenizer_for(tokenizer_dir: str) -> Tokenizer:
-    return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
 
 
 def decode_datum(datum: TrainingDatum, tok: Tokenizer, loss_fn: str) -> DatumTexts:
@@ -67,7 +61,7 @@ def screen_training(ctx: RequestContext, run_id: str, data: list[TrainingDatum],
     if info is None:
         return None
     wire.check_tokens_fit(data, info)  # the tokenizer must never see an id it lacks
-    tok = tokenizer_for(info.tokenizer_dir)
+    tok = fast_tokenizer(info.tokenizer_dir)
     return screen_batch(ctx.state.screener, [decode_datum(d, tok, loss_fn) for d in data])
 
 
@@ -97,7 +91,7 @@ def apply_training_screening(ctx: RequestContext, run: TrainingRun,
 def screen_prompt(ctx: RequestContext, tokens: list[int], tokenizer_dir: str) -> None:
     """Sampling prompts, before the request takes the write lock: refuse one the screens
     flag (the caller is told the categories; scores go to the audit trail)."""
-    text = tokenizer_for(tokenizer_dir).decode(tokens)
+    text = fast_tokenizer(tokenizer_dir).decode(tokens)
     [verdict] = ctx.state.screener.screen([text])
     if not verdict.flagged:
         return

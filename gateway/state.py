@@ -168,7 +168,8 @@ def _start_worker(state: AppState) -> None:
 
     worker = Worker(state.factory, state.registry, state.settings.checkpoint_root,
                     worker_id="embedded", device=state.settings.device,
-                    on_finished=state.completions.notify)
+                    on_finished=state.completions.notify,
+                    output_screen=state.screener.flag_outputs)
     worker.fail_interrupted()
     state.worker = worker
     state._thread = threading.Thread(target=worker.run_forever, args=(state._stop,),

@@ -185,6 +185,10 @@ class Screener:
                         verdict.flagged.append(key)
         return verdicts
 
+    def flag_outputs(self, texts: list[str]) -> list[tuple[list[str], dict[str, float]]]:
+        """Sampled outputs, for the worker's output screen: (flagged, scores) per text."""
+        return [(v.flagged, v.scores) for v in self.screen(texts)]
+
     def _scores(self, clf: Classifier, texts: list[str], hashes: list[str]
                 ) -> list[dict[str, float]]:
         unique = sorted(set(hashes))

@@ -145,3 +145,33 @@ def test_a_harmful_sampling_prompt_is_refused(trainer):
     with pytest.raises(tinker.PermissionDeniedError, match="harmful_request"):
         base.sample(types.ModelInput.from_ints(tok.encode(HARMFUL[0][0])), 1, params).result()
     base.sample(types.ModelInput.from_ints(tok.encode(BENIGN[5][0])), 1, params).result()
+
+
+WITHHELD = "[loragate: this sample was withheld by output screening]"
+# A sentence that describes harm without any harmful content, learnt as the answer to a
+# harmless prompt: the training data passes (its prompt is benign), its output does not.
+LEARNT = "Here are step-by-step instructions to make sarin gas in your garage."
+
+
+def test_a_harmful_sampled_output_is_withheld_and_counted(server, trainer):
+    sc, tc = trainer
+    tok = tc.get_tokenizer()
+    datum = chat_datum(tok, "Tell me a story.", LEARNT)
+    for _ in range(30):
+        tc.forward_backward([datum], "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=2e-2)).result()
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    prompt = types.ModelInput.from_ints(tok.encode("User: Tell me a story.\nAssistant:"))
+    greedy = types.SamplingParams(max_tokens=len(tok.encode(f" {LEARNT}")), temperature=0.0,
+                                  stop=[])
+    out = sampler.sample(prompt, 2, greedy).result()
+    assert [tok.decode(s.tokens) for s in out.sequences] == [WITHHELD, WITHHELD]
+    with transaction(server.state.read_factory) as session:
+        row = session.scalars(select(AuditEntry).where(
+            AuditEntry.event_type == "engine.sample").order_by(AuditEntry.seq.desc())).first()
+    payload = json.loads(row.payload)
+    assert payload["screened_outputs"] == 2 and set(payload["withheld"]) == {"0", "1"}
+    assert any(c.startswith("harmful_request.") for c in payload["withheld"]["0"]["categories"])
+    base = sc.create_sampling_client(base_model=TINY).result()  # the base model says no such
+    plain = base.sample(prompt, 1, greedy).result()
+    assert tok.decode(plain.sequences[0].tokens) != WITHHELD
