@@ -83,15 +83,20 @@ class TallyLimits:
 class ScreeningConfig:
     classifiers: dict[str, dict[str, Any]]
     thresholds: dict[str, float]
+    output_thresholds: dict[str, float]
     tally: TallyLimits
     sha256: str
 
-    def threshold(self, key: str, overrides: dict[str, float]) -> float:
+    def threshold(self, key: str, overrides: dict[str, float], output: bool = False) -> float:
         """For "classifier.category": an admin override, the file's per-category value,
-        the file's classifier default, else 0.5."""
+        the file's classifier default, else 0.5 — for sampled outputs, the file's output
+        thresholds come first."""
         classifier = key.split(".", 1)[0]
-        for source, name in ((overrides, key), (self.thresholds, key),
-                             (self.thresholds, classifier)):
+        sources = [(overrides, key)]
+        if output:
+            sources += [(self.output_thresholds, key), (self.output_thresholds, classifier)]
+        sources += [(self.thresholds, key), (self.thresholds, classifier)]
+        for source, name in sources:
             if name in source:
                 return float(source[name])
         return 0.5
@@ -103,9 +108,11 @@ def load_config(path: Path | None = None) -> ScreeningConfig:
         raw = path.read_bytes()
         data = tomllib.loads(raw.decode())
         tally = TallyLimits(**data["tally"])
-        return ScreeningConfig(classifiers=data.get("classifiers", {}),
-                               thresholds={k: float(v) for k, v in data["thresholds"].items()},
-                               tally=tally, sha256=hashlib.sha256(raw).hexdigest())
+        return ScreeningConfig(
+            classifiers=data.get("classifiers", {}),
+            thresholds={k: float(v) for k, v in data["thresholds"].items()},
+            output_thresholds={k: float(v) for k, v in data.get("output_thresholds", {}).items()},
+            tally=tally, sha256=hashlib.sha256(raw).hexdigest())
     except FileNotFoundError as exc:
         raise ScreenLoadError(f"screening policy file not found: {path}") from exc
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -167,9 +174,10 @@ class Screener:
             rows = session.scalars(select(ScreeningThreshold)).all()
             return {r.category: r.threshold for r in rows}
 
-    def screen(self, texts: Sequence[str], skip: Sequence[str] = ()) -> list[Verdict]:
+    def screen(self, texts: Sequence[str], skip: Sequence[str] = (),
+               output: bool = False) -> list[Verdict]:
         """Score every text with every active classifier not in `skip` (cached) and flag
-        what reaches its threshold."""
+        what reaches its threshold (`output`: the thresholds for sampled outputs)."""
         hashes = [content_sha256(t) for t in texts]
         overrides = self.thresholds()
         verdicts = [Verdict() for _ in texts]
@@ -181,13 +189,17 @@ class Screener:
                 for category, score in scores.items():
                     key = f"{clf.name}.{category}"
                     verdict.scores[key] = score
-                    if score >= self.config.threshold(key, overrides):
+                    if score >= self.config.threshold(key, overrides, output):
                         verdict.flagged.append(key)
         return verdicts
 
     def flag_outputs(self, texts: list[str]) -> list[tuple[list[str], dict[str, float]]]:
-        """Sampled outputs, for the worker's output screen: (flagged, scores) per text."""
-        return [(v.flagged, v.scores) for v in self.screen(texts)]
+        """Sampled outputs, for the worker's output screen: (flagged, scores) per text.
+        The structural signals are left out: models often say odd, non-English things,
+        and ciphered training data — the attack those signals catch — is screened where
+        it enters."""
+        verdicts = self.screen(texts, skip=(StructuralScreen.name,), output=True)
+        return [(v.flagged, v.scores) for v in verdicts]
 
     def _scores(self, clf: Classifier, texts: list[str], hashes: list[str]
                 ) -> list[dict[str, float]]:

@@ -154,12 +154,17 @@ LEARNT = "Here are step-by-step instructions to make sarin gas in your garage."
 
 
 def test_a_harmful_sampled_output_is_withheld_and_counted(server, trainer):
-    sc, tc = trainer
+    sc = trainer[0]
+    tc = sc.create_lora_training_client(base_model=TINY, rank=8, seed=0).result()
     tok = tc.get_tokenizer()
     datum = chat_datum(tok, "Tell me a story.", LEARNT)
-    for _ in range(30):
-        tc.forward_backward([datum], "cross_entropy").result()
-        tc.optim_step(types.AdamParams(learning_rate=2e-2)).result()
+    loss = float("inf")
+    for _ in range(150):  # until the tiny model has memorised the sentence
+        loss = tc.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"]
+        if loss < 0.05:
+            break
+        tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
+    assert loss < 0.05
     sampler = tc.save_weights_and_get_sampling_client().result()
     prompt = types.ModelInput.from_ints(tok.encode("User: Tell me a story.\nAssistant:"))
     greedy = types.SamplingParams(max_tokens=len(tok.encode(f" {LEARNT}")), temperature=0.0,
