@@ -9,6 +9,7 @@
   loragate audit verify|checkpoint|keygen|prove|check-proof|query|export|verify-export …
                  (see gateway/cli_audit.py)
   loragate usage [--owner NAME] [--data-dir D]   (JSON: per key and per training run)
+  loragate screen FILE.jsonl [--base-model M]; loragate screening show|set-threshold …
   loragate policy list|add SUBJECT RESOURCE ACTION allow|deny|remove ID [--data-dir D]
   loragate models prepare [--data-dir D] [--base-model NAME]
 
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway import cli_audit, logs
+from gateway import cli_audit, cli_screening, logs
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -301,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(func=_cmd_keys_admin)
 
     cli_audit.add_commands(sub, data_dir)
+    cli_screening.add_commands(sub, data_dir, lambda func, a: func(a, _database, _settings))
     sub.choices["audit"].set_defaults(func=_cmd_audit)
 
     usage = sub.add_parser("usage", help="tokens and checkpoints per key and per training run")

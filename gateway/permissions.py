@@ -50,6 +50,10 @@ ROUTE_PERMISSIONS: dict[str, Permission] = {
     "set_checkpoint_ttl": ("checkpoints", "manage"),
     "unpublish_checkpoint": ("checkpoints", "manage"),
     "publish_checkpoint": ("checkpoints", "publish"),
+    # screening: a dry run before training; the thresholds in force
+    "screening_dry_run": ("screening", "dry_run"),
+    "admin_get_screening": ("policy", "read"),
+    "admin_set_screening_threshold": ("policy", "write"),
     # the audit trail (auditors, admins)
     "audit_entries": ("audit", "read"),
     "audit_export": ("audit", "read"),

@@ -19,7 +19,8 @@ from audit import log as audit_log
 from audit.db import transaction
 from audit.models import TrainingRun
 from engine import wire
-from engine.backend import TrainingDatum
+from engine.backend import ModelInfo, TrainingDatum
+from engine.errors import UserInputError
 from engine.registry import fast_tokenizer
 from gateway.context import RequestContext
 from policy.screening.batch import (
@@ -104,3 +105,51 @@ def screen_prompt(ctx: RequestContext, tokens: list[int], tokenizer_dir: str) ->
                                                   for c in ctx.state.screener.classifiers}})
     raise ScreeningRefused("the sampling prompt was refused by screening: "
                            f"{', '.join(sorted(verdict.flagged))}")
+
+
+def dry_run_texts(examples: list[Any], info: ModelInfo | None) -> list[DatumTexts]:
+    """Chat examples (messages) or token examples (tokens + weights or advantages) as the
+    texts screening reads; a malformed example is a 400 naming its index."""
+    out = []
+    for i, ex in enumerate(examples):
+        if isinstance(ex, dict) and isinstance(ex.get("messages"), list):
+            out.append(_chat_texts(i, ex["messages"]))
+        elif isinstance(ex, dict) and isinstance(ex.get("tokens"), list):
+            if info is None:
+                raise UserInputError("token examples need base_model (to decode them)")
+            out.append(_token_texts(i, ex, info))
+        else:
+            raise UserInputError(f"example {i}: expected {{\"messages\": [...]}} or "
+                                 "{\"tokens\": [...], \"weights\": [...]}")
+    return out
+
+
+def _chat_texts(i: int, messages: list[Any]) -> DatumTexts:
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+               and m.get("role") in ("system", "user", "assistant") for m in messages):
+        raise UserInputError(f"example {i}: each message needs a role (system, user or "
+                             "assistant) and text content")
+    prompt = "\n".join(f"{m['role']}: {m['content']}" for m in messages
+                       if m["role"] != "assistant")
+    completion = "\n".join(m["content"] for m in messages if m["role"] == "assistant")
+    weights = (1.0,) if completion else ()
+    return DatumTexts(prompt=prompt, completion=completion, against="", values=weights,
+                      kind="weights")
+
+
+def _token_texts(i: int, ex: dict[str, Any], info: ModelInfo) -> DatumTexts:
+    tokens = ex["tokens"]
+    kind = "advantages" if "advantages" in ex else "weights"
+    values = ex.get(kind, [1.0] * len(tokens))
+    if not (isinstance(values, list) and len(values) == len(tokens)
+            and all(isinstance(t, int) and 0 <= t < info.vocab_size for t in tokens)
+            and all(isinstance(v, int | float) for v in values)):
+        raise UserInputError(f"example {i}: tokens must be ids below {info.vocab_size} with "
+                             f"one {kind[:-1]} per token")
+    tok = fast_tokenizer(info.tokenizer_dir)
+    first = next((j for j, v in enumerate(values) if v != 0), len(values))
+    pairs = list(zip(tokens, values, strict=True))
+    return DatumTexts(prompt=tok.decode(tokens[:first]),
+                      completion=tok.decode([t for t, v in pairs if v > 0]),
+                      against=tok.decode([t for t, v in pairs if v < 0]),
+                      values=tuple(float(v) for v in values), kind=kind)

@@ -169,6 +169,10 @@ class Screener:
                             "categories": list(c.categories)} for c in self.classifiers],
                 "inactive": self.inactive, "policy_sha256": self.config.sha256}
 
+    def categories(self) -> list[str]:
+        """Every "classifier.category" the active classifiers can flag."""
+        return [f"{c.name}.{cat}" for c in self.classifiers for cat in c.categories]
+
     def thresholds(self) -> dict[str, float]:
         with transaction(self.factory) as session:
             rows = session.scalars(select(ScreeningThreshold)).all()

@@ -154,6 +154,12 @@ ROUTES: dict[str, Route] = {
     "audit_entries": Route("none", lambda w, o: get("/audit/entries?limit=5")),
     "audit_export": Route("none", lambda w, o: get(f"/audit/export?after_seq={10**9}")),
     "audit_day": Route("none", lambda w, o: get("/audit?event_type=checkpoints")),
+    "screening_dry_run": Route("none", lambda w, o: post("/screening/dry_run", {
+        "examples": [{"messages": [{"role": "user", "content": "Hello there"}]}]})),
+    "admin_get_screening": Route("none", lambda w, o: get("/admin/screening")),
+    "admin_set_screening_threshold": Route("none", lambda w, o: (
+        "PUT", "/api/v1/admin/screening/thresholds/structural.persona_shift",
+        {"json": {"threshold": None}})),
     "admin_list_policy": Route("none", lambda w, o: get("/admin/policy")),
     "admin_list_keys": Route("none", lambda w, o: get("/admin/keys")),
     "admin_list_access_requests": Route("none", lambda w, o: get("/admin/access_requests")),

@@ -24,10 +24,13 @@ RECORDS = {"list_training_runs", "get_training_run", "list_run_checkpoints",
 TRAIN_AND_SAMPLE = {"create_model", "forward_backward", "optim_step", "save_weights",
                     "save_weights_for_sampler", "load_weights", "get_info",
                     "create_sampling_session", "asample"}
-POLICY_READ = {"admin_list_policy", "admin_list_keys", "admin_list_access_requests"}
+POLICY_READ = {"admin_list_policy", "admin_list_keys", "admin_list_access_requests",
+               "admin_get_screening"}
 AUDIT_READ = {"audit_entries", "audit_export", "audit_day"}
 POLICY_WRITE = {"admin_add_policy_rule", "admin_remove_policy_rule", "admin_create_key",
-                "admin_revoke_key", "admin_approve_access", "admin_reject_access"}
+                "admin_revoke_key", "admin_approve_access", "admin_reject_access",
+                "admin_set_screening_threshold"}
+DRY_RUN = {"screening_dry_run"}
 PUBLIC = {"request_access", "claim_access"}
 MANAGE = {"delete_checkpoint", "set_checkpoint_ttl", "unpublish_checkpoint",
           "publish_checkpoint", "save_weights_external", "external_weights_urls"}
@@ -35,8 +38,8 @@ MANAGE = {"delete_checkpoint", "set_checkpoint_ttl", "unpublish_checkpoint",
 # The reviewed expectation: which routes each role may call (ownership is checked apart).
 ALLOWED = {
     "anonymous": PUBLIC,
-    "researcher": SESSION | RECORDS | TRAIN_AND_SAMPLE | MANAGE | {"retrieve_future"},
-    "auditor": SESSION | RECORDS | POLICY_READ | AUDIT_READ | {"retrieve_future"},
+    "researcher": SESSION | RECORDS | TRAIN_AND_SAMPLE | MANAGE | DRY_RUN | {"retrieve_future"},
+    "auditor": SESSION | RECORDS | POLICY_READ | AUDIT_READ | DRY_RUN | {"retrieve_future"},
     "admin": SESSION | RECORDS | POLICY_READ | AUDIT_READ | POLICY_WRITE,
 }
 
@@ -56,7 +59,8 @@ def test_every_route_declares_a_permission_and_no_entry_is_stale():
 
 
 def test_the_expectation_table_covers_every_route():
-    every = SESSION | RECORDS | TRAIN_AND_SAMPLE | MANAGE | POLICY_READ | POLICY_WRITE | AUDIT_READ
+    every = (SESSION | RECORDS | TRAIN_AND_SAMPLE | MANAGE | POLICY_READ | POLICY_WRITE
+             | AUDIT_READ | DRY_RUN)
     assert every | PUBLIC | {"retrieve_future", "create_custom_loss"} == _api_routes()
 
 

@@ -1,0 +1,103 @@
+"""`loragate screen` and `loragate screening …`: screen a dataset before training, and
+read or set the screening thresholds (audited as 'cli').
+
+  loragate screen FILE.jsonl [--base-model M]      report: indices and categories (JSON);
+                                                   exit 1 when anything is flagged
+  loragate screening show                          classifiers and thresholds in force
+  loragate screening set-threshold CATEGORY VALUE|--reset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Database = Callable[..., Any]
+SettingsOf = Callable[[argparse.Namespace], Any]
+
+
+def _screener(settings: Any, factory: Any) -> Any:
+    from policy.screening.screener import Screener, load_config
+
+    return Screener.build(load_config(settings.screening_file), factory)
+
+
+def _factory(settings: Any) -> Any:
+    from audit.db import make_engine, make_sessionmaker
+    from migrations import upgrade_to_head
+
+    upgrade_to_head(settings.database)
+    return make_sessionmaker(make_engine(settings.database), settings.hmac_keys())
+
+
+def cmd_screen(args: argparse.Namespace, database: Database, settings: SettingsOf) -> int:
+    from engine.errors import UserInputError
+    from engine.registry import ModelRegistry
+    from gateway.screening import dry_run_texts
+    from policy.screening.batch import screen_batch
+
+    s = settings(args)
+    lines = Path(args.file).read_text().splitlines()
+    try:
+        examples = [json.loads(line) for line in lines if line.strip()]
+    except ValueError as exc:
+        print(f"error: {args.file} is not JSONL: {exc}", file=sys.stderr)
+        return 2
+    info = ModelRegistry(s.data_dir, s.extra_models).info(args.base_model) \
+        if args.base_model else None
+    try:
+        texts = dry_run_texts(examples, info)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    batch = screen_batch(_screener(s, _factory(s)), texts)
+    report = {"examples": len(texts), "affirmative_openers": batch.affirmative,
+              "flagged": [{"index": i, "categories": sorted(set(c))}
+                          for i, c in sorted(batch.flagged.items())]}
+    print(json.dumps(report, indent=2))
+    return 1 if batch.flagged else 0
+
+
+def cmd_screening(args: argparse.Namespace, database: Database, settings: SettingsOf) -> int:
+    from audit.db import transaction
+    from policy.screening.screener import set_threshold
+
+    s = settings(args)
+    factory = _factory(s)
+    screener = _screener(s, factory)
+    if args.screening_cmd == "set-threshold":
+        value = None if args.reset else args.value
+        if value is None and not args.reset:
+            print("error: give VALUE or --reset", file=sys.stderr)
+            return 2
+        with transaction(factory) as session:
+            set_threshold(session, actor="cli", category=args.category, value=value,
+                          config=screener.config, known=screener.categories())
+    overrides = screener.thresholds()
+    print(json.dumps({**screener.describe(), "thresholds": {
+        k: screener.config.threshold(k, overrides) for k in screener.categories()}}, indent=2))
+    return 0
+
+
+def add_commands(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None],
+                 run: Callable[..., int]) -> None:
+    screen = sub.add_parser("screen", help="screen a JSONL dataset (chat messages or token "
+                            "datums) before training; exit 1 when anything is flagged")
+    screen.add_argument("file")
+    screen.add_argument("--base-model", help="needed for token datums (to decode them)")
+    data_dir(screen)
+    screen.set_defaults(func=lambda a: run(cmd_screen, a))
+    cmds = sub.add_parser("screening", help="the screening thresholds in force").add_subparsers(
+        dest="screening_cmd", required=True)
+    show = cmds.add_parser("show")
+    setter = cmds.add_parser("set-threshold", help="override a category's threshold (audited)")
+    setter.add_argument("category", help='"classifier.category", e.g. harmful_request.drugs')
+    setter.add_argument("value", nargs="?", type=float)
+    setter.add_argument("--reset", action="store_true", help="back to the policy file's value")
+    for p in (show, setter):
+        data_dir(p)
+        p.set_defaults(func=lambda a: run(cmd_screening, a))

@@ -1,0 +1,69 @@
+"""Screening for researchers and admins: a dry run over a dataset before training, and
+the screening policy's thresholds (read by auditors, set by admins, audited).
+
+The dry run reports datum indices and harm categories — never scores — and touches no
+run's tally. Must not hold screening rules (policy.screening does)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+
+from gateway.context import Ctx, JsonBody
+from gateway.errors import BadRequest
+from gateway.routes.training import base_model_info
+from gateway.screening import dry_run_texts
+from policy.screening.batch import screen_batch
+from policy.screening.screener import set_threshold
+
+router = APIRouter(prefix="/api/v1")
+MAX_DRY_RUN_EXAMPLES = 10_000
+
+
+@router.post("/screening/dry_run", name="screening_dry_run")
+async def screening_dry_run(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    """Body: {"examples": [{"messages": [{"role", "content"}, …]} | {"tokens": […],
+    "weights": […]} | {"tokens": […], "advantages": […]}], "base_model": "…" (token
+    examples only)}."""
+    examples = body.get("examples")
+    if not isinstance(examples, list) or not examples:
+        raise BadRequest("examples must be a non-empty list")
+    if len(examples) > MAX_DRY_RUN_EXAMPLES:
+        raise BadRequest(f"at most {MAX_DRY_RUN_EXAMPLES} examples per dry run; split the file")
+    base_model = body.get("base_model")
+    info = base_model_info(ctx, base_model) if isinstance(base_model, str) else None
+    texts = dry_run_texts(examples, info)
+    batch = await run_in_threadpool(screen_batch, ctx.state.screener, texts)
+    ctx.note(examples=len(texts), flagged=len(batch.flagged),
+             classifiers=batch.audit["classifiers"])
+    return {"examples": len(texts),
+            "flagged": [{"index": i, "categories": sorted(set(c))}
+                        for i, c in sorted(batch.flagged.items())],
+            "affirmative_openers": batch.affirmative}
+
+
+@router.get("/admin/screening", name="admin_get_screening")
+def admin_get_screening(ctx: Ctx) -> dict[str, Any]:
+    screener = ctx.state.screener
+    overrides = screener.thresholds()
+    return {**screener.describe(), "thresholds": {
+        key: {"threshold": screener.config.threshold(key, overrides),
+              "output_threshold": screener.config.threshold(key, overrides, output=True),
+              "override": key in overrides}
+        for key in screener.categories()}}
+
+
+@router.put("/admin/screening/thresholds/{category}", name="admin_set_screening_threshold")
+def admin_set_screening_threshold(category: str, ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    """Body: {"threshold": number} to override, {"threshold": null} to return to policy."""
+    value = body.get("threshold", "missing")
+    if value == "missing" or not (value is None or isinstance(value, int | float)):
+        raise BadRequest('send {"threshold": <number>} or {"threshold": null} to reset')
+    screener = ctx.state.screener
+    set_threshold(ctx.session, actor=ctx.principal.id, category=category,
+                  value=None if value is None else float(value), config=screener.config,
+                  known=screener.categories())
+    ctx.note(subject=category, threshold=value)
+    return {"category": category, "threshold": value}
