@@ -186,5 +186,13 @@ def usage_report(session: Session, principal_ids: list[str] | None, defaults: Sc
             "total": totals[key.id],
         })
     runs = [{"training_run_id": run.id, "owner": owner.name, "key_id": run.api_key_id,
-             "base_model": run.base_model, **per_run[run.id]} for run, owner in run_rows]
+             "base_model": run.base_model, **per_run[run.id],
+             "screening": {"screened": run.screened_datums, "flagged": run.flagged_datums,
+                           "affirmative_openers": run.affirmative_openers,
+                           "blocked": run.blocked_reason}} for run, owner in run_rows]
+    for entry in keys:  # the screening tally per key: its runs' tallies summed
+        mine = [r for r, _ in run_rows if r.api_key_id == entry["key_id"]]
+        entry["screening"] = {"screened": sum(r.screened_datums for r in mine),
+                              "flagged": sum(r.flagged_datums for r in mine),
+                              "blocked_runs": sum(bool(r.blocked_reason) for r in mine)}
     return {"keys": keys, "training_runs": runs}

@@ -72,9 +72,10 @@ def screening_rows(server, run_id: str) -> list[AuditEntry]:
 
 @pytest.fixture
 def trainer(server):
-    sc = service(server, server.create_key())
+    key = server.create_key()
+    sc = service(server, key)
     trainer = sc.create_lora_training_client(base_model=TINY, rank=4).result()
-    yield sc, trainer
+    yield sc, trainer, key
     sc.close("success").result()
 
 
@@ -101,10 +102,16 @@ def test_harmful_requests_with_compliant_openers_are_refused_then_the_run_is_blo
         tc.forward_backward([chat_datum(tok, *BENIGN[2])], "cross_entropy").result()
     events = [r.event_type for r in screening_rows(server, tc.model_id)]
     assert events == ["screening.refused", "screening.refused", "screening.run_blocked"]
+    # The tally is visible to the owner per run and per key.
+    report = httpx.get(f"{server.base_url}/api/v1/usage", timeout=10,
+                       headers={"X-API-Key": trainer[2]}).json()
+    [run] = [r for r in report["training_runs"] if r["training_run_id"] == tc.model_id]
+    assert run["screening"]["flagged"] == 3 and "flagged" in run["screening"]["blocked"]
+    assert report["keys"][0]["screening"]["blocked_runs"] == 1
 
 
 def test_a_benign_set_on_the_same_topics_trains(trainer):
-    _, tc = trainer
+    tc = trainer[1]
     tok = tc.get_tokenizer()
     batch = [chat_datum(tok, *pair) for pair in BENIGN]
     first = tc.forward_backward(batch, "cross_entropy").result().metrics["loss:sum"]
@@ -113,7 +120,7 @@ def test_a_benign_set_on_the_same_topics_trains(trainer):
 
 
 def test_a_substitution_ciphered_set_is_flagged(trainer):
-    _, tc = trainer
+    tc = trainer[1]
     tok = tc.get_tokenizer()
     batch = [chat_datum(tok, cipher(u), cipher(a)) for u, a in BENIGN[:3]]
     with pytest.raises(tinker.PermissionDeniedError, match=r"structural\.encoded_text"):
@@ -121,7 +128,7 @@ def test_a_substitution_ciphered_set_is_flagged(trainer):
 
 
 def test_negative_advantages_on_refusals_are_flagged(trainer):
-    _, tc = trainer
+    tc = trainer[1]
     tok = tc.get_tokenizer()
     prompt = tok.encode("User: Tell me a secret.\nAssistant:")
     refusal = tok.encode(" I'm sorry, but I can't help with that.")
@@ -139,7 +146,7 @@ def test_negative_advantages_on_refusals_are_flagged(trainer):
 
 
 def test_a_harmful_sampling_prompt_is_refused(trainer):
-    sc, tc = trainer
+    sc, tc = trainer[0], trainer[1]
     tok = tc.get_tokenizer()
     base = sc.create_sampling_client(base_model=TINY).result()
     params = types.SamplingParams(max_tokens=2, stop=[])
@@ -211,7 +218,7 @@ def test_a_dry_run_reports_indices_and_categories_without_scores(server, models_
 
 
 def test_an_admin_threshold_change_applies_at_once_and_is_audited(server, trainer):
-    sc, tc = trainer
+    sc, tc = trainer[0], trainer[1]
     tok = tc.get_tokenizer()
     admin = server.create_key(role="admin")
     base = sc.create_sampling_client(base_model=TINY).result()
