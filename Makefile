@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 DATA    ?= data
 PYTEST_ARGS ?=
 
-.PHONY: setup demo serve test test-fast lint bench bench-audit clean
+.PHONY: setup demo serve test test-fast lint bench bench-audit bench-screening clean
 
 setup: $(STAMP)
 
@@ -37,10 +37,13 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 bench: setup
-	$(PY) benchmarks/train_throughput.py
+	$(PY) -m benchmarks.train_throughput
 
 bench-audit: setup
-	$(PY) benchmarks/audit_bench.py
+	$(PY) -m benchmarks.audit_bench
+
+bench-screening: setup
+	$(PY) -m benchmarks.screening_bench
 
 clean:
 	rm -rf $(DATA)/demo .pytest_cache .mypy_cache .ruff_cache
