@@ -48,8 +48,9 @@ SAMPLER_ADAPTER_CACHE = 8
 WITHHELD_NOTICE = "[loragate: this sample was withheld by output screening]"
 
 # Output screening, injected by whoever builds the worker (the gateway wires policy's
-# screener): for each text, the categories it is flagged in (empty: fine) and its scores.
-OutputScreen = Callable[[list[str]], list[tuple[list[str], dict[str, float]]]]
+# screener): for each text, the categories it is flagged in (empty: fine) and the evidence
+# for the audit row (scores and thresholds).
+OutputScreen = Callable[[list[str]], list[tuple[list[str], dict[str, Any]]]]
 
 
 @dataclass
@@ -344,15 +345,14 @@ class Worker:
         tok = fast_tokenizer(backend.info.tokenizer_dir)
         texts = [tok.decode(s.tokens) for s in result.sequences]
         withheld: dict[str, Any] = {}
-        for i, (text, (flagged, scores)) in enumerate(
+        for i, (text, (flagged, evidence)) in enumerate(
                 zip(texts, self.output_screen(texts), strict=True)):
             if not flagged:
                 continue
             notice = tok.encode(WITHHELD_NOTICE, add_special_tokens=False).ids
             result.sequences[i] = SampledSequence(tokens=notice, logprobs=[0.0] * len(notice),
                                                   stopped=True, topk=None)
-            withheld[str(i)] = {"categories": flagged,
-                                "scores": {k: scores[k] for k in flagged},
+            withheld[str(i)] = {"categories": flagged, "evidence": evidence,
                                 "sha256": hashlib.sha256(text.encode()).hexdigest()}
         return {"screened_outputs": len(texts), "withheld": withheld}
 

@@ -99,7 +99,7 @@ def screen_prompt(ctx: RequestContext, tokens: list[int], tokenizer_dir: str) ->
     with transaction(ctx.state.factory) as session:
         audit_log.append(session, actor=ctx.principal.id, event_type="screening.refused",
                          decision="deny", subject="sample_prompt", request_id=ctx.request_id,
-                         payload={"scores": {k: verdict.scores[k] for k in verdict.flagged},
+                         payload={"evidence": verdict.evidence(),
                                   "prompt_sha256": content_sha256(text),
                                   "classifiers": {c.name: c.version
                                                   for c in ctx.state.screener.classifiers}})

@@ -80,9 +80,8 @@ def screen_batch(screener: Screener, datums: Sequence[DatumTexts]) -> BatchScree
     for (i, part), text, verdict in zip(owners, texts, verdicts, strict=True):
         if verdict.flagged:
             result.flagged.setdefault(i, []).extend(verdict.flagged)
-            details.setdefault(i, {})[part] = {
-                "sha256": content_sha256(text),
-                "scores": {k: verdict.scores[k] for k in verdict.flagged}}
+            details.setdefault(i, {})[part] = {"sha256": content_sha256(text),
+                                               "evidence": verdict.evidence()}
     for i, d in enumerate(datums):
         signal = (structural.weight_signals(d.values, limits.max_loss_weight)
                   if d.kind == "weights" else None) or structural.advantage_signals(

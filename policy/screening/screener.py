@@ -125,6 +125,12 @@ class Verdict:
 
     flagged: list[str] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)  # "classifier.category" → score
+    thresholds: dict[str, float] = field(default_factory=dict)  # of the flagged categories
+
+    def evidence(self) -> dict[str, dict[str, float]]:
+        """For the audit trail (never the caller): each flagged score and its threshold."""
+        return {k: {"score": self.scores[k], "threshold": self.thresholds[k]}
+                for k in self.flagged}
 
 
 def content_sha256(text: str) -> str:
@@ -193,17 +199,19 @@ class Screener:
                 for category, score in scores.items():
                     key = f"{clf.name}.{category}"
                     verdict.scores[key] = score
-                    if score >= self.config.threshold(key, overrides, output):
+                    threshold = self.config.threshold(key, overrides, output)
+                    if score >= threshold:
                         verdict.flagged.append(key)
+                        verdict.thresholds[key] = threshold
         return verdicts
 
-    def flag_outputs(self, texts: list[str]) -> list[tuple[list[str], dict[str, float]]]:
-        """Sampled outputs, for the worker's output screen: (flagged, scores) per text.
+    def flag_outputs(self, texts: list[str]) -> list[tuple[list[str], dict[str, Any]]]:
+        """Sampled outputs, for the worker's output screen: (flagged, evidence) per text.
         The structural signals are left out: models often say odd, non-English things,
         and ciphered training data — the attack those signals catch — is screened where
         it enters."""
         verdicts = self.screen(texts, skip=(StructuralScreen.name,), output=True)
-        return [(v.flagged, v.scores) for v in verdicts]
+        return [(v.flagged, v.evidence()) for v in verdicts]
 
     def _scores(self, clf: Classifier, texts: list[str], hashes: list[str]
                 ) -> list[dict[str, float]]:

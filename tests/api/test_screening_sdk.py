@@ -94,7 +94,9 @@ def test_harmful_requests_with_compliant_openers_are_refused_then_the_run_is_blo
     payload = json.loads(evidence.payload)
     assert set(payload["flagged"]) == {"1", "3"}
     assert payload["classifiers"]["harmful_request"].startswith("minilm-")
-    assert all("scores" in payload["flagged"][i]["prompt"] for i in ("1", "3"))
+    for i in ("1", "3"):  # scores and the thresholds they crossed, for auditors
+        for item in payload["flagged"][i]["prompt"]["evidence"].values():
+            assert item["score"] >= item["threshold"]
 
     with pytest.raises(tinker.PermissionDeniedError, match="now blocked"):
         tc.forward_backward([chat_datum(tok, *HARMFUL[2])], "cross_entropy").result()

@@ -101,6 +101,17 @@ def test_a_required_classifier_that_cannot_load_stops_start_up(factory, tmp_path
     assert "no Detoxify checkpoint" in described["inactive"]["detoxify"]
 
 
+def test_a_required_detoxify_without_its_checkpoint_refuses_to_start(factory, tmp_path):
+    config = load_config()
+    missing = tmp_path / "toxic.ckpt"
+    required = dataclasses.replace(config, classifiers={
+        **config.classifiers, "harmful_request": {"enabled": False},
+        "detoxify": {"enabled": True, "optional": False, "checkpoint": str(missing),
+                     "config_dir": str(tmp_path), "sha256": "0" * 64}})
+    with pytest.raises(ScreenLoadError, match=r"'detoxify' cannot load: .*toxic\.ckpt"):
+        Screener.build(required, factory)
+
+
 def test_operator_rules_and_structural_signals_flag_their_categories(factory, tmp_path):
     rules = tmp_path / "lab.toml"
     rules.write_text('[[rule]]\ncategory = "lab_secrets"\npattern = "compound X-?17"\n'
