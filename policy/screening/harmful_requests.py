@@ -29,6 +29,17 @@ class ScreenLoadError(RuntimeError):
     """A classifier's files are missing or unusable; the message names the file."""
 
 
+def read_toml(path: Path, what: str) -> tuple[bytes, dict[str, Any]]:
+    """A screening policy, bank or rule file: its bytes (for the digest) and its data."""
+    try:
+        raw = path.read_bytes()
+        return raw, tomllib.loads(raw.decode())
+    except FileNotFoundError as exc:
+        raise ScreenLoadError(f"{what} not found: {path}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ScreenLoadError(f"{what} {path} is not valid TOML: {exc}") from exc
+
+
 def package_model_dir() -> Path:
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     if spec is None or spec.origin is None:
@@ -88,13 +99,7 @@ def load_banks(paths: list[Path] | None = None) -> Bank:
     benign: list[str] = []
     digest = hashlib.sha256()
     for path in paths or [DEFAULT_BANK]:
-        try:
-            raw = path.read_bytes()
-            data = tomllib.loads(raw.decode())
-        except FileNotFoundError as exc:
-            raise ScreenLoadError(f"behaviour bank not found: {path}") from exc
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ScreenLoadError(f"behaviour bank {path} is not valid TOML: {exc}") from exc
+        raw, data = read_toml(path, "behaviour bank")
         digest.update(raw)
         for cat in data.get("category", []):
             if not isinstance(cat.get("name"), str):

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-import tomllib
 from pathlib import Path
 
-from policy.screening.harmful_requests import ScreenLoadError
+from policy.screening.harmful_requests import ScreenLoadError, read_toml
 
 
 class RuleScreen:
@@ -18,13 +17,7 @@ class RuleScreen:
         self.rules: list[tuple[str, re.Pattern[str]]] = []
         digest = hashlib.sha256()
         for path in files:
-            try:
-                raw = path.read_bytes()
-                data = tomllib.loads(raw.decode())
-            except FileNotFoundError as exc:
-                raise ScreenLoadError(f"screening rule file not found: {path}") from exc
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-                raise ScreenLoadError(f"rule file {path} is not valid TOML: {exc}") from exc
+            raw, data = read_toml(path, "screening rule file")
             digest.update(raw)
             for n, rule in enumerate(data.get("rule", []), 1):
                 self.rules.append(_compile(rule, f"{path} rule {n}"))

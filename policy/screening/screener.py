@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from policy.screening.harmful_requests import (
     MiniLM,
     ScreenLoadError,
     load_banks,
+    read_toml,
 )
 from policy.screening.rules import RuleScreen
 from policy.screening.toxicity import ToxicityScreen
@@ -104,18 +104,15 @@ class ScreeningConfig:
 
 def load_config(path: Path | None = None) -> ScreeningConfig:
     path = path or DEFAULT_SCREENING_PATH
+    raw, data = read_toml(path, "screening policy file")
     try:
-        raw = path.read_bytes()
-        data = tomllib.loads(raw.decode())
         tally = TallyLimits(**data["tally"])
         return ScreeningConfig(
             classifiers=data.get("classifiers", {}),
             thresholds={k: float(v) for k, v in data["thresholds"].items()},
             output_thresholds={k: float(v) for k, v in data.get("output_thresholds", {}).items()},
             tally=tally, sha256=hashlib.sha256(raw).hexdigest())
-    except FileNotFoundError as exc:
-        raise ScreenLoadError(f"screening policy file not found: {path}") from exc
-    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise ScreenLoadError(f"screening policy {path} is not usable: {exc}") from exc
 
 
