@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,6 +71,18 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield url
     finally:
         drop()
+
+
+@pytest.fixture
+def factory(database_url: str) -> Iterator[Any]:
+    """A session factory on a freshly migrated database of each dialect."""
+    from audit.db import make_engine, make_sessionmaker
+    from migrations import upgrade_to_head
+
+    upgrade_to_head(database_url)
+    engine = make_engine(database_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
 
 
 @dataclass

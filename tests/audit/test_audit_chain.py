@@ -7,17 +7,8 @@ import pytest
 from sqlalchemy import text
 
 from audit import log as audit_log
-from audit.db import make_engine, make_sessionmaker, transaction
+from audit.db import transaction
 from audit.models import AuditEntry
-from migrations import upgrade_to_head
-
-
-@pytest.fixture
-def factory(database_url):
-    upgrade_to_head(database_url)
-    engine = make_engine(database_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def _append(factory, n: int) -> None:

@@ -12,9 +12,8 @@ import json
 import pytest
 from sqlalchemy import select
 
-from audit.db import make_engine, make_sessionmaker, transaction
+from audit.db import transaction
 from audit.models import AuditEntry
-from migrations import upgrade_to_head
 from policy.errors import LimitExceeded
 from policy.screening.harmful_requests import ScreenLoadError
 from policy.screening.rules import RuleScreen
@@ -35,14 +34,6 @@ class CountingScreen:
     def score(self, texts):
         self.scored += texts
         return [{"odd": float(len(t) % 2)} for t in texts]
-
-
-@pytest.fixture
-def factory(database_url):
-    upgrade_to_head(database_url)
-    engine = make_engine(database_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def test_each_text_is_scored_once_per_classifier_version_across_processes(factory):
