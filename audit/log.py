@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -115,20 +115,6 @@ def append(
     return AuditEntry(**values)
 
 
-def _hash_of(entry: AuditEntry) -> str:
-    return compute_entry_hash(
-        seq=entry.seq,
-        created_at=entry.created_at,
-        actor=entry.actor,
-        event_type=entry.event_type,
-        subject=entry.subject,
-        decision=entry.decision,
-        request_id=entry.request_id,
-        payload=entry.payload,
-        prev_hash=entry.prev_hash,
-    )
-
-
 @dataclass(frozen=True)
 class VerifyResult:
     ok: bool
@@ -173,8 +159,18 @@ def stream_rows(session: Session, columns: Sequence[Any] = COLUMNS, *, upto: int
 HASH_COLUMNS = (AuditEntry.seq, AuditEntry.entry_hash)
 
 
+# The hashed fields lead COLUMNS, in hash order.
+HASHED_FIELDS = tuple(c.key for c in COLUMNS[:9])
+FIELDS = tuple(c.key for c in COLUMNS)
+
+
 def _row_hash(row: Any) -> str:
-    return _digest(list(row[:9]))  # the hashed fields lead COLUMNS, in hash order
+    return _digest(list(row[:9]))
+
+
+def entry_hash_of(entry: Mapping[str, Any]) -> str:
+    """The entry hash recomputed from an entry's fields (an exported line, a proof)."""
+    return _digest([entry[name] for name in HASHED_FIELDS])
 
 
 class _Verifier:

@@ -22,9 +22,7 @@ from audit import log as audit_log
 from audit.models import AuditEntry
 
 MAX_PAGE = 1000
-EXPORT_FIELDS = ("seq", "created_at", "actor", "event_type", "subject", "decision",
-                 "request_id", "payload", "prev_hash", "entry_hash", "mac", "key_id",
-                 "hash_version")
+EXPORT_FIELDS = audit_log.FIELDS
 
 
 def normalize_time(value: str) -> str:
@@ -123,12 +121,11 @@ def verify_export(lines: Iterable[str]) -> ExportCheck:
             continue
         try:
             e = json.loads(line)
-            fields = [e[name] for name in EXPORT_FIELDS[:9]]
+            entry_hash = audit_log.entry_hash_of(e)
         except (ValueError, KeyError, TypeError):
             return ExportCheck(False, count, first, prev and prev["seq"], linked,
                                reason=f"line {number} is not an exported audit entry")
-        if audit_log.compute_entry_hash(**dict(zip(EXPORT_FIELDS[:9], fields, strict=True))) \
-                != e["entry_hash"]:
+        if entry_hash != e["entry_hash"]:
             return ExportCheck(False, count, first, prev and prev["seq"], linked, e["seq"],
                                "content does not match entry_hash (modified)")
         if prev is not None and e["seq"] == prev["seq"] + 1:

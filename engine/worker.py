@@ -345,11 +345,11 @@ class Worker:
         tok = fast_tokenizer(backend.info.tokenizer_dir)
         texts = [tok.decode(s.tokens) for s in result.sequences]
         withheld: dict[str, Any] = {}
+        notice = tok.encode(WITHHELD_NOTICE, add_special_tokens=False).ids
         for i, (text, (flagged, evidence)) in enumerate(
                 zip(texts, self.output_screen(texts), strict=True)):
             if not flagged:
                 continue
-            notice = tok.encode(WITHHELD_NOTICE, add_special_tokens=False).ids
             result.sequences[i] = SampledSequence(tokens=notice, logprobs=[0.0] * len(notice),
                                                   stopped=True, topk=None)
             withheld[str(i)] = {"categories": flagged, "evidence": evidence,

@@ -123,8 +123,7 @@ def check_proof(proof: dict[str, Any], ckpt: Checkpoint, old: Checkpoint | None 
     path = [bytes.fromhex(p) for p in proof["proof"]]
     if proof["type"] == "inclusion":
         e = proof["entry"]
-        fields = {k: e[k] for k in query.EXPORT_FIELDS[:9]}
-        if audit_log.compute_entry_hash(**fields) != e["entry_hash"]:
+        if audit_log.entry_hash_of(e) != e["entry_hash"]:
             return "the entry's content does not match its entry_hash"
         if proof["tree_size"] != ckpt.seq:
             return f"the proof is for a tree of {proof['tree_size']}, the checkpoint of {ckpt.seq}"

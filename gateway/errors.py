@@ -64,24 +64,25 @@ class Unprocessable(ApiError):
     status, code = 422, "invalid_request"
 
 
+# Errors raised below the gateway, and their HTTP form. Checked in order: subclasses before
+# the PolicyError catch-all.
+_MAPPED: tuple[tuple[tuple[type[Exception], ...], type[ApiError]], ...] = (
+    ((PolicyNotFound, KeyNotFound, RequestNotFound), NotFound),
+    ((ScreeningRefused,), ScreeningError),
+    ((RunBlocked,), BlockedRun),
+    ((QuotaExceeded,), QuotaError),
+    ((ScopeDenied,), OutsideScope),
+    ((KeyRejected,), Unauthorized),
+    ((UserInputError, UnknownModelError, LimitExceeded), BadRequest),
+    ((PolicyError,), Forbidden),
+)
+
+
 def to_api_error(exc: Exception) -> ApiError | None:
     """Map errors raised below the gateway to their HTTP form; None = not a user error."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, (PolicyNotFound, KeyNotFound, RequestNotFound)):
-        return NotFound(str(exc))
-    if isinstance(exc, ScreeningRefused):
-        return ScreeningError(str(exc))
-    if isinstance(exc, RunBlocked):
-        return BlockedRun(str(exc))
-    if isinstance(exc, QuotaExceeded):
-        return QuotaError(str(exc))
-    if isinstance(exc, ScopeDenied):
-        return OutsideScope(str(exc))
-    if isinstance(exc, KeyRejected):
-        return Unauthorized(str(exc))
-    if isinstance(exc, (UserInputError, UnknownModelError, LimitExceeded)):
-        return BadRequest(str(exc))
-    if isinstance(exc, PolicyError):
-        return Forbidden(str(exc))
+    for sources, target in _MAPPED:
+        if isinstance(exc, sources):
+            return target(str(exc))
     return None

@@ -15,7 +15,6 @@ engine. Returns harm categories with short reasons, never raw text.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -87,14 +86,6 @@ def letter_distance(text: str) -> float:
 def common_word_share(text: str) -> float:
     words = [w.lower() for w in WORD.findall(text)]
     return sum(w in COMMON_WORDS for w in words) / len(words) if words else 0.0
-
-
-def character_entropy(text: str) -> float:
-    """Shannon entropy in bits per character."""
-    if not text:
-        return 0.0
-    counts, n = Counter(text), len(text)
-    return -sum(c / n * math.log2(c / n) for c in counts.values())
 
 
 def encoded_text(text: str) -> Signal | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from audit import anchors, query
+from audit import anchors
 from audit import log as audit_log
 from audit.anchors import HmacKeys
 from audit.db import make_engine, make_sessionmaker, transaction
@@ -62,7 +62,7 @@ def recompute_from(factory, seq: int, payload: str) -> None:
             AuditEntry.seq == seq - 1)) or audit_log.GENESIS_HASH
     statements = []
     for row in rows:
-        fields = dict(zip(query.EXPORT_FIELDS[:9], row[:9], strict=True))
+        fields = dict(zip(audit_log.HASHED_FIELDS, row[:9], strict=True))
         fields["prev_hash"] = prev
         if row[0] == seq:
             fields["payload"] = payload
