@@ -14,6 +14,7 @@ from gateway.app import api_routes, create_app
 from gateway.permissions import ROUTE_PERMISSIONS
 from migrations import upgrade_to_head
 from policy.authz import Authorizer, Denied, add_rule, remove_rule, seed_default_policy
+from policy.keys import authenticate
 from tests.api.helpers import TINY, service
 
 SESSION = {"client_config", "client_dynamic_config", "healthz", "get_server_capabilities",
@@ -145,7 +146,11 @@ def test_non_researchers_cannot_train_and_are_told_why_at_once(server, role):
     # The window includes the SDK's session set-up; a retried refusal would take minutes.
     assert time.monotonic() - start < 5.0
     with transaction(server.state.read_factory) as session:
-        rows = session.scalars(select(AuditEntry).where(AuditEntry.seq > before)
+        caller = authenticate(session, key)[0].id
+        # This caller's rows only: SDK clients of earlier tests still heartbeat against the
+        # shared server (with revoked keys, too), and their denials land in the same window.
+        rows = session.scalars(select(AuditEntry).where(AuditEntry.seq > before,
+                                                        AuditEntry.actor == caller)
                                .order_by(AuditEntry.seq)).all()
     denials = [r for r in rows if r.decision == "deny"]
     assert [r.event_type for r in denials] == ["api.create_model"]
