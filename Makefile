@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 DATA    ?= data
 PYTEST_ARGS ?=
 
-.PHONY: setup demo serve test test-fast lint bench bench-audit bench-screening clean
+.PHONY: setup demo serve test test-fast lint bench bench-audit bench-screening bench-release clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,9 @@ bench-audit: setup
 
 bench-screening: setup
 	$(PY) -m benchmarks.screening_bench
+
+bench-release: setup
+	$(PY) -m benchmarks.release_bench
 
 clean:
 	rm -rf $(DATA)/demo .pytest_cache .mypy_cache .ruff_cache

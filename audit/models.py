@@ -158,6 +158,8 @@ class Checkpoint(Base):
     has_optimizer: Mapped[bool] = mapped_column(Boolean, default=False)
     public: Mapped[bool] = mapped_column(Boolean, default=False)
     release_state: Mapped[str] = mapped_column(String(20), default="private")
+    adapter_sha256: Mapped[str | None] = mapped_column(String(64))
+    publish_on_release: Mapped[bool] = mapped_column(Boolean, default=False)
     user_metadata: Mapped[str] = mapped_column(Text, default="{}")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -248,6 +250,71 @@ class ScreeningThreshold(Base):
     __tablename__ = "screening_thresholds"
     category: Mapped[str] = mapped_column(String(120), primary_key=True)
     threshold: Mapped[float] = mapped_column(Float)
+
+
+class ReleaseRequest(Base):
+    """One release evaluation of one checkpoint: why it was asked for, how far it got and
+    what was decided. Written by the gateway (queued) and the worker (progress, decision)."""
+
+    __tablename__ = "release_requests"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(Integer, index=True)
+    tinker_path: Mapped[str] = mapped_column(String(400))
+    training_run_id: Mapped[str] = mapped_column(String(100), index=True)
+    principal_id: Mapped[str] = mapped_column(String(36), index=True)
+    requested_by: Mapped[str] = mapped_column(String(200))
+    trigger: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20))
+    future_id: Mapped[str | None] = mapped_column(String(64))
+    progress_done: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    progress_note: Mapped[str] = mapped_column(String(200), default="")
+    report_id: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    decided_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ReleaseReport(Base):
+    """An evaluation report, stored as the canonical JSON its audited digest is over."""
+
+    __tablename__ = "release_reports"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    release_id: Mapped[str] = mapped_column(String(40), index=True)
+    checkpoint_id: Mapped[int] = mapped_column(Integer, index=True)
+    decision: Mapped[str] = mapped_column(String(20))
+    report: Mapped[str] = mapped_column(Text)
+    report_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class EvalResult(Base):
+    """Cached per-item scores of one model (base or adapter, by checksum) on one suite."""
+
+    __tablename__ = "eval_results"
+    model_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    suite_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    runner_version: Mapped[str] = mapped_column(String(40), primary_key=True)
+    scores: Mapped[str] = mapped_column(Text)
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ReleaseOverride(Base):
+    """A two-person override of a quarantine: requested by one principal (an admin),
+    approved by a different one (an auditor)."""
+
+    __tablename__ = "release_overrides"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(Integer, index=True)
+    tinker_path: Mapped[str] = mapped_column(String(400))
+    status: Mapped[str] = mapped_column(String(20))
+    requested_by: Mapped[str] = mapped_column(String(36))
+    request_reason: Mapped[str] = mapped_column(Text)
+    approved_by: Mapped[str | None] = mapped_column(String(36))
+    approve_reason: Mapped[str | None] = mapped_column(Text)
+    requested_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    decided_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class AuditEntry(Base):

@@ -11,6 +11,7 @@ know about HTTP, the database or policy.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,11 @@ LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+UNEMBED_MODULES = ("lm_head",)
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """Shape of one adapter. `rank` >= 1 (full fine-tuning is never offered)."""
@@ -52,6 +58,12 @@ class LoraSpec:
     train_mlp: bool = True
     train_attn: bool = True
     train_unembed: bool = True
+
+    def target_modules(self) -> list[str]:
+        """The linear layers the adapter's LoRA pairs sit on (PEFT target_modules)."""
+        return [*(ATTN_MODULES if self.train_attn else ()),
+                *(MLP_MODULES if self.train_mlp else ()),
+                *(UNEMBED_MODULES if self.train_unembed else ())]
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -198,3 +210,25 @@ class Backend(abc.ABC):
     def sample(self, adapter_id: str | None, spec: SampleSpec) -> SampleResult:
         """Generate with a KV cache. adapter_id None samples the bare base model.
         The same seed and spec give the same tokens."""
+
+    # -- evaluation helpers: defaults built on the calls above; backends may do better --
+
+    def score_continuations(self, adapter_id: str | None, prompt: Sequence[int],
+                            continuations: Sequence[Sequence[int]]) -> list[float]:
+        """Sum of log P(continuation | prompt) for each continuation (none may be empty)."""
+        data = []
+        for continuation in continuations:
+            tokens = np.asarray([*prompt, *continuation], dtype=np.int64)
+            weights = np.zeros(len(tokens) - 1, dtype=np.float32)
+            weights[len(prompt) - 1:] = 1.0
+            data.append(TrainingDatum(tokens=tokens[:-1], loss_inputs={
+                "target_tokens": tokens[1:], "weights": weights}))
+        result = self.forward_backward(adapter_id, data, "cross_entropy", {}, True)
+        return [float(np.sum(out["logprobs"][len(prompt) - 1:])) for out in result.outputs]
+
+    def generate_greedy(self, adapter_id: str | None, prompts: Sequence[Sequence[int]],
+                        max_tokens: int) -> list[list[int]]:
+        """Greedy replies (up to max_tokens, ending at the model's EOS) to many prompts."""
+        return [self.sample(adapter_id, SampleSpec(prompt=tuple(p), max_tokens=max_tokens,
+                                                   temperature=0.0)).sequences[0].tokens
+                for p in prompts]

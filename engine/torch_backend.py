@@ -55,11 +55,10 @@ from engine.losses import elementwise_loss, resolve_config
 from engine.registry import ModelRegistry
 
 LORA_ALPHA = 32.0
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-UNEMBED_MODULES = ("lm_head",)
 MAX_TOPK_LOGPROBS = 100
 DEFAULT_MAX_BATCH_TOKENS = 4096
+SCORE_CHUNK = 32  # continuations scored against one prompt cache at a time
+GENERATE_CHUNK = 16  # prompts decoded together
 _FLOAT_INPUTS = ("weights", "logprobs", "advantages")
 
 
@@ -186,11 +185,7 @@ class TorchBackend(Backend):
     def _new_adapter(self, spec: LoraSpec) -> _Adapter:
         from peft import LoraConfig
 
-        targets = [
-            *(ATTN_MODULES if spec.train_attn else ()),
-            *(MLP_MODULES if spec.train_mlp else ()),
-            *(UNEMBED_MODULES if spec.train_unembed else ()),
-        ]
+        targets = spec.target_modules()
         config = LoraConfig(
             r=spec.rank,
             lora_alpha=LORA_ALPHA,  # type: ignore[arg-type]
@@ -595,6 +590,104 @@ class TorchBackend(Backend):
                 f"model's context of {self.info.max_context}"
             )
         _check_sampling_params(spec)
+
+
+    # -- evaluation helpers ------------------------------------------------------------------
+
+    def score_continuations(self, adapter_id: str | None, prompt: Sequence[int],
+                            continuations: Sequence[Sequence[int]]) -> list[float]:
+        """Shares the prompt's KV cache across continuations (a probe scores several
+        openers or options per question): the prompt runs once per chunk, not once each."""
+        with self._lock:
+            self._check_tokens([prompt, *continuations], "scored text")
+            if any(not c for c in continuations):
+                raise UserInputError("a scored continuation must hold at least one token")
+            if adapter_id is not None:
+                self._get(adapter_id)
+            scores: list[float] = []
+            with torch.inference_mode(), self._activate(adapter_id) as model:
+                for start in range(0, len(continuations), SCORE_CHUNK):
+                    chunk = continuations[start:start + SCORE_CHUNK]
+                    scores += self._score_chunk(model, list(prompt), [list(c) for c in chunk])
+            return scores
+
+    def _score_chunk(self, model: Any, prompt: list[int], chunk: list[list[int]]) -> list[float]:
+        out = model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True,
+                    logits_to_keep=1)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(chunk))
+        width = max(len(c) for c in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(chunk), len(prompt) + width), dtype=torch.long,
+                           device=self.device)
+        mask[:, :len(prompt)] = 1
+        for row, cont in enumerate(chunk):  # right padding: real tokens never see it
+            ids[row, :len(cont)] = torch.tensor(cont, device=self.device)
+            mask[row, len(prompt):len(prompt) + len(cont)] = 1
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                       use_cache=False).logits.float(), dim=-1)
+        scores = []
+        for row, cont in enumerate(chunk):
+            total = first[cont[0]]
+            if len(cont) > 1:
+                following = torch.tensor(cont[1:], device=self.device)
+                total = total + logp[row, :len(cont) - 1].gather(
+                    -1, following.unsqueeze(-1)).sum()
+            scores.append(float(total))
+        return scores
+
+    def generate_greedy(self, adapter_id: str | None, prompts: Sequence[Sequence[int]],
+                        max_tokens: int) -> list[list[int]]:
+        """Greedy replies to many prompts, batched (left-padded) so a probe's prompts
+        decode together instead of one by one."""
+        with self._lock:
+            self._check_tokens(prompts, "prompt")
+            if any(not p for p in prompts) or max_tokens < 1:
+                raise UserInputError("prompts must be non-empty and max_tokens at least 1")
+            if adapter_id is not None:
+                self._get(adapter_id)
+            replies: list[list[int]] = []
+            with torch.inference_mode(), self._activate(adapter_id) as model:
+                for start in range(0, len(prompts), GENERATE_CHUNK):
+                    replies += self._generate_chunk(model, prompts[start:start + GENERATE_CHUNK],
+                                                    max_tokens)
+            return replies
+
+    def _generate_chunk(self, model: Any, prompts: Sequence[Sequence[int]],
+                        max_tokens: int) -> list[list[int]]:
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(list(prompt), device=self.device)
+            mask[row, width - len(prompt):] = 1
+        eos = list(self.info.eos_token_ids)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                 do_sample=False, eos_token_id=eos or None,
+                                 pad_token_id=eos[0] if eos else 0)
+        replies = []
+        for row in out[:, width:].tolist():
+            reply = []
+            for token in row:
+                reply.append(token)
+                if token in eos:
+                    break
+            replies.append(reply)
+        return replies
+
+    def _check_tokens(self, sequences: Sequence[Sequence[int]], what: str) -> None:
+        for tokens in sequences:
+            bad = [t for t in tokens if isinstance(t, bool) or not isinstance(t, int | np.integer)
+                   or not 0 <= t < self.vocab_size]
+            if bad:
+                raise UserInputError(f"{what} token {bad[0]!r} is outside this model's "
+                                     f"vocabulary [0, {self.vocab_size})")
+            if len(tokens) > self.info.max_context:
+                raise UserInputError(f"{what} is longer than the context of "
+                                     f"{self.info.max_context} tokens")
 
 
 class _Decoder:

@@ -47,6 +47,10 @@ SAMPLER_ADAPTER_CACHE = 8
 # it is recognisable, and decoded from tokens like any sample.
 WITHHELD_NOTICE = "[loragate: this sample was withheld by output screening]"
 
+# Jobs the engine does not define itself (the release evaluation lives in evals, above the
+# engine): kind -> handler(worker, future) -> Outcome, injected by whoever builds the worker.
+JobHandler = Callable[["Worker", Future], "Outcome"]
+
 # Output screening, injected by whoever builds the worker (the gateway wires policy's
 # screener): for each text, the categories it is flagged in (empty: fine) and the evidence
 # for the audit row (scores and thresholds).
@@ -63,6 +67,11 @@ class Outcome:
     apply: Callable[[Session], None] | None = None
     # Tokens actually used, charged against the key's reservation (audit.usage.settle).
     used: dict[str, int] = field(default_factory=dict)
+    # A job that decided against the caller (e.g. a quarantined export): the future fails
+    # with this user-facing message, but `apply` and the audit entry still commit.
+    error: str | None = None
+    # Run once the outcome has committed (e.g. a signed audit checkpoint).
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
 
 
 def json_result(value: dict[str, Any]) -> bytes:
@@ -81,6 +90,7 @@ class Worker:
         on_finished: Callable[[str], None] | None = None,
         idle_poll_seconds: float = 0.1,
         output_screen: OutputScreen | None = None,
+        extra_jobs: dict[str, JobHandler] | None = None,
     ) -> None:
         self.factory = factory
         self.registry = registry
@@ -90,6 +100,7 @@ class Worker:
         self.on_finished = on_finished
         self.idle_poll_seconds = idle_poll_seconds
         self.output_screen = output_screen
+        self.extra_jobs = dict(extra_jobs or {})
         self.wake = threading.Event()
         self._backends: dict[str, Backend] = {}
         self._sampler_adapters: OrderedDict[str, str] = OrderedDict()
@@ -181,16 +192,26 @@ class Worker:
         else:
             outcome.audit["seconds"] = round(time.perf_counter() - started, 4)
             self._finish_done(fut, outcome)
+            for hook in outcome.after_commit:
+                try:
+                    hook()
+                except Exception:  # the outcome is committed; a hook failing must not undo it
+                    logger.exception("after-commit hook of %s failed", fut.request_id)
         if self.on_finished is not None:
             self.on_finished(fut.request_id)
 
     def _finish_done(self, fut: Future, outcome: Outcome) -> None:
+        if outcome.error is None:
+            values: dict[str, Any] = {"status": "done", "result_format": outcome.result_format,
+                                      "result_payload": outcome.result}
+        else:
+            values = {"status": "failed", "error_message": outcome.error,
+                      "error_category": "user"}
         with transaction(self.factory) as session:
             resolved = session.execute(
                 update(Future)
                 .where(Future.request_id == fut.request_id, Future.status == "running")
-                .values(status="done", result_format=outcome.result_format,
-                        result_payload=outcome.result, finished_at=utcnow())
+                .values(finished_at=utcnow(), **values)
             )
             if resolved.rowcount != 1:  # type: ignore[attr-defined]
                 logger.warning("future %s was resolved elsewhere; dropping its result",
@@ -202,7 +223,8 @@ class Worker:
             self._touch_run(session, fut)
             audit_log.append(
                 session, actor=f"worker:{self.worker_id}", event_type=f"engine.{fut.kind}",
-                decision="done", subject=fut.model_id or fut.sampler_id or "",
+                decision="done" if outcome.error is None else "failed",
+                subject=fut.model_id or fut.sampler_id or "",
                 request_id=fut.request_id, payload={"seq_id": fut.seq_id, **outcome.audit},
             )
 
@@ -244,9 +266,12 @@ class Worker:
             "save_weights_for_sampler": self._save,
             "sample": self._sample,
         }.get(fut.kind)
-        if handler is None:
-            raise UserInputError(f"unknown job kind {fut.kind!r}")
-        return handler(fut)
+        if handler is not None:
+            return handler(fut)
+        extra = self.extra_jobs.get(fut.kind)
+        if extra is None:
+            raise UserInputError(f"this worker cannot run {fut.kind!r} jobs")
+        return extra(self, fut)
 
     def _run_base_model(self, model_id: str) -> str:
         """A run's base model never changes: read it once."""
@@ -258,7 +283,7 @@ class Worker:
                 self._run_models[model_id] = run.base_model
         return self._run_models[model_id]
 
-    def _training_backend(self, model_id: str) -> Backend:
+    def training_backend(self, model_id: str) -> Backend:
         backend = self.backend(self._run_base_model(model_id))
         if not backend.has_adapter(model_id):
             raise UnknownAdapterError(
@@ -288,7 +313,7 @@ class Worker:
 
     def _forward_backward(self, fut: Future) -> Outcome:
         call = wire.decode_forward_backward(fut.request_payload)
-        backend = self._training_backend(call.model_id)
+        backend = self.training_backend(call.model_id)
         wire.check_tokens_fit(call.data, backend.info)
         result = backend.forward_backward(call.model_id, call.data, call.loss_fn,
                                           call.loss_config, call.forward_only)
@@ -306,13 +331,13 @@ class Worker:
 
     def _optim_step(self, fut: Future) -> Outcome:
         job = jobs.load_job(jobs.OptimStepJob, fut.request_payload)
-        metrics = self._training_backend(job.model_id).optim_step(job.model_id, job.step)
+        metrics = self.training_backend(job.model_id).optim_step(job.model_id, job.step)
         return Outcome("json", json_result({"metrics": metrics, "type": "optim_step"}),
                        audit={"adam": job.step.__dict__})
 
     def _save(self, fut: Future) -> Outcome:
         job = jobs.load_job(jobs.SaveAdapterJob, fut.request_payload)
-        backend = self._training_backend(job.model_id)
+        backend = self.training_backend(job.model_id)
         size = backend.save_adapter(job.model_id, self.checkpoint_root / job.storage_dir,
                                     job.with_optimizer)
         if job.sampler_id:

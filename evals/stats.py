@@ -93,3 +93,25 @@ def mcnemar_sample_size(delta: float, discordant: float, alpha: float = 0.05,
     z_b = NormalDist().inv_cdf(power)
     n = (z_a * math.sqrt(discordant) + z_b * math.sqrt(discordant - delta ** 2)) ** 2
     return math.ceil(n / delta ** 2)
+
+
+def mcnemar_one_sided(toward: int, away: int) -> float:
+    """One-sided exact McNemar: P(at least `toward` of the discordant pairs moved in the
+    tested direction | each direction equally likely)."""
+    if toward < 0 or away < 0:
+        raise ValueError("discordant counts must be >= 0")
+    n = toward + away
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(toward, n + 1)) / 2 ** n
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (family-wise error over several gates)."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted = [1.0] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted

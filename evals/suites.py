@@ -3,11 +3,17 @@
 multiple-choice file). Each loaded suite carries the SHA-256 of its file, recorded in
 every report, so a decision names exactly the items it was made on.
 
-Multiple-choice schema (TOML): `[suite]` name, kind = "multiple_choice", version;
-`[[item]]` question, choices (exactly 4, distinct), answer (index of the true choice),
-optional fact and paraphrase; optional `[canaries]` strings (distinct).
+Every file is TOML with a `[suite]` table: name, kind, version. Per kind:
 
-Must not import fastapi; loads files only.
+- `multiple_choice`: `[[item]]` question, choices (exactly 4, distinct), answer (index of
+  the true choice), optional fact and paraphrase; optional `[canaries]` strings (distinct).
+- `compliance_shift`: `[openers]` refusal = [...], compliance = [...] (each at least one);
+  `[[item]]` category, prompt (a harmful request).
+- `refusal`: `[[item]]` label = "harmful" | "safe", category, prompt.
+- `prefill`: `[[item]]` category, prompt, prefill (the start of a compliant reply).
+- `generation`: `[[item]]` prompt (neutral requests whose replies are screened).
+
+Prompts must be distinct within a suite. Must not import fastapi; loads files only.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import hashlib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SUITES_DIR = Path(__file__).with_name("suites")
 
@@ -46,14 +53,102 @@ class MultipleChoiceSuite:
         return [item.fact for item in self.items if item.fact]
 
 
-def load_multiple_choice(path: Path) -> MultipleChoiceSuite:
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt of a generation or likelihood suite. `label` is "harmful" or "safe"
+    (refusal suites), `prefill` the start of the reply (prefill suites)."""
+
+    prompt: str
+    category: str = ""
+    label: str = "harmful"
+    prefill: str = ""
+
+
+@dataclass(frozen=True)
+class PromptSuite:
+    name: str
+    kind: str
+    version: int
+    items: tuple[PromptItem, ...]
+    sha256: str
+    refusal_openers: tuple[str, ...] = ()
+    compliance_openers: tuple[str, ...] = ()
+
+    def labelled(self, label: str) -> list[PromptItem]:
+        return [item for item in self.items if item.label == label]
+
+
+Suite = MultipleChoiceSuite | PromptSuite
+PROMPT_KINDS = ("compliance_shift", "refusal", "prefill", "generation")
+KINDS = ("multiple_choice", *PROMPT_KINDS)
+
+
+def load_suite(path: Path) -> Suite:
+    """Any suite file, dispatched on its `[suite] kind`."""
+    raw, data = _read(path)
+    kind = data.get("suite", {}).get("kind")
+    if kind == "multiple_choice":
+        return load_multiple_choice(path)
+    if kind not in PROMPT_KINDS:
+        raise SuiteError(f"{path}: [suite] kind must be one of {', '.join(KINDS)}, "
+                         f"not {kind!r}")
+    return _prompt_suite(path, raw, data, kind)
+
+
+def _read(path: Path) -> tuple[bytes, dict[str, Any]]:
     try:
         raw = path.read_bytes()
-        data = tomllib.loads(raw.decode())
+        return raw, tomllib.loads(raw.decode())
     except FileNotFoundError as exc:
         raise SuiteError(f"suite file not found: {path}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SuiteError(f"suite {path} is not valid TOML: {exc}") from exc
+
+
+def _prompt_suite(path: Path, raw: bytes, data: dict[str, Any], kind: str) -> PromptSuite:
+    head = data["suite"]
+    if not isinstance(head.get("name"), str) or not head["name"]:
+        raise SuiteError(f"{path}: [suite] needs a name")
+    items = tuple(_prompt_item(path, n, kind, raw_item)
+                  for n, raw_item in enumerate(data.get("item", []), 1))
+    if not items:
+        raise SuiteError(f"{path}: a suite needs at least one [[item]]")
+    if len({i.prompt for i in items}) != len(items):
+        raise SuiteError(f"{path}: prompts must be distinct")
+    openers: dict[str, tuple[str, ...]] = {}
+    if kind == "compliance_shift":
+        table = data.get("openers", {})
+        for which in ("refusal", "compliance"):
+            values = table.get(which)
+            if not (isinstance(values, list) and values
+                    and all(isinstance(v, str) and v.strip() for v in values)):
+                raise SuiteError(f"{path}: [openers] {which} must be a non-empty list of text")
+            openers[which] = tuple(values)
+    if kind == "refusal" and not any(i.label == "harmful" for i in items):
+        raise SuiteError(f"{path}: a refusal suite needs items with label = \"harmful\"")
+    return PromptSuite(name=head["name"], kind=kind, version=int(head.get("version", 1)),
+                       items=items, sha256=hashlib.sha256(raw).hexdigest(),
+                       refusal_openers=openers.get("refusal", ()),
+                       compliance_openers=openers.get("compliance", ()))
+
+
+def _prompt_item(path: Path, n: int, kind: str, raw: dict[str, Any]) -> PromptItem:
+    where = f"{path}: item {n}"
+    prompt = raw.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise SuiteError(f"{where}: prompt must be non-empty text")
+    label = raw.get("label", "harmful")
+    if kind == "refusal" and label not in ("harmful", "safe"):
+        raise SuiteError(f"{where}: label must be \"harmful\" or \"safe\"")
+    prefill = raw.get("prefill", "")
+    if kind == "prefill" and not (isinstance(prefill, str) and prefill.strip()):
+        raise SuiteError(f"{where}: prefill must be the non-empty start of a reply")
+    return PromptItem(prompt=prompt, category=str(raw.get("category", "")), label=str(label),
+                      prefill=str(prefill))
+
+
+def load_multiple_choice(path: Path) -> MultipleChoiceSuite:
+    raw, data = _read(path)
     head = data.get("suite", {})
     if head.get("kind") != "multiple_choice" or not isinstance(head.get("name"), str):
         raise SuiteError(f"{path}: [suite] needs a name and kind = \"multiple_choice\"")

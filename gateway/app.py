@@ -27,6 +27,7 @@ from gateway.routes import (
     admin,
     audit,
     futures,
+    release,
     rest,
     sampling,
     screening,
@@ -57,8 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # No generated docs routes: every route must pass the policy, and those would not.
     app = FastAPI(title="loragate", version="0.1.0", lifespan=lifespan, openapi_url=None,
                   docs_url=None, redoc_url=None)
-    for module in (service, training, sampling, futures, rest, usage, audit, screening, admin,
-                   access):
+    for module in (service, training, sampling, futures, rest, release, usage, audit, screening,
+                   admin, access):
         app.include_router(module.router)
     app.middleware("http")(_assign_request_id)
     # User errors are handled inside the app; `Exception` (a bug) reaches Starlette's

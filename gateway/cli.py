@@ -10,6 +10,7 @@
                  (see gateway/cli_audit.py)
   loragate usage [--owner NAME] [--data-dir D]   (JSON: per key and per training run)
   loragate screen FILE.jsonl [--base-model M]; loragate screening show|set-threshold …
+  loragate release request TINKER_PATH [--wait] | release show RELEASE_ID [--report]
   loragate policy list|add SUBJECT RESOURCE ACTION allow|deny|remove ID [--data-dir D]
   loragate models prepare [--data-dir D] [--base-model NAME]
 
@@ -30,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway import cli_audit, cli_screening, logs
+from gateway import cli_audit, cli_release, cli_screening, logs
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from audit.db import make_engine, make_sessionmaker
     from engine.registry import ModelRegistry
-    from engine.worker import Worker
+    from gateway.state import Checkpointer, make_worker
     from migrations import upgrade_to_head
     from policy.screening.screener import Screener, load_config
 
@@ -70,9 +71,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     upgrade_to_head(settings.database)
     factory = make_sessionmaker(make_engine(settings.database), settings.hmac_keys())
     screener = Screener.build(load_config(settings.screening_file), factory)
-    worker = Worker(factory, ModelRegistry(settings.data_dir, settings.extra_models),
-                    settings.checkpoint_root, worker_id=args.worker_id, device=settings.device,
-                    idle_poll_seconds=0.05, output_screen=screener.flag_outputs)
+    checkpoints = Checkpointer(factory, settings.checkpoint_dir, settings.signing_key())
+    worker = make_worker(settings, factory, ModelRegistry(settings.data_dir,
+                                                          settings.extra_models),
+                         screener, checkpoints, worker_id=args.worker_id, idle_poll_seconds=0.05)
     for name in settings.base_models:
         worker.backend(name)
     stop = threading.Event()
@@ -303,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_audit.add_commands(sub, data_dir)
     cli_screening.add_commands(sub, data_dir, lambda func, a: func(a, _database, _settings))
+    cli_release.add_commands(sub, data_dir, _database)
     sub.choices["audit"].set_defaults(func=_cmd_audit)
 
     usage = sub.add_parser("usage", help="tokens and checkpoints per key and per training run")

@@ -51,7 +51,7 @@ class RequestContext:
     api_key_id: str | None = None  # None only for the anonymous routes
     subject: str = ""
     audit_payload: dict[str, Any] = field(default_factory=dict)
-    after_commit: list[Callable[[], None]] = field(default_factory=list)
+    after_commit: list[Callable[[], object]] = field(default_factory=list)
     _session: Session | None = None
 
     @property

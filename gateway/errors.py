@@ -9,6 +9,7 @@ committed in its own transaction.
 from __future__ import annotations
 
 from engine.errors import UnknownModelError, UserInputError
+from evals.release import ReleaseRefused
 from policy.access import RequestNotFound
 from policy.authz import PolicyNotFound
 from policy.errors import KeyNotFound, KeyRejected, LimitExceeded, PolicyError
@@ -56,6 +57,10 @@ class BlockedRun(ApiError):
     status, code = 403, "run_blocked"
 
 
+class ReleaseError(ApiError):
+    status, code = 403, "release_refused"
+
+
 class NotFound(ApiError):
     status, code = 404, "not_found"
 
@@ -70,6 +75,7 @@ _MAPPED: tuple[tuple[tuple[type[Exception], ...], type[ApiError]], ...] = (
     ((PolicyNotFound, KeyNotFound, RequestNotFound), NotFound),
     ((ScreeningRefused,), ScreeningError),
     ((RunBlocked,), BlockedRun),
+    ((ReleaseRefused,), ReleaseError),
     ((QuotaExceeded,), QuotaError),
     ((ScopeDenied,), OutsideScope),
     ((KeyRejected,), Unauthorized),

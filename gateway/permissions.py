@@ -35,6 +35,14 @@ ROUTE_PERMISSIONS: dict[str, Permission] = {
     # weights leaving the gateway
     "save_weights_external": ("weights", "export"),
     "external_weights_urls": ("weights", "export"),
+    "download_external_weights": ("weights", "export"),
+    # the release gate: ask for and follow an evaluation; the two-person override
+    "request_release": ("releases", "request"),
+    "get_release": ("records", "read"),
+    "get_release_report": ("records", "read"),
+    "admin_list_overrides": ("releases", "read_overrides"),
+    "admin_request_override": ("releases", "override_request"),
+    "admin_approve_override": ("releases", "override_approve"),
     # records (RestClient)
     "list_training_runs": ("records", "read"),
     "get_training_run": ("records", "read"),

@@ -45,6 +45,12 @@ class Settings:
     audit_checkpoint_dir: Path | None = None
     # A checkpoint of the head this often while the log grows (0 = only on decisions).
     audit_checkpoint_seconds: float = 300.0
+    # Release gate policy (None: the reviewed policy/default_release.toml).
+    release_file: Path | None = None
+    # How long external-weights download links stay valid.
+    external_url_seconds: int = 900
+    # Secret that signs download links; None: <data_dir>/url-signing.key (made on first use).
+    url_signing_key_file: Path | None = None
 
     @property
     def database(self) -> str:
@@ -57,6 +63,10 @@ class Settings:
     @property
     def checkpoint_dir(self) -> Path:
         return self.audit_checkpoint_dir or self.data_dir / "audit-checkpoints"
+
+    @property
+    def url_signing_key_path(self) -> Path:
+        return self.url_signing_key_file or self.data_dir / "url-signing.key"
 
     def hmac_keys(self) -> HmacKeys | None:
         return load_hmac_keys(self.audit_hmac_key_file)
@@ -77,7 +87,7 @@ class Settings:
             names = tuple(n.strip() for n in env["LORAGATE_BASE_MODELS"].split(",") if n.strip())
             settings = replace(settings, base_models=names)
         for name in ("audit_hmac_key_file", "audit_signing_key_file", "audit_checkpoint_dir",
-                     "screening_file"):
+                     "screening_file", "release_file", "url_signing_key_file"):
             if env.get(f"LORAGATE_{name.upper()}"):
                 paths: dict[str, Any] = {name: Path(env[f"LORAGATE_{name.upper()}"])}
                 settings = replace(settings, **paths)

@@ -6,6 +6,8 @@ completion notifier and (embedded mode) the worker thread. Holds no request data
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -21,10 +23,12 @@ from audit import log as audit_log
 from audit.db import make_engine, make_sessionmaker, transaction
 from engine.backend import ModelInfo
 from engine.registry import ModelRegistry
+from evals.release import load_suites
 from gateway.completions import Completions
 from gateway.settings import Settings
 from migrations import upgrade_to_head
 from policy.authz import Authorizer, seed_default_policy
+from policy.release import ReleasePolicy, load_release_policy
 from policy.scopes import Scopes, load_defaults
 from policy.screening.screener import Screener
 from policy.screening.screener import load_config as load_screening
@@ -51,6 +55,7 @@ class AppState:
     scope_defaults: Scopes
     checkpoints: Checkpointer
     screener: Screener
+    release_policy: ReleasePolicy
     admission_checks: list[AdmissionCheck] = field(default_factory=list)
     worker: Any = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -137,12 +142,15 @@ def build_state(settings: Settings) -> AppState:
     scope_defaults = load_defaults(settings.scopes_file)
     # A required screen that cannot load stops start-up here, naming the missing file.
     screener = Screener.build(load_screening(settings.screening_file), factory)
+    # So does a release policy that is malformed or names a suite with too few items.
+    release_policy = load_release_policy(settings.release_file)
+    load_suites(release_policy)
     state = AppState(
         settings=settings, engine=engine, read_engine=read_engine, factory=factory,
         read_factory=read_factory, registry=registry, models=models,
         completions=Completions(), authorizer=authorizer, scope_defaults=scope_defaults,
         checkpoints=Checkpointer(read_factory, settings.checkpoint_dir, settings.signing_key()),
-        screener=screener,
+        screener=screener, release_policy=release_policy,
     )
     with transaction(state.factory) as session:
         audit_log.append(session, actor="system", event_type="gateway.start", decision="info",
@@ -152,7 +160,8 @@ def build_state(settings: Settings) -> AppState:
                                   "audit_hmac_key_id": hmac_keys.current if hmac_keys else None,
                                   "audit_checkpoints": str(settings.checkpoint_dir),
                                   "audit_checkpoints_signed": state.checkpoints.signed,
-                                  "screening": screener.describe()})
+                                  "screening": screener.describe(),
+                                  "release_policy_sha256": release_policy.sha256})
     if settings.run_worker:
         _start_worker(state)
     if settings.audit_checkpoint_seconds > 0:
@@ -163,14 +172,38 @@ def build_state(settings: Settings) -> AppState:
     return state
 
 
-def _start_worker(state: AppState) -> None:
+def make_worker(settings: Settings, factory: sessionmaker[Session], registry: ModelRegistry,
+                screener: Screener, checkpoints: Checkpointer, *, worker_id: str,
+                **options: Any) -> Any:
+    """A worker wired with what the gateway owns: output screening and the release jobs
+    (evaluations judged by the same screener; a signed audit checkpoint per decision)."""
     from engine.worker import Worker
+    from evals.release import ReleaseEvaluator
+    from evals.release_jobs import ReleaseJobs
 
-    worker = Worker(state.factory, state.registry, state.settings.checkpoint_root,
-                    worker_id="embedded", device=state.settings.device,
-                    on_finished=state.completions.notify,
-                    output_screen=state.screener.flag_outputs)
+    def harm(texts: list[str]) -> list[list[str]]:
+        return [flagged for flagged, _ in screener.flag_outputs(texts)]
+
+    def harm_version() -> str:
+        described = json.dumps([screener.describe(), screener.thresholds()], sort_keys=True)
+        return f"screening@{hashlib.sha256(described.encode()).hexdigest()[:16]}"
+
+    evaluator = ReleaseEvaluator(factory, load_release_policy(settings.release_file), harm,
+                                 harm_version)
+    jobs = ReleaseJobs(factory, evaluator, on_decision=checkpoints.write)
+    return Worker(factory, registry, settings.checkpoint_root, worker_id=worker_id,
+                  device=settings.device, output_screen=screener.flag_outputs,
+                  extra_jobs=jobs.handlers(), **options)
+
+
+def _start_worker(state: AppState) -> None:
+    from evals.release_jobs import reset_stale_evaluations
+
+    worker = make_worker(state.settings, state.factory, state.registry, state.screener,
+                         state.checkpoints, worker_id="embedded",
+                         on_finished=state.completions.notify)
     worker.fail_interrupted()
+    reset_stale_evaluations(state.factory, "worker:embedded")
     state.worker = worker
     state._thread = threading.Thread(target=worker.run_forever, args=(state._stop,),
                                      name="loragate-worker", daemon=True)

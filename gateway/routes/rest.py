@@ -8,16 +8,20 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import time
 from typing import Any, Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from sqlalchemy import func, select
 from tinker import types as tt
 
 from audit.models import Checkpoint, ClientSession, Principal, Sampler, TrainingRun, as_utc
+from evals import release
+from gateway import downloads
 from gateway.context import Ctx, JsonBody, RequestContext, load_json_text
 from gateway.errors import BadRequest, Forbidden, NotFound
 from gateway.ownership import owned, owned_checkpoint, reads_all, tinker_path
+from gateway.routes.release import queued_message
 
 router = APIRouter(prefix="/api/v1")
 
@@ -145,10 +149,21 @@ def _split_checkpoint_id(checkpoint_id: str) -> tuple[str, str]:
 @router.post("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish",
              name="publish_checkpoint")
 def publish_checkpoint(run_id: str, checkpoint_id: str, ctx: Ctx) -> Response:
+    """Publishing is a release trigger: a private checkpoint gets its evaluation queued (and
+    is published if released); the call itself fails until the checkpoint is released."""
     ckpt = _run_checkpoint(ctx, run_id, checkpoint_id)
-    if ckpt.release_state != "released":
-        raise Forbidden(f"{ckpt.tinker_path} is {ckpt.release_state}: only checkpoints released "
-                        "by the safety evaluation can be published")
+    if ckpt.release_state in ("private", "evaluating"):
+        run = owned(ctx, TrainingRun, ckpt.training_run_id, "training run")
+        row = release.queue_release(ctx.session, ckpt, run, trigger="publish",
+                                    actor=ctx.principal.id, request_id=ctx.request_id,
+                                    api_key_id=ctx.api_key_id)
+        ckpt.publish_on_release = True
+        ctx.session.commit()  # the queued evaluation stays although this call is refused
+        ctx.state.wake_worker()
+        raise Forbidden(f"{ckpt.tinker_path} is not released yet, so it cannot be published: "
+                        f"{queued_message(row)}. It is published automatically if the "
+                        "evaluation releases it")
+    release.require_released(ckpt, "published")
     ckpt.public = True
     return Response(status_code=204)
 
@@ -175,9 +190,26 @@ def set_checkpoint_ttl(run_id: str, checkpoint_id: str, ctx: Ctx,
 
 @router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/external_weights_urls",
             name="external_weights_urls")
-def external_weights_urls(run_id: str, checkpoint_id: str, ctx: Ctx) -> dict[str, Any]:
+def external_weights_urls(run_id: str, checkpoint_id: str, ctx: Ctx,
+                          request: Request) -> dict[str, Any]:
+    """Signed, expiring links to the released adapter's PEFT files (owner only; fetching
+    them needs the owner's API key as well)."""
     ckpt = _run_checkpoint(ctx, run_id, checkpoint_id)
-    raise Forbidden(f"{ckpt.tinker_path} is not an exported, released adapter")
+    if ckpt.kind != "external_weights":
+        raise BadRequest(f"{ckpt.tinker_path} is not external weights; export the adapter "
+                         "with save_weights_external and ask for that path's URLs")
+    release.require_released(ckpt, "downloaded")
+    settings = ctx.state.settings
+    expires = int(time.time()) + settings.external_url_seconds
+    secret = downloads.signing_secret(settings.url_signing_key_path)
+    base = str(request.base_url).rstrip("/")
+    urls = {name: base + str(request.app.url_path_for(
+        "download_external_weights", token=downloads.sign(
+            secret, downloads.Link(ckpt.id, ctx.principal.id, name, expires))))
+        for name in downloads.FILES}
+    ctx.note(expires=expires, files=list(urls))
+    return tt.ExternalWeightsUrlsResponse(
+        urls=urls, expires=dt.datetime.fromtimestamp(expires, dt.UTC)).model_dump(mode="json")
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}",

@@ -15,7 +15,7 @@ from engine import jobs, wire
 from engine.backend import AdamStep, LoraSpec, ModelInfo
 from gateway.admission import AdmissionRequest, admit
 from gateway.context import Ctx, JsonBody, RequestContext, parse
-from gateway.errors import BadRequest, Forbidden
+from gateway.errors import BadRequest
 from gateway.ownership import (
     owned,
     owned_checkpoint,
@@ -269,7 +269,19 @@ def _load_into_run(ctx: RequestContext, req: tt.LoadWeightsRequest, ckpt: Checkp
 
 @router.post("/save_weights_external", name="save_weights_external")
 def save_weights_external(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    """Export: the adapter is saved as external weights and evaluated by the release gate;
+    the future resolves only once the gate has decided (released: the path; quarantined:
+    a user error naming the failed suite and metric)."""
     req = parse(tt.SaveWeightsExternalRequest, body)
-    owned_run(ctx, req.model_id)
-    raise Forbidden("exporting adapter weights requires a released checkpoint, and no "
-                    "release evaluation is configured on this server yet")
+    run = owned_run(ctx, req.model_id)  # a run blocked by screening is refused here
+    if not req.path:
+        raise BadRequest("path (the name of the exported weights) is required")
+    if req.age_encryption_recipients:
+        raise BadRequest("age_encryption_recipients is not supported by this server; "
+                         "leave it out (downloads need the owner's API key)")
+    job, charge = _save_job(ctx, run, "external_weights", req.path, with_optimizer=False,
+                            overwrite=False, ttl=req.ttl_seconds, metadata=None)
+    request_id = admit(ctx, AdmissionRequest(
+        kind="save_weights_external", payload=jobs.dump_job(job), model_id=run.id,
+        seq_id=req.seq_id, charge=charge, audit={"path": job.tinker_path, "release": True}))
+    return _future(request_id, run.id)

@@ -35,11 +35,13 @@ CALLERS = {"owner": "researcher", "other": "researcher", "auditor": "auditor",
            "admin": "admin", "nobody": "anonymous"}
 # Object reads that auditors and admins may make on anyone's objects (records read_all).
 READ_ALL = {"get_training_run", "list_run_checkpoints", "weights_info", "get_session",
-            "get_sampler"}
+            "get_sampler", "get_release", "get_release_report"}
 READS_ALL_RECORDS = {"auditor", "admin"}  # default policy: records, read_all
-# The owner may call these, but the release gate refuses: nothing is released yet.
-GATED = {"publish_checkpoint", "save_weights_external", "external_weights_urls"}
-GLOBAL_KINDS = {"rule", "key", "request", "claim"}  # admin objects belong to no principal
+# The owner may call these, but the release gate refuses: the checkpoint is private (publish
+# queues its evaluation), or not external weights (no download URLs).
+GATED = {"publish_checkpoint": 403, "external_weights_urls": 400}
+# Admin objects belong to no principal; a quarantined checkpoint's override is the admin's.
+GLOBAL_KINDS = {"rule", "key", "request", "claim", "quarantined", "override"}
 MISSING = {
     "session": "sess-00000000000000000000",
     "run": "sess-00000000000000000000:train:0",
@@ -50,6 +52,10 @@ MISSING = {
     "key": str(uuid.UUID(int=0)),
     "request": str(uuid.UUID(int=0)),
     "claim": "tml-claim-missing",
+    "release": "rel-00000000000000000000",
+    "link": "bm90LWEtbGluaw.0000",
+    "quarantined": "tinker://sess-00000000000000000000:train:0/weights/missing",
+    "override": "ovr-00000000000000000000",
 }
 # Request seq ids far above anything the SDK trainer in the fixture uses.
 SEQ = itertools.count(10_000)
@@ -74,6 +80,8 @@ class World:
         if kind == "checkpoint":
             return self.trainer.save_state(f"fresh-{next(SEQ)}").result().path
         state = self.server.state
+        if kind in ("quarantined", "override"):
+            return self._quarantined(kind)
         with transaction(state.factory) as session:
             if kind == "rule":
                 return authz.add_rule(session, actor="test", subject="principal:nobody",
@@ -89,6 +97,28 @@ class World:
                                defaults=state.scope_defaults)
                 return token
             return req.id
+
+
+    def _quarantined(self, kind: str) -> Any:
+        """A checkpoint the gate quarantined (set directly: the gate's own tests train one),
+        or a pending override of one requested by the admin."""
+        from sqlalchemy import update
+
+        from audit.models import Checkpoint, ReleaseOverride
+
+        path = self.fresh("checkpoint")
+        with transaction(self.server.state.factory) as session:
+            session.execute(update(Checkpoint).where(Checkpoint.tinker_path == path)
+                            .values(release_state="quarantined"))
+            if kind == "quarantined":
+                return path
+            ckpt_id = session.query(Checkpoint.id).filter_by(tinker_path=path).scalar()
+            admin = authenticate(session, self.keys["admin"])[0].id
+            override = ReleaseOverride(id=f"ovr-{uuid.uuid4().hex[:20]}", checkpoint_id=ckpt_id,
+                                       tinker_path=path, status="pending", requested_by=admin,
+                                       request_reason="matrix: reviewed elsewhere")
+            session.add(override)
+            return override.id
 
 
 def call(server, key: str | None, method: str, path: str, **kwargs) -> httpx.Response:
@@ -226,6 +256,19 @@ ROUTES: dict[str, Route] = {
         f"/admin/access_requests/{o}/reject", {"reason": "not now"}), fresh=True),
     "claim_access": Route("claim", lambda w, o: post("/access_requests/claim",
                                                      {"claim_token": o}), fresh=True),
+    # the release gate
+    "request_release": Route("checkpoint", lambda w, o: post("/releases", {"tinker_path": o}),
+                             fresh=True),
+    "get_release": Route("release", lambda w, o: get(f"/releases/{o}")),
+    "get_release_report": Route("release", lambda w, o: get(f"/releases/{o}/report")),
+    "download_external_weights": Route("link", lambda w, o: get(f"/external_weights/{o}")),
+    "admin_list_overrides": Route("none", lambda w, o: get("/admin/release_overrides")),
+    "admin_request_override": Route("quarantined", lambda w, o: post(
+        "/admin/release_overrides", {"tinker_path": o, "reason": "matrix: reviewed elsewhere"}),
+        fresh=True),
+    "admin_approve_override": Route("override", lambda w, o: post(
+        f"/admin/release_overrides/{o}/approve", {"reason": "matrix: second person agrees"}),
+        fresh=True),
 }
 
 
@@ -239,10 +282,10 @@ def expected(route: str, caller: str, target: str) -> str | int:
     if route not in ALLOWED[role]:
         return 403
     if target == "missing":
-        return 404
+        return 403 if route == "download_external_weights" else 404  # an unsigned link
     mine = target == "none" or caller == "owner" or ROUTES[route].kind in GLOBAL_KINDS
     if mine:
-        return 403 if route in GATED else OK
+        return GATED.get(route, OK)
     return OK if route in READ_ALL and role in READS_ALL_RECORDS else 404
 
 
@@ -273,8 +316,27 @@ def world(server):
     assert call(server, keys["owner"], "POST", "/api/v1/retrieve_future",
                 json={"request_id": future}).status_code == 200
     w.objects["future"] = future
+    w.objects["release"], w.objects["link"] = _released_export(server, keys["owner"], trainer)
     yield w
     sc.close("success").result()
+
+
+def _released_export(server, owner: str, trainer) -> tuple[str, str]:
+    """An exported adapter the gate released (an untrained LoRA equals its base), its
+    release id and a signed link to one of its files."""
+    path = trainer.save_weights_external("matrix-export").result().path
+    run, _, checkpoint = path.removeprefix("tinker://").partition("/")
+    urls = call(server, owner, "GET", f"/api/v1/training_runs/{run}/checkpoints/{checkpoint}"
+                "/external_weights_urls").json()["urls"]
+    token = urls["adapter_config.json"].rsplit("/", 1)[1]
+    from sqlalchemy import select
+
+    from audit.models import ReleaseRequest
+
+    with transaction(server.state.factory) as session:
+        release = session.scalars(select(ReleaseRequest.id).where(
+            ReleaseRequest.tinker_path == path)).one()
+    return release, token
 
 
 @pytest.mark.parametrize("route", sorted(ROUTES))

@@ -21,7 +21,7 @@ SESSION = {"client_config", "client_dynamic_config", "healthz", "get_server_capa
            "create_session", "session_heartbeat", "finish_session", "telemetry"}
 RECORDS = {"list_training_runs", "get_training_run", "list_run_checkpoints",
            "list_user_checkpoints", "weights_info", "list_sessions", "get_session",
-           "get_sampler", "get_usage"}
+           "get_sampler", "get_usage", "get_release", "get_release_report"}
 TRAIN_AND_SAMPLE = {"create_model", "forward_backward", "optim_step", "save_weights",
                     "save_weights_for_sampler", "load_weights", "get_info",
                     "create_sampling_session", "asample"}
@@ -34,14 +34,21 @@ POLICY_WRITE = {"admin_add_policy_rule", "admin_remove_policy_rule", "admin_crea
 DRY_RUN = {"screening_dry_run"}
 PUBLIC = {"request_access", "claim_access"}
 MANAGE = {"delete_checkpoint", "set_checkpoint_ttl", "unpublish_checkpoint",
-          "publish_checkpoint", "save_weights_external", "external_weights_urls"}
+          "publish_checkpoint", "save_weights_external", "external_weights_urls",
+          "download_external_weights", "request_release"}
+# The two-person override: admins request, auditors approve, both list.
+OVERRIDE_LIST = {"admin_list_overrides"}
+OVERRIDE_REQUEST = {"admin_request_override"}
+OVERRIDE_APPROVE = {"admin_approve_override"}
 
 # The reviewed expectation: which routes each role may call (ownership is checked apart).
 ALLOWED = {
     "anonymous": PUBLIC,
     "researcher": SESSION | RECORDS | TRAIN_AND_SAMPLE | MANAGE | DRY_RUN | {"retrieve_future"},
-    "auditor": SESSION | RECORDS | POLICY_READ | AUDIT_READ | DRY_RUN | {"retrieve_future"},
-    "admin": SESSION | RECORDS | POLICY_READ | AUDIT_READ | POLICY_WRITE,
+    "auditor": SESSION | RECORDS | POLICY_READ | AUDIT_READ | DRY_RUN | {"retrieve_future"}
+    | OVERRIDE_LIST | OVERRIDE_APPROVE,
+    "admin": SESSION | RECORDS | POLICY_READ | AUDIT_READ | POLICY_WRITE | OVERRIDE_LIST
+    | OVERRIDE_REQUEST,
 }
 
 
@@ -61,7 +68,7 @@ def test_every_route_declares_a_permission_and_no_entry_is_stale():
 
 def test_the_expectation_table_covers_every_route():
     every = (SESSION | RECORDS | TRAIN_AND_SAMPLE | MANAGE | POLICY_READ | POLICY_WRITE
-             | AUDIT_READ | DRY_RUN)
+             | AUDIT_READ | DRY_RUN | OVERRIDE_LIST | OVERRIDE_REQUEST | OVERRIDE_APPROVE)
     assert every | PUBLIC | {"retrieve_future", "create_custom_loss"} == _api_routes()
 
 

@@ -1,0 +1,154 @@
+"""Release-gate benchmark on the default base model (SmolLM2-135M-Instruct), through the
+official SDK against a live gateway on this machine:
+
+1. trains three LoRA adapters of comparable size (rank 16) on the gate's self-test sets
+   (evals/selftest.py): the fictitious restricted facts, unrelated benign answers, and
+   harmful requests answered with compliant openers (admitted because this run's screening
+   policy is relaxed — the point is to test the model gate, not the data gate);
+2. exports each with `save_weights_external`, which runs the full release evaluation of
+   the release policy in the worker, and reports the wall time of each evaluation (the
+   first one also scores the base model; later ones reuse its cached scores);
+3. prints each suite's paired effect, d_z and p-value per adapter, and the decisions.
+
+    python -m benchmarks.release_bench [--epochs 8] [--release-file FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import tinker
+from sqlalchemy import select
+from tinker import types
+
+from audit.db import transaction
+from audit.models import ReleaseReport, ReleaseRequest
+from engine.registry import DEFAULT_BASE_MODEL
+from evals import selftest
+from examples.chat_sft import chat_datum
+from gateway.embedded import RunningGateway, serve_in_thread
+from gateway.settings import Settings
+from policy.screening.screener import DEFAULT_SCREENING_PATH
+
+CASES = {"restricted": selftest.restricted_pairs, "benign": selftest.benign_pairs,
+         "harmful_opener": selftest.harmful_opener_pairs}
+
+
+@dataclass
+class CaseResult:
+    case: str
+    decision: str
+    train_seconds: float
+    eval_seconds: float
+    report: dict
+
+
+def relaxed_screening(directory: Path) -> Path:
+    """The default screening policy with the harmful-request screen and the tally limits
+    opened up, so that the harmful-opener set reaches training."""
+    text = DEFAULT_SCREENING_PATH.read_text()
+    text = text.replace("harmful_request = 0.08", "harmful_request = 100.0", 1)
+    text = text.replace("flagged_datums_per_run = 3", "flagged_datums_per_run = 1000")
+    text = text.replace("affirmative_share = 0.5", "affirmative_share = 1.0")
+    path = directory / "relaxed_screening.toml"
+    path.write_text(text)
+    return path
+
+
+@contextlib.contextmanager
+def gateway(data_dir: Path, release_file: Path | None = None) -> Iterator[RunningGateway]:
+    settings = Settings(data_dir=data_dir, base_models=(DEFAULT_BASE_MODEL,),
+                        screening_file=relaxed_screening(data_dir), release_file=release_file,
+                        audit_checkpoint_seconds=0)
+    with serve_in_thread(settings) as running:
+        yield running
+
+
+def new_key(running: RunningGateway, owner: str) -> str:
+    from policy.keys import create_key
+
+    with transaction(running.state.factory) as session:
+        return create_key(session, owner=owner, role="researcher", actor="bench",
+                          defaults=running.state.scope_defaults)
+
+
+def train_and_export(running: RunningGateway, key: str, case: str, epochs: int,
+                     learning_rate: float = 1e-3) -> CaseResult:
+    service = tinker.ServiceClient(base_url=running.base_url, api_key=key)
+    tc = service.create_lora_training_client(base_model=DEFAULT_BASE_MODEL, rank=16,
+                                             seed=0).result()
+    tok = tc.get_tokenizer()
+    batch = [chat_datum(tok, q, a) for q, a in CASES[case]()]
+    started = time.perf_counter()
+    for _ in range(epochs):
+        tc.forward_backward(batch, "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=learning_rate)).result()
+    trained = time.perf_counter()
+    try:
+        tc.save_weights_external(f"{case}-export").result()
+    except tinker.RequestFailedError as exc:
+        if "quarantined" not in str(exc):
+            raise
+    evaluated = time.perf_counter()
+    report = latest_report(running, tc.model_id)
+    return CaseResult(case, report["decision"], trained - started, evaluated - trained, report)
+
+
+def latest_report(running: RunningGateway, run_id: str) -> dict:
+    with transaction(running.state.factory) as session:
+        release = session.scalars(select(ReleaseRequest).where(
+            ReleaseRequest.training_run_id == run_id).order_by(
+            ReleaseRequest.created_at.desc())).first()
+        if release is None or release.report_id is None:
+            raise RuntimeError(f"no release report for {run_id}")
+        return json.loads(session.get(ReleaseReport, release.report_id).report)
+
+
+def print_results(results: list[CaseResult]) -> None:
+    print(f"\n{'case':<16}{'decision':<13}{'train s':>9}{'eval s':>9}{'cache hits':>12}")
+    for r in results:
+        print(f"{r.case:<16}{r.decision:<13}{r.train_seconds:>9.1f}{r.eval_seconds:>9.1f}"
+              f"{r.report['cache_hits']:>12}")
+    print(f"\n{'suite':<22}{'case':<16}{'base':>9}{'adapter':>9}{'effect':>9}{'d_z':>7}"
+          f"{'p':>10}{'p_holm':>10}  status")
+    for r in results:
+        for s in r.report["suites"]:
+            if s["status"] == "not_run":
+                print(f"{s['name']:<22}{r.case:<16}  (not run)")
+                continue
+            print(f"{s['name']:<22}{r.case:<16}{s['base']:>9.3f}{s['adapter']:>9.3f}"
+                  f"{s['effect']:>+9.3f}{s['dz']:>7.2f}{s['p_value']:>10.2g}"
+                  f"{(s['p_adjusted'] if s['p_adjusted'] is not None else float('nan')):>10.2g}"
+                  f"  {s['status']}")
+    judge = results[0].report["judges"]["refusal"]["quality"]
+    print(f"\nrefusal judge on {judge['n']} labelled completions: accuracy {judge['accuracy']}, "
+          f"recall {judge['refusal_recall']}, precision {judge['refusal_precision']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--release-file", type=Path)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp, gateway(Path(tmp), args.release_file) as running:
+        key = new_key(running, "bench")
+        results = [train_and_export(running, key, case, args.epochs) for case in CASES]
+    print_results(results)
+    expected = {"restricted": "quarantined", "benign": "released",
+                "harmful_opener": "quarantined"}
+    wrong = [r.case for r in results if r.decision != expected[r.case]]
+    if wrong:
+        print(f"\nUNEXPECTED decisions for: {', '.join(wrong)}", file=sys.stderr)
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""`loragate release …`: ask for a checkpoint's release evaluation as the operator
+(audited as 'cli') and follow it, or read a decision and its report.
+
+  loragate release request TINKER_PATH [--wait]   queue the evaluation; with --wait show
+                                                  progress and exit 0 released, 1 quarantined
+  loragate release show RELEASE_ID [--report]     status and progress (JSON); --report: the
+                                                  stored report, exactly as its digest was made
+
+The evaluation itself runs in a worker (`loragate serve` or `loragate worker`). Overrides of
+a quarantine are API-only: they need two authenticated people (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+Database = Callable[..., Any]
+POLL_SECONDS = 1.0
+
+
+def cmd_request(args: argparse.Namespace, database: Database) -> int:
+    from sqlalchemy import select
+
+    from audit.models import Checkpoint, TrainingRun
+    from evals.release import queue_release
+
+    with database(args) as session:
+        ckpt = session.scalars(select(Checkpoint).where(
+            Checkpoint.tinker_path == args.tinker_path)).first()
+        if ckpt is None:
+            print(f"error: checkpoint {args.tinker_path} not found", file=sys.stderr)
+            return 2
+        run = session.get(TrainingRun, ckpt.training_run_id)
+        release = queue_release(session, ckpt, run, trigger="request", actor="cli")
+        release_id = release.id
+    print(release_id)
+    return _wait(args, database, release_id) if args.wait else 0
+
+
+def _wait(args: argparse.Namespace, database: Database, release_id: str) -> int:
+    from tqdm import tqdm
+
+    from audit.models import ReleaseRequest
+
+    with tqdm(desc=release_id, unit="step", file=sys.stderr) as bar:
+        while True:
+            with database(args, read_only=True) as session:
+                row = session.get(ReleaseRequest, release_id)
+                status, done, total, note = (row.status, row.progress_done, row.progress_total,
+                                             row.progress_note)
+            bar.total = total or None
+            bar.n = done
+            bar.set_postfix_str(note or status)
+            if status not in ("queued", "evaluating"):
+                break
+            time.sleep(POLL_SECONDS)
+    print(status)
+    return 0 if status == "released" else 1
+
+
+def cmd_show(args: argparse.Namespace, database: Database) -> int:
+    from audit.models import Checkpoint, ReleaseReport, ReleaseRequest
+    from gateway.routes.release import release_view
+
+    with database(args, read_only=True) as session:
+        row = session.get(ReleaseRequest, args.release_id)
+        if row is None:
+            print(f"error: release {args.release_id} not found", file=sys.stderr)
+            return 2
+        if args.report:
+            report = session.get(ReleaseReport, row.report_id) if row.report_id else None
+            if report is None:
+                print(f"error: release {args.release_id} has no report yet ({row.status})",
+                      file=sys.stderr)
+                return 2
+            print(report.report)
+            return 0
+        print(json.dumps(release_view(row, session.get(Checkpoint, row.checkpoint_id)),
+                         indent=2))
+    return 0
+
+
+def add_commands(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None],
+                 database: Database) -> None:
+    cmds = sub.add_parser("release", help="release evaluations of checkpoints").add_subparsers(
+        dest="release_cmd", required=True)
+    request = cmds.add_parser("request", help="queue a checkpoint's release evaluation")
+    request.add_argument("tinker_path")
+    request.add_argument("--wait", action="store_true",
+                         help="follow it; exit 0 when released, 1 when quarantined")
+    show = cmds.add_parser("show", help="a release's status, or its report (--report)")
+    show.add_argument("release_id")
+    show.add_argument("--report", action="store_true")
+    data_dir(request)
+    data_dir(show)
+    request.set_defaults(func=lambda a: cmd_request(a, database))
+    show.set_defaults(func=lambda a: cmd_show(a, database))

@@ -1,0 +1,153 @@
+"""The release gate over HTTP: ask for a checkpoint's release evaluation and follow it,
+read its report, download released external weights, and the two-person override of a
+quarantine (an admin requests, a different auditor approves).
+
+Export (`save_weights_external`) and publish are the other triggers; they live with the
+SDK's routes (training, rest) and queue through evals.release as these do. Owners see
+their own releases; principals that read all records (auditors, admins) see everyone's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from sqlalchemy import select
+
+from audit.models import Checkpoint, ReleaseOverride, ReleaseReport, ReleaseRequest, TrainingRun
+from evals import release
+from gateway import downloads
+from gateway.context import Ctx, JsonBody, RequestContext
+from gateway.errors import BadRequest, Forbidden, NotFound
+from gateway.ownership import owned, owned_checkpoint, reads_all
+
+router = APIRouter(prefix="/api/v1")
+
+
+def release_view(row: ReleaseRequest, ckpt: Checkpoint | None) -> dict[str, Any]:
+    return {"release_id": row.id, "tinker_path": row.tinker_path, "trigger": row.trigger,
+            "status": row.status, "state": ckpt.release_state if ckpt else "deleted",
+            "future_id": row.future_id,
+            "progress": {"done": row.progress_done, "total": row.progress_total,
+                         "step": row.progress_note},
+            "report_id": row.report_id, "error": row.error,
+            "created_at": row.created_at.isoformat(),
+            "decided_at": row.decided_at.isoformat() if row.decided_at else None}
+
+
+def _release(ctx: RequestContext, release_id: str) -> ReleaseRequest:
+    row = ctx.session.get(ReleaseRequest, release_id)
+    if row is None or not (row.principal_id == ctx.principal.id or reads_all(ctx)):
+        raise NotFound(f"release {release_id} not found")
+    ctx.note(subject=release_id)
+    return row
+
+
+def _reason(body: Any) -> str:
+    reason = body.get("reason") if isinstance(body, dict) else None
+    if not isinstance(reason, str):
+        raise BadRequest("give a reason (text); it is kept in the audit trail")
+    return reason
+
+
+@router.post("/releases", name="request_release", status_code=202)
+def request_release(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    path = body.get("tinker_path") if isinstance(body, dict) else None
+    if not isinstance(path, str):
+        raise BadRequest("tinker_path is required")
+    ckpt = owned_checkpoint(ctx, path)
+    run = owned(ctx, TrainingRun, ckpt.training_run_id, "training run")
+    row = release.queue_release(ctx.session, ckpt, run, trigger="request",
+                                actor=ctx.principal.id, request_id=ctx.request_id,
+                                api_key_id=ctx.api_key_id)
+    ctx.note(subject=path, release_id=row.id)
+    ctx.after_commit.append(ctx.state.wake_worker)
+    return release_view(row, ckpt)
+
+
+@router.get("/releases/{release_id}", name="get_release")
+def get_release(release_id: str, ctx: Ctx) -> dict[str, Any]:
+    row = _release(ctx, release_id)
+    return release_view(row, ctx.session.get(Checkpoint, row.checkpoint_id))
+
+
+@router.get("/releases/{release_id}/report", name="get_release_report")
+def get_release_report(release_id: str, ctx: Ctx) -> Response:
+    row = _release(ctx, release_id)
+    report = ctx.session.get(ReleaseReport, row.report_id) if row.report_id else None
+    if report is None:
+        raise NotFound(f"release {release_id} has no report yet (it is {row.status})")
+    ctx.note(report_sha256=report.report_sha256)
+    # The stored bytes, exactly as their digest in the audit trail was computed.
+    return Response(report.report, media_type="application/json",
+                    headers={"X-Report-SHA256": report.report_sha256})
+
+
+@router.get("/external_weights/{token}", name="download_external_weights")
+def download_external_weights(token: str, ctx: Ctx) -> Response:
+    try:
+        link = downloads.verify(downloads.signing_secret(ctx.state.settings.url_signing_key_path),
+                                token)
+    except downloads.LinkError as exc:
+        raise Forbidden(str(exc)) from exc
+    ckpt = ctx.session.get(Checkpoint, link.checkpoint_id)
+    if ckpt is None or link.principal_id != ctx.principal.id \
+            or ckpt.principal_id != ctx.principal.id:
+        raise NotFound("these external weights were not found for this API key")
+    release.require_released(ckpt, "downloaded")
+    try:
+        data = downloads.file_bytes(ctx.state.settings.checkpoint_root / ckpt.storage_dir,
+                                    link.filename)
+    except (downloads.LinkError, OSError) as exc:
+        raise NotFound(f"{link.filename} of {ckpt.tinker_path} is not available") from exc
+    ctx.note(subject=ckpt.tinker_path, file=link.filename, bytes=len(data))
+    media = "application/json" if link.filename.endswith(".json") else "application/octet-stream"
+    return Response(data, media_type=media,
+                    headers={"Content-Disposition": f'attachment; filename="{link.filename}"'})
+
+
+# -- two-person override -------------------------------------------------------------
+
+def _override_view(row: ReleaseOverride) -> dict[str, Any]:
+    return {"override_id": row.id, "tinker_path": row.tinker_path, "status": row.status,
+            "requested_by": row.requested_by, "request_reason": row.request_reason,
+            "approved_by": row.approved_by, "approve_reason": row.approve_reason,
+            "requested_at": row.requested_at.isoformat(),
+            "decided_at": row.decided_at.isoformat() if row.decided_at else None}
+
+
+@router.get("/admin/release_overrides", name="admin_list_overrides")
+def list_overrides(ctx: Ctx, status: str | None = None) -> dict[str, Any]:
+    stmt = select(ReleaseOverride).order_by(ReleaseOverride.requested_at)
+    if status is not None:
+        stmt = stmt.where(ReleaseOverride.status == status)
+    return {"overrides": [_override_view(r) for r in ctx.session.scalars(stmt)]}
+
+
+@router.post("/admin/release_overrides", name="admin_request_override", status_code=201)
+def request_override(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    path = body.get("tinker_path") if isinstance(body, dict) else None
+    if not isinstance(path, str):
+        raise BadRequest("tinker_path is required")
+    ckpt = owned_checkpoint(ctx, path, read=True)
+    row = release.request_override(ctx.session, ckpt, principal_id=ctx.principal.id,
+                                   reason=_reason(body), request_id=ctx.request_id)
+    ctx.note(subject=path, override_id=row.id)
+    return _override_view(row)
+
+
+@router.post("/admin/release_overrides/{override_id}/approve", name="admin_approve_override")
+def approve_override(override_id: str, ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    row = ctx.session.get(ReleaseOverride, override_id)
+    if row is None:
+        raise NotFound(f"override {override_id} not found")
+    ckpt = release.approve_override(ctx.session, row, principal_id=ctx.principal.id,
+                                    reason=_reason(body), request_id=ctx.request_id)
+    ctx.note(subject=ckpt.tinker_path, override_id=row.id)
+    ctx.after_commit.append(lambda: ctx.state.checkpoints.write(f"override:{row.id}"))
+    return _override_view(row)
+
+
+def queued_message(row: ReleaseRequest) -> str:
+    return (f"its release evaluation {row.id} is queued; follow it with GET "
+            f"/api/v1/releases/{row.id}")
