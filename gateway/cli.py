@@ -65,6 +65,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from engine.registry import ModelRegistry
     from gateway.state import Checkpointer, make_worker
     from migrations import upgrade_to_head
+    from policy.release import load_release_policy
     from policy.screening.screener import Screener, load_config
 
     settings = _settings(args)
@@ -72,9 +73,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     factory = make_sessionmaker(make_engine(settings.database), settings.hmac_keys())
     screener = Screener.build(load_config(settings.screening_file), factory)
     checkpoints = Checkpointer(factory, settings.checkpoint_dir, settings.signing_key())
-    worker = make_worker(settings, factory, ModelRegistry(settings.data_dir,
-                                                          settings.extra_models),
-                         screener, checkpoints, worker_id=args.worker_id, idle_poll_seconds=0.05)
+    registry = ModelRegistry(settings.data_dir, settings.extra_models)
+    worker = make_worker(settings, factory, registry, screener, checkpoints,
+                         load_release_policy(settings.release_file), worker_id=args.worker_id,
+                         idle_poll_seconds=0.05)
     for name in settings.base_models:
         worker.backend(name)
     stop = threading.Event()

@@ -173,8 +173,8 @@ def build_state(settings: Settings) -> AppState:
 
 
 def make_worker(settings: Settings, factory: sessionmaker[Session], registry: ModelRegistry,
-                screener: Screener, checkpoints: Checkpointer, *, worker_id: str,
-                **options: Any) -> Any:
+                screener: Screener, checkpoints: Checkpointer, release_policy: ReleasePolicy, *,
+                worker_id: str, **options: Any) -> Any:
     """A worker wired with what the gateway owns: output screening and the release jobs
     (evaluations judged by the same screener; a signed audit checkpoint per decision)."""
     from engine.worker import Worker
@@ -188,8 +188,7 @@ def make_worker(settings: Settings, factory: sessionmaker[Session], registry: Mo
         described = json.dumps([screener.describe(), screener.thresholds()], sort_keys=True)
         return f"screening@{hashlib.sha256(described.encode()).hexdigest()[:16]}"
 
-    evaluator = ReleaseEvaluator(factory, load_release_policy(settings.release_file), harm,
-                                 harm_version)
+    evaluator = ReleaseEvaluator(factory, release_policy, harm, harm_version)
     jobs = ReleaseJobs(factory, evaluator, on_decision=checkpoints.write)
     return Worker(factory, registry, settings.checkpoint_root, worker_id=worker_id,
                   device=settings.device, output_screen=screener.flag_outputs,
@@ -200,7 +199,7 @@ def _start_worker(state: AppState) -> None:
     from evals.release_jobs import reset_stale_evaluations
 
     worker = make_worker(state.settings, state.factory, state.registry, state.screener,
-                         state.checkpoints, worker_id="embedded",
+                         state.checkpoints, state.release_policy, worker_id="embedded",
                          on_finished=state.completions.notify)
     worker.fail_interrupted()
     reset_stale_evaluations(state.factory, "worker:embedded")
