@@ -49,6 +49,8 @@ class CaseResult:
     train_seconds: float
     eval_seconds: float
     report: dict
+    training_client: tinker.TrainingClient
+    export_path: str | None  # the tinker:// path of a released export
 
 
 def relaxed_screening(directory: Path) -> Path:
@@ -92,14 +94,16 @@ def train_and_export(running: RunningGateway, key: str, case: str, epochs: int,
         tc.forward_backward(batch, "cross_entropy")
         tc.optim_step(types.AdamParams(learning_rate=learning_rate)).result()
     trained = time.perf_counter()
+    export_path = None
     try:
-        tc.save_weights_external(f"{case}-export").result()
+        export_path = tc.save_weights_external(f"{case}-export").result().path
     except tinker.RequestFailedError as exc:
         if "quarantined" not in str(exc):
             raise
     evaluated = time.perf_counter()
     report = latest_report(running, tc.model_id)
-    return CaseResult(case, report["decision"], trained - started, evaluated - trained, report)
+    return CaseResult(case, report["decision"], trained - started, evaluated - trained, report,
+                      tc, export_path)
 
 
 def latest_report(running: RunningGateway, run_id: str) -> dict:

@@ -19,10 +19,11 @@ Prompts must be distinct within a suite. Must not import fastapi; loads files on
 from __future__ import annotations
 
 import hashlib
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from policy.tomlfile import read_toml
 
 SUITES_DIR = Path(__file__).with_name("suites")
 
@@ -85,7 +86,7 @@ KINDS = ("multiple_choice", *PROMPT_KINDS)
 
 def load_suite(path: Path) -> Suite:
     """Any suite file, dispatched on its `[suite] kind`."""
-    raw, data = _read(path)
+    raw, data = read_toml(path, "suite file", SuiteError)
     kind = data.get("suite", {}).get("kind")
     if kind == "multiple_choice":
         return load_multiple_choice(path)
@@ -93,16 +94,6 @@ def load_suite(path: Path) -> Suite:
         raise SuiteError(f"{path}: [suite] kind must be one of {', '.join(KINDS)}, "
                          f"not {kind!r}")
     return _prompt_suite(path, raw, data, kind)
-
-
-def _read(path: Path) -> tuple[bytes, dict[str, Any]]:
-    try:
-        raw = path.read_bytes()
-        return raw, tomllib.loads(raw.decode())
-    except FileNotFoundError as exc:
-        raise SuiteError(f"suite file not found: {path}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SuiteError(f"suite {path} is not valid TOML: {exc}") from exc
 
 
 def _prompt_suite(path: Path, raw: bytes, data: dict[str, Any], kind: str) -> PromptSuite:
@@ -148,7 +139,7 @@ def _prompt_item(path: Path, n: int, kind: str, raw: dict[str, Any]) -> PromptIt
 
 
 def load_multiple_choice(path: Path) -> MultipleChoiceSuite:
-    raw, data = _read(path)
+    raw, data = read_toml(path, "suite file", SuiteError)
     head = data.get("suite", {})
     if head.get("kind") != "multiple_choice" or not isinstance(head.get("name"), str):
         raise SuiteError(f"{path}: [suite] needs a name and kind = \"multiple_choice\"")

@@ -44,12 +44,22 @@ class Link:
 
 
 def signing_secret(path: Path) -> bytes:
-    """The server's link-signing secret, created (mode 0600) on first use."""
+    """The server's link-signing secret, created (mode 0600) on first use; read once at
+    start-up (gateway.state)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Written whole under a temporary name and linked in place: API processes starting
+        # together agree on one secret and none reads a half-written file.
+        staged = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_hex(32) + "\n")
+        try:
+            os.link(staged, path)
+        except FileExistsError:
+            pass  # another process won; use its secret
+        finally:
+            staged.unlink()
     return bytes.fromhex(path.read_text().strip())
 
 

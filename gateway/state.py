@@ -24,6 +24,7 @@ from audit.db import make_engine, make_sessionmaker, transaction
 from engine.backend import ModelInfo
 from engine.registry import ModelRegistry
 from evals.release import load_suites
+from gateway import downloads
 from gateway.completions import Completions
 from gateway.settings import Settings
 from migrations import upgrade_to_head
@@ -56,6 +57,7 @@ class AppState:
     checkpoints: Checkpointer
     screener: Screener
     release_policy: ReleasePolicy
+    url_signing_secret: bytes  # signs the external-weights links (gateway.downloads)
     admission_checks: list[AdmissionCheck] = field(default_factory=list)
     worker: Any = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -151,6 +153,7 @@ def build_state(settings: Settings) -> AppState:
         completions=Completions(), authorizer=authorizer, scope_defaults=scope_defaults,
         checkpoints=Checkpointer(read_factory, settings.checkpoint_dir, settings.signing_key()),
         screener=screener, release_policy=release_policy,
+        url_signing_secret=downloads.signing_secret(settings.url_signing_key_path),
     )
     with transaction(state.factory) as session:
         audit_log.append(session, actor="system", event_type="gateway.start", decision="info",

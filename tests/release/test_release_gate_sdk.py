@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import tinker
 from sqlalchemy import select, update
@@ -26,6 +25,7 @@ from examples.chat_sft import chat_datum
 from gateway import downloads
 from tests.api.helpers import TEXTS, TINY, rest, run_cli, service, sft_datum
 from tests.conftest import PG_ENV, _dialects, _fresh_pg_database, run_server, tiny_settings
+from tests.release.helpers import assert_download_reproduces_gateway_logprobs
 
 SUITE = """[suite]
 name = "lab_restricted"
@@ -166,27 +166,9 @@ def test_each_decision_is_audited_in_order_and_the_chain_verifies(gate_server, b
 
 def test_a_released_adapter_downloads_as_peft_files_that_reproduce_the_gateway_logprobs(
         gate_server, researcher, benign_export, tmp_path):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     tc, result = benign_export
-    urls = rest(gate_server, researcher).get_external_weights_urls(result.path).result()
-    assert set(urls.urls) == {"adapter_config.json", "adapter_model.safetensors"}
-    for name, url in urls.urls.items():
-        response = httpx.get(url, headers={"X-API-Key": researcher})
-        assert response.status_code == 200, response.text
-        (tmp_path / name).write_bytes(response.content)
-    base_dir = gate_server.state.registry.materialize(TINY)
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), tmp_path).eval()
-    tokens = tc.get_tokenizer().encode(TEXTS[0])
-    with torch.no_grad():
-        logits = model(torch.tensor([tokens])).logits[0, :-1].float()
-    local = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
-    sampler = tc.save_weights_and_get_sampling_client().result()
-    remote = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()[1:]
-    np.testing.assert_allclose(local.numpy(), np.array(remote, dtype=np.float32), atol=1e-4)
+    assert_download_reproduces_gateway_logprobs(gate_server, researcher, result.path, TINY, tc,
+                                                TEXTS[0], tmp_path, atol=1e-4)
 
 
 def test_downloads_need_the_owners_key_an_intact_link_and_a_released_checkpoint(
