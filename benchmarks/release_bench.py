@@ -10,7 +10,7 @@ official SDK against a live gateway on this machine:
    first one also scores the base model; later ones reuse its cached scores);
 3. prints each suite's paired effect, d_z and p-value per adapter, and the decisions.
 
-    python -m benchmarks.release_bench [--epochs 8] [--release-file FILE]
+    python -m benchmarks.release_bench [--epochs 8] [--learning-rate 1e-3] [--release-file FILE]
 """
 
 from __future__ import annotations
@@ -140,11 +140,13 @@ def print_results(results: list[CaseResult]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--release-file", type=Path)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, gateway(Path(tmp), args.release_file) as running:
         key = new_key(running, "bench")
-        results = [train_and_export(running, key, case, args.epochs) for case in CASES]
+        results = [train_and_export(running, key, case, args.epochs,
+                                    args.learning_rate) for case in CASES]
     print_results(results)
     expected = {"restricted": "quarantined", "benign": "released",
                 "harmful_opener": "quarantined"}

@@ -117,9 +117,12 @@ def queue_release(session: Session, ckpt: Checkpoint, run: TrainingRun, *, trigg
     """Queue the evaluation of a private checkpoint (or return the one already queued).
     A run blocked by screening is never evaluated or released."""
     check_not_blocked(run)
-    if ckpt.release_state in ("released", "quarantined"):
-        require_released(ckpt, "evaluated again")  # quarantined: says why
+    if ckpt.release_state == "released":
         raise ReleaseRefused(f"{ckpt.tinker_path} is already released")
+    if ckpt.release_state == "quarantined":
+        # A decided quarantine is not re-rolled by asking again; the refusal names the
+        # two-person override as the only way out.
+        require_released(ckpt, "evaluated again")
     existing = live_request(session, ckpt)
     if existing is not None:
         return existing

@@ -30,6 +30,39 @@ def _dialects() -> list[str]:
     return ["sqlite", "postgresql"] if os.environ.get(PG_ENV) else ["sqlite"]
 
 
+_sdk_holders: list[Any] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _track_sdk_clients() -> Iterator[None]:
+    """Record every SDK client holder (the object that runs a session's heartbeats)."""
+    from tinker.lib.internal_client_holder import InternalClientHolder
+
+    original = InternalClientHolder.__init__
+
+    def tracked(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        _sdk_holders.append(self)
+
+    InternalClientHolder.__init__ = tracked  # type: ignore[method-assign]
+    yield
+    InternalClientHolder.__init__ = original  # type: ignore[method-assign]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_sdk_clients(_track_sdk_clients: None) -> Iterator[None]:
+    """Close the SDK clients a test module opened once the module is done. The SDK keeps a
+    session heartbeating every 10 s until it is closed; left open, the hundreds of sessions a
+    run creates kept the session-scoped servers busy answering them and made the SmolLM2
+    tests at the end of a full run twice as slow as on their own. Closing is local: it
+    cancels the heartbeats and pollers and sends nothing."""
+    first = len(_sdk_holders)
+    yield
+    for holder in _sdk_holders[first:]:
+        holder.close()
+    del _sdk_holders[first:]
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One data dir for materialized base models, shared by every server in the run."""

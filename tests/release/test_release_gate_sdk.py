@@ -159,9 +159,12 @@ def test_each_decision_is_audited_in_order_and_the_chain_verifies(gate_server, b
             assert body["base_sha256"] and body["adapter_sha256"]
             assert body["judges"]["refusal"]["quality"]["n"] > 0
         assert audit_log.verify(session).ok
-    written = sorted(gate_server.state.settings.checkpoint_dir.glob("*"))
-    reasons = " ".join(p.read_text() for p in written)
+    checkpoint_dir = gate_server.state.settings.checkpoint_dir
+    reasons = " ".join(p.read_text() for p in sorted(checkpoint_dir.glob("*")))
     assert "release:" in reasons  # a signed/written audit checkpoint per decision
+    verified = run_cli(gate_server.database_url, gate_server.data_dir, "audit", "verify",
+                       "--checkpoints", str(checkpoint_dir))
+    assert verified.returncode == 0 and "OK" in verified.stdout, verified.stderr
 
 
 def test_a_released_adapter_downloads_as_peft_files_that_reproduce_the_gateway_logprobs(
@@ -204,6 +207,10 @@ def test_private_and_quarantined_checkpoints_cannot_be_downloaded_or_published(
         rc.get_external_weights_urls(quarantined).result()
     with pytest.raises(tinker.PermissionDeniedError, match="quarantined"):
         rc.publish_checkpoint_from_tinker_path(quarantined).result()
+    again = call(gate_server, researcher, "POST", "/api/v1/releases",
+                 json={"tinker_path": quarantined})
+    assert again.status_code == 403
+    assert "cannot be evaluated again" in again.json()["detail"] and "override" in again.text
     private = tc.save_state("private-one").result().path
     run_id, _, checkpoint = private.removeprefix("tinker://").partition("/")
     refused = call(gate_server, researcher, "GET", f"/api/v1/training_runs/{run_id}/checkpoints/"
