@@ -45,6 +45,7 @@ from audit.models import (
 from evals import gate, probes
 from evals.judges import RefusalJudge
 from evals.suites import SUITES_DIR, MultipleChoiceSuite, PromptSuite, Suite, load_suite
+from policy.digest import files_sha256
 from policy.errors import PolicyError
 from policy.release import ReleasePolicy, ReleasePolicyError, SuiteRule
 from policy.screening.batch import check_not_blocked
@@ -367,20 +368,6 @@ def _extra(loaded: LoadedSuite, scores: dict[str, Any]) -> dict[str, Any]:
 def _not_run(loaded: LoadedSuite) -> dict[str, Any]:
     return {"name": loaded.rule.name, "kind": loaded.kind, "sha256": loaded.suite.sha256,
             "gating": loaded.rule.gating, "status": gate.NOT_RUN}
-
-
-def files_sha256(paths: list[Path]) -> str:
-    """One SHA-256 over the files' bytes, in the order given."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 22):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    return files_sha256([path])
 
 
 def canonical(report: dict[str, Any]) -> str:

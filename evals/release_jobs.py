@@ -42,9 +42,9 @@ from evals.release import (
     RELEASE_JOB,
     ReleaseEvaluator,
     canonical,
-    file_sha256,
     transition,
 )
+from policy.digest import file_sha256
 
 if TYPE_CHECKING:
     from engine.worker import JobHandler, Worker

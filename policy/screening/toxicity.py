@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from policy.screening.harmful_requests import ScreenLoadError, file_sha256
+from policy.digest import file_sha256
+from policy.screening.harmful_requests import ScreenLoadError
 
 WINDOW_WORDS = 100  # well inside 512 tokens (and the test model's 128)
 OVERLAP_WORDS = 20  # a phrase split by a window edge is whole in the next window

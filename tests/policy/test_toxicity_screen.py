@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from policy.screening.harmful_requests import ScreenLoadError, file_sha256
+from policy.digest import file_sha256
+from policy.screening.harmful_requests import ScreenLoadError
 from policy.screening.toxicity import ToxicityScreen, windows
 
 CLASSES = ["toxicity", "severe_toxicity", "obscene", "threat", "insult", "identity_attack"]
