@@ -14,6 +14,8 @@ Must not import fastapi or engine.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +55,10 @@ class BatchScreening:
     affirmative: int = 0  # completions that open "Sure, here is…"
     completions: int = 0
     audit: dict[str, Any] = field(default_factory=dict)
+    # Per datum, in order: the SHA-256 of everything screened in it (what the run's tally
+    # counts once), and for flagged datums each flagged "classifier.category" → its score.
+    datum_sha256: list[str] = field(default_factory=list)
+    flag_scores: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def message(self) -> str:
         """What the caller is told: indices and categories, never scores."""
@@ -80,8 +86,12 @@ def screen_batch(screener: Screener, datums: Sequence[DatumTexts]) -> BatchScree
     for (i, part), text, verdict in zip(owners, texts, verdicts, strict=True):
         if verdict.flagged:
             result.flagged.setdefault(i, []).extend(verdict.flagged)
+            scores = result.flag_scores.setdefault(i, {})
+            for key in verdict.flagged:
+                scores[key] = max(scores.get(key, verdict.scores[key]), verdict.scores[key])
             details.setdefault(i, {})[part] = {"sha256": content_sha256(text),
                                                "evidence": verdict.evidence()}
+    result.datum_sha256 = [datum_sha256(d) for d in datums]
     for i, d in enumerate(datums):
         signal = (structural.weight_signals(d.values, limits.max_loss_weight)
                   if d.kind == "weights" else None) or structural.advantage_signals(
@@ -99,6 +109,11 @@ def screen_batch(screener: Screener, datums: Sequence[DatumTexts]) -> BatchScree
         "affirmative_openers": result.affirmative,
     }
     return result
+
+
+def datum_sha256(datum: DatumTexts) -> str:
+    """One datum's identity for the tally: every text and value screening read in it."""
+    return content_sha256(json.dumps(dataclasses.asdict(datum), sort_keys=True))
 
 
 def check_not_blocked(run: TrainingRun) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -149,8 +149,7 @@ class Screener:
         """Load what policy enables; a required classifier that fails stops start-up."""
         loaded: list[Classifier] = [StructuralScreen()]
         inactive: dict[str, str] = {}
-        for name, loader in (("harmful_request", _load_harmful), ("detoxify", _load_detoxify),
-                             ("rules", _load_rules)):
+        for name, loader in LOADERS.items():
             spec = config.classifiers.get(name, {})
             if not spec.get("enabled", False):
                 inactive[name] = "disabled in the screening policy"
@@ -284,3 +283,12 @@ def _load_detoxify(spec: dict[str, Any], device: str) -> Classifier:
 
 def _load_rules(spec: dict[str, Any], device: str) -> Classifier:
     return RuleScreen([Path(p) for p in spec.get("files", [])])
+
+
+# Every pluggable classifier kind: its name in the screening policy's [classifiers] table
+# and the loader that builds it from that table's entry (raising ScreenLoadError).
+LOADERS: dict[str, Callable[[dict[str, Any], str], Classifier]] = {
+    "harmful_request": _load_harmful,
+    "detoxify": _load_detoxify,
+    "rules": _load_rules,
+}
