@@ -126,16 +126,33 @@ class TrainingRun(Base):
     user_metadata: Mapped[str] = mapped_column(Text, default="{}")
     status: Mapped[str] = mapped_column(String(20), default="creating")
     api_key_id: Mapped[str | None] = mapped_column(String(36), index=True)
-    # Screening tally (policy.screening): data screened and flagged so far; a run whose
-    # tally crossed the policy threshold is blocked for good (reason set).
+    # Screening tally (policy.screening.tally): distinct datums screened, flagged and
+    # flagged with high confidence so far (each datum counted once: ScreeningTallyDatum),
+    # completions and affirmative openers; a run whose tally the policy judges harmful is
+    # blocked for good (reason set).
     screened_datums: Mapped[int] = mapped_column(Integer, default=0)
     flagged_datums: Mapped[int] = mapped_column(Integer, default=0)
+    high_confidence_flags: Mapped[int] = mapped_column(Integer, default=0)
+    screened_completions: Mapped[int] = mapped_column(Integer, default=0)
     affirmative_openers: Mapped[int] = mapped_column(Integer, default=0)
     blocked_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_request_time: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow
     )
+
+
+class ScreeningTallyDatum(Base):
+    """One distinct datum a training run's screening tally has counted (its SHA-256 over
+    everything screening read in it), so a resubmitted datum is counted once."""
+
+    __tablename__ = "screening_tally_datums"
+    training_run_id: Mapped[str] = mapped_column(ForeignKey("training_runs.id"),
+                                                 primary_key=True)
+    datum_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    high_confidence: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")

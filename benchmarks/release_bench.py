@@ -58,7 +58,7 @@ def relaxed_screening(directory: Path) -> Path:
     opened up, so that the harmful-opener set reaches training."""
     text = DEFAULT_SCREENING_PATH.read_text()
     text = text.replace("harmful_request = 0.08", "harmful_request = 100.0", 1)
-    text = text.replace("flagged_datums_per_run = 3", "flagged_datums_per_run = 1000")
+    text = text.replace("\nalpha = 1e-3\n", "\nalpha = 1e-300\n")  # the share test off
     text = text.replace("affirmative_share = 0.5", "affirmative_share = 1.0")
     path = directory / "relaxed_screening.toml"
     path.write_text(text)

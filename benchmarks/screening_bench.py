@@ -1,8 +1,9 @@
-"""Screening benchmark, on the project's own evaluation data (benchmarks/screening_data.py,
-kept apart from the behaviour bank):
+"""Screening benchmark:
 
-1. the harmful-request screen's AUROC and TPR at 1% and 5% FPR (threshold set on the
-   benign look-alikes), plus the shipped threshold's TPR and FPR;
+1. per-example detection on the harm classifier corpus's held-out sources (whole sources
+   never trained, validated or calibrated on: training/harm_classifier/): per source TPR or
+   FPR at the shipped threshold, AUROC harmful vs everyday and vs borderline, everyday FPR —
+   for the default harmful-content classifier and, for comparison, the bank kNN screen;
 2. screening throughput in chat datums per second (cold cache);
 3. the share of a forward_backward's wall time spent screening, side by side in one run,
    for a realistic batch (8 chat datums of ~128 tokens on SmolLM2-135M): first call
@@ -14,30 +15,44 @@ kept apart from the behaviour bank):
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from audit.db import make_engine, make_sessionmaker
-from benchmarks.screening_data import BENIGN, HARMFUL
+from benchmarks.screening_data import BENIGN
+from benchmarks.screening_sim import simulate
 from engine.backend import TrainingDatum
 from engine.registry import DEFAULT_BASE_MODEL, ModelRegistry, fast_tokenizer
 from gateway.screening import decode_datum
 from migrations import upgrade_to_head
 from policy.screening.batch import DatumTexts, screen_batch
+from policy.screening.harm_classifier import card
+from policy.screening.harmful_requests import HarmfulRequestScreen, MiniLM, load_banks
 from policy.screening.screener import Screener, load_config
 
 FIRST_TARGET, REPEATED_TARGET = 0.10, 0.02
 
 
+CORPUS = Path(__file__).resolve().parents[1] / "training" / "harm_classifier" / "corpus.jsonl.gz"
+
+
 def auroc(pos: list[float], neg: list[float]) -> float:
     """Probability that a harmful request outscores a benign one (ties count half)."""
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
+    if not pos or not neg:
+        return float("nan")
+    scores = np.asarray(neg)
+    ordered = np.sort(scores)
+    wins = sum(np.searchsorted(ordered, p, "left") + 0.5 * (np.searchsorted(ordered, p, "right")
+               - np.searchsorted(ordered, p, "left")) for p in pos)
+    return float(wins) / (len(pos) * len(neg))
 
 
 def tpr_at_fpr(pos: list[float], neg: list[float], fpr: float) -> float:
@@ -45,24 +60,87 @@ def tpr_at_fpr(pos: list[float], neg: list[float], fpr: float) -> float:
     return sum(p > threshold for p in pos) / len(pos)
 
 
+def heldout_rows() -> list[dict[str, str]]:
+    """The corpus's held-out sources: whole sources the classifier never saw in training,
+    validation or calibration (training/harm_classifier/build_corpus.py HELDOUT)."""
+    with gzip.open(CORPUS, "rt") as fh:
+        return [r for r in map(json.loads, fh) if r["split"] == "heldout"]
+
+
+def detection_report(name: str, scores: list[float], rows: list[dict[str, str]],
+                     threshold: float) -> list[str]:
+    by_label: dict[str, list[float]] = defaultdict(list)
+    by_source: dict[str, list[float]] = defaultdict(list)
+    label_of: dict[str, str] = {}
+    for score, row in zip(scores, rows, strict=True):
+        by_label[row["label"]].append(score)
+        by_source[row["source"]].append(score)
+        label_of[row["source"]] = row["label"]
+    pos = by_label["harmful"]
+    lines = [f"{name}, threshold {threshold}:",
+             f"  AUROC harmful vs everyday {auroc(pos, by_label['everyday']):.3f}, "
+             f"vs borderline {auroc(pos, by_label['borderline']):.3f}"]
+    for label in ("harmful", "everyday", "borderline"):
+        got = by_label[label]
+        rate = sum(s >= threshold for s in got) / len(got)
+        lines.append(f"  {label:10s} n={len(got):4d} {'TPR' if label == 'harmful' else 'FPR'} "
+                     f"{rate:.3f}")
+    for source, got in sorted(by_source.items()):
+        rate = sum(s >= threshold for s in got) / len(got)
+        what = "TPR" if label_of[source] == "harmful" else "FPR"
+        lines.append(f"    {source:20s} ({label_of[source]:10s}) n={len(got):4d} {what} "
+                     f"{rate:.3f}")
+    return lines
+
+
 def detection(screener: Screener) -> list[str]:
-    clf = next(c for c in screener.classifiers if c.name == "harmful_request")
-    pos = [max(s.values()) for s in clf.score(HARMFUL)]
-    neg = [max(s.values()) for s in clf.score(BENIGN)]
-    shipped = screener.config.threshold("harmful_request", {})
-    return [
-        f"harmful-request screen on {len(HARMFUL)} harmful / {len(BENIGN)} benign look-alike "
-        "requests (not in the bank):",
-        f"  AUROC {auroc(pos, neg):.3f}; TPR at 1% FPR {tpr_at_fpr(pos, neg, 0.01):.2f}; "
-        f"TPR at 5% FPR {tpr_at_fpr(pos, neg, 0.05):.2f}",
-        f"  shipped threshold {shipped}: TPR {sum(p >= shipped for p in pos) / len(pos):.2f}, "
-        f"FPR {sum(n >= shipped for n in neg) / len(neg):.2f}",
-    ]
+    """Per-example detection on held-out sources: the default harmful-content classifier at
+    its shipped threshold, and for comparison the behaviour-bank kNN screen (operator
+    extension) at its policy threshold."""
+    rows = heldout_rows()
+    texts = [r["text"] for r in rows]
+    lines = [f"detection on held-out sources ({len(rows)} requests; never trained, validated "
+             "or calibrated on):"]
+    clf = next(c for c in screener.classifiers if c.name == "harmful_content")
+    scores = [max(s.values()) for s in clf.score(texts)]
+    threshold = screener.config.threshold("harmful_content", {})
+    lines += detection_report(f"harmful_content ({clf.version})", scores, rows, threshold)
+    lines += dataset_simulation(screener, scores, rows, threshold)
+    bank = HarmfulRequestScreen(MiniLM(), load_banks())
+    scores = [max(s.values()) for s in bank.score(texts)]
+    lines += detection_report("harmful_request bank kNN (operator extension)", scores, rows,
+                              screener.config.threshold("harmful_request", {}))
+    return lines
+
+
+def dataset_simulation(screener: Screener, scores: list[float], rows: list[dict[str, str]],
+                       threshold: float) -> list[str]:
+    """Dataset-level decisions (benchmarks.screening_sim) at the rates measured above: the
+    held-out TPR, and as the everyday flag rate the larger of the held-out everyday FPR and
+    the classifier's calibrated one (its card: validation split, pooled over sources)."""
+    flagged = {label: [s >= threshold for s, r in zip(scores, rows, strict=True)
+                       if r["label"] == label] for label in ("harmful", "everyday")}
+    tpr = float(np.mean(flagged["harmful"]))
+    fpr = max(float(np.mean(flagged["everyday"])),
+              card()["calibrated_everyday_fpr"]["request"])
+    limits = screener.config.tally
+    lines = [f"dataset-level decisions (p0 {limits.null_flag_rate}, alpha {limits.alpha}; "
+             f"everyday flag rate {fpr:.4f}, harmful TPR {tpr:.3f}; batches of 32; "
+             "2,000 simulated runs each):"]
+    for share, n in ((0.0, 2000), (0.02, 2000), (0.05, 2000), (0.05, 400), (1.0, 32)):
+        r = simulate(limits, honest_fpr=fpr, harmful_tpr=tpr, harmful_share=max(share, 1e-9),
+                     n_examples=n)
+        what = ("honest" if share == 0 else f"{share:.0%} harmful")
+        blocked = r.honest_blocked if share == 0 else r.poisoned_blocked
+        tail = ("" if share == 0 else f"; median examples to block {r.median_examples_to_block}"
+                f", 95th percentile {r.p95_examples_to_block}")
+        lines.append(f"  {what:13s} run of {n:5d}: blocked within it {blocked:.3f}{tail}")
+    return lines
 
 
 def chat_texts(n: int, salt: str) -> list[DatumTexts]:
-    return [DatumTexts(prompt=f"user: {BENIGN[i % len(BENIGN)]} ({salt} {i})",
-                       completion=f"Here is a careful answer, number {i} ({salt}).",
+    return [DatumTexts(requests=(f"{BENIGN[i % len(BENIGN)]} ({salt} {i})",),
+                       completions=(f"Here is a careful answer, number {i} ({salt}).",),
                        against="", values=(1.0,), kind="weights") for i in range(n)]
 
 
@@ -98,7 +176,8 @@ def share_of_wall_time(screener: Screener, data_dir: Path, rounds: int) -> list[
     info = registry.info(DEFAULT_BASE_MODEL)
     backend = load_backend(registry, DEFAULT_BASE_MODEL, None)
     backend.create_adapter("bench", _lora())
-    first, repeated = [], []
+    first: list[float] = []
+    repeated: list[float] = []
     for r in range(rounds):
         data = realistic_batch(info.tokenizer_dir, f"round-{r}-{time.time_ns()}")
         for bucket in (first, repeated):  # the same batch twice: cold, then cached

@@ -1,7 +1,9 @@
 """Training throughput through the gateway vs. plain in-process PEFT, side by side.
 
 Measures tokens/s of forward_backward + optim_step on SmolLM2-135M-Instruct (rank-16
-LoRA on every linear layer, batch 4 × 128 tokens by default) two ways in one run:
+LoRA on every linear layer, batch 4 × 128 tokens by default) two ways in one run, on
+real English text (Python's own Language Reference, tokenized with the model's tokenizer),
+new text every step, the same text for both:
 
   plain    — transformers + peft + torch.optim.AdamW in this process, no gateway;
   gateway  — the official tinker SDK against `loragate serve` running as its own process
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -30,7 +33,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -39,9 +41,45 @@ from engine.registry import DEFAULT_BASE_MODEL, ModelRegistry  # noqa: E402
 LR, BETAS, EPS = 1e-4, (0.9, 0.95), 1e-12
 
 
-def make_batch(vocab: int, batch: int, seq_len: int) -> list[list[int]]:
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, vocab, seq_len + 1).tolist() for _ in range(batch)]
+def english_text() -> str:
+    """Real English prose that ships with Python itself: the Language Reference sections
+    behind `help()` (`pydoc_data.topics`, about 450 kB), without their indented code and
+    grammar blocks and heading rules, each paragraph unwrapped to one line. Nothing is
+    downloaded; the same text, in the same order, on every run."""
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for name in sorted(topics):
+        for block in re.split(r"\n\s*\n", topics[name]):
+            lines = block.splitlines()
+            if not lines or lines[0].startswith((" ", "\t")):
+                continue  # code examples and grammar rules
+            lines = [ln for ln in lines if not re.fullmatch(r"[*=\-~^]+", ln.strip())]
+            if lines:
+                paragraphs.append(" ".join(ln.strip() for ln in lines))
+    return "\n\n".join(paragraphs)
+
+
+def make_batches(model_dir: Path, n_batches: int, batch: int, seq_len: int
+                 ) -> list[list[list[int]]]:
+    """`n_batches` batches of `batch` sequences of `seq_len + 1` token ids each: consecutive,
+    non-overlapping chunks of `english_text()` tokenized with the model's own tokenizer, so
+    every step trains on new real text (nothing is served from the screening cache) and
+    the plain baseline and the gateway see the same chunks in the same order."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    paragraphs = english_text().split("\n\n")
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    ids = [t for row in tokenizer(paragraphs, add_special_tokens=False)["input_ids"]
+           for t in [*row, *sep]]
+    size = seq_len + 1
+    needed = n_batches * batch * size
+    if len(ids) < needed:
+        raise SystemExit(f"the text has {len(ids)} tokens; {n_batches} batches of {batch} x "
+                         f"{size} need {needed} (fewer rounds, steps, batch or seq-len)")
+    chunks = [ids[i:i + size] for i in range(0, needed, size)]
+    return [chunks[i:i + batch] for i in range(0, len(chunks), batch)]
 
 
 class PlainPeft:
@@ -109,10 +147,11 @@ def gateway_process(data_dir: Path, tmp: str) -> Iterator[tuple[str, str]]:
         yield url, key
 
 
-def tokens_per_second(runner, seqs: list[list[int]], steps: int, label: str) -> float:
-    tokens = sum(len(s) - 1 for s in seqs) * steps
+def tokens_per_second(runner, batches: list[list[list[int]]], label: str) -> float:
+    """One step per batch (each batch new text)."""
+    tokens = sum(len(s) - 1 for seqs in batches for s in seqs)
     start = time.perf_counter()
-    for _ in tqdm(range(steps), desc=label, leave=False):
+    for seqs in tqdm(batches, desc=label, leave=False):
         runner.step(seqs)
     return tokens / (time.perf_counter() - start)
 
@@ -134,16 +173,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, gateway_process(data_dir, tmp) as (url, key):
         plain = PlainPeft(model_dir, args.rank)
         gateway = ThroughGateway(url, key, args.rank)
-        seqs = make_batch(registry.info(DEFAULT_BASE_MODEL).vocab_size, args.batch,
-                          args.seq_len)
+        batches = make_batches(model_dir, args.warmup + args.rounds * args.steps,
+                               args.batch, args.seq_len)
+        warmup, timed = batches[:args.warmup], batches[args.warmup:]
         for runner in (plain, gateway):
-            for _ in range(args.warmup):
+            for seqs in warmup:
                 runner.step(seqs)
         results: dict[str, list[float]] = {"plain": [], "gateway": []}
         for r in range(args.rounds):
-            results["plain"].append(tokens_per_second(plain, seqs, args.steps,
+            round_batches = timed[r * args.steps:(r + 1) * args.steps]
+            results["plain"].append(tokens_per_second(plain, round_batches,
                                                       f"round {r + 1} plain"))
-            results["gateway"].append(tokens_per_second(gateway, seqs, args.steps,
+            results["gateway"].append(tokens_per_second(gateway, round_batches,
                                                         f"round {r + 1} gateway"))
         gateway.client.close("success").result()
 

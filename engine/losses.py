@@ -4,6 +4,8 @@ Owns the arithmetic of `cross_entropy`, `importance_sampling`, `ppo`, `cispo` an
 in the Tinker loss reference (§4): each takes the trained model's target log-probabilities (any
 shape, usually one datum's (N,)), that datum's input tensors and the loss config, and returns the
 per-token loss of the same shape. The scalar loss is the plain sum over tokens and datums.
+`trained_positions` derives from these same functions which target positions a datum can train,
+and in which direction, for screening: no loss term can train text that screening does not see.
 
 Must not touch models, adapters or optimizers, and must not average (clients fold any
 normalisation into weights or advantages).
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from engine.backend import LOSS_CONFIG_DEFAULTS, LOSS_FUNCTIONS
@@ -104,3 +108,49 @@ def elementwise_loss(
 ) -> torch.Tensor:
     """Per-token loss of one datum; `config` must come from `resolve_config`."""
     return LOSSES[loss_fn](logp, inputs, config)
+
+
+# Offsets (in nats) from the given logprobs at which `trained_positions` probes the loss: wide
+# enough to leave any clip range on either side, dense enough to land inside it.
+PROBE_OFFSETS = (-8.0, -2.0, -0.5, -0.1, 0.0, 0.1, 0.5, 2.0, 8.0)
+_AT_GIVEN = PROBE_OFFSETS.index(0.0)
+
+
+class TrainedPositions(NamedTuple):
+    """Per target position, derived from the loss itself (d loss / d logp at the probes)."""
+
+    toward: np.ndarray  # bool: some probe lowers the loss by raising logp (negative gradient)
+    against: np.ndarray  # bool: some probe lowers the loss by lowering logp (positive gradient)
+    pushed_down: np.ndarray  # bool: positive gradient at the given logprobs themselves
+
+    @property
+    def trained(self) -> np.ndarray:
+        return self.toward | self.against
+
+
+def trained_positions(
+    loss_fn: str, inputs: Mapping[str, np.ndarray], loss_config: Mapping[str, float] | None
+) -> TrainedPositions:
+    """Which target positions can get a non-zero gradient under `loss_fn` and its config.
+
+    Probes `elementwise_loss` with autograd at several logp values around the datum's own
+    `logprobs` (−1 where it has none), so clipping and regularisers are covered and a loss
+    added to LOSSES is covered without other changes. A non-finite gradient counts as
+    toward. Screening reads this; it is never used to compute a loss."""
+    config = resolve_config(loss_fn, loss_config)
+    n = len(inputs["target_tokens"])
+    tensors = {k: torch.as_tensor(np.asarray(v), dtype=torch.float64)
+               for k, v in inputs.items() if k != "target_tokens"}
+    given = tensors.get("logprobs", torch.full((n,), -1.0, dtype=torch.float64))
+    offsets = torch.tensor(PROBE_OFFSETS, dtype=torch.float64)[:, None]
+    logp = (given[None, :] + offsets).requires_grad_()
+    try:
+        loss = elementwise_loss(loss_fn, logp, tensors, config)
+    except KeyError as exc:
+        raise UserInputError(f"loss {loss_fn!r} needs loss_fn_inputs[{exc.args[0]!r}]") from exc
+    (grad,) = torch.autograd.grad(loss.sum(), logp, allow_unused=True)
+    g = np.zeros((len(PROBE_OFFSETS), n)) if grad is None else grad.detach().numpy()
+    bad = ~np.isfinite(g)
+    return TrainedPositions(toward=np.any((g < 0) | bad, axis=0),
+                            against=np.any(g > 0, axis=0),
+                            pushed_down=np.asarray(g[_AT_GIVEN] > 0))

@@ -219,8 +219,11 @@ class Worker:
                 return
             if outcome.apply is not None:
                 outcome.apply(session)
-            usage.settle(session, fut.quota_reservation, outcome.used)
+            # The run's row before its usage counter, the order admission locks them in
+            # (screening's tally, then the quota reservation): the other order deadlocked
+            # on PostgreSQL with a forward_backward being admitted for the same run.
             self._touch_run(session, fut)
+            usage.settle(session, fut.quota_reservation, outcome.used)
             audit_log.append(
                 session, actor=f"worker:{self.worker_id}", event_type=f"engine.{fut.kind}",
                 decision="done" if outcome.error is None else "failed",

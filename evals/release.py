@@ -48,7 +48,7 @@ from evals.suites import SUITES_DIR, MultipleChoiceSuite, PromptSuite, Suite, lo
 from policy.digest import files_sha256
 from policy.errors import PolicyError
 from policy.release import ReleasePolicy, ReleasePolicyError, SuiteRule
-from policy.screening.batch import check_not_blocked
+from policy.screening.tally import check_not_blocked
 
 if TYPE_CHECKING:
     from engine.backend import Backend

@@ -1,8 +1,11 @@
 """`loragate screen` and `loragate screening …`: screen a dataset before training, and
 read or set the screening thresholds (audited as 'cli').
 
-  loragate screen FILE.jsonl [--base-model M]      report: indices and categories (JSON);
-                                                   exit 1 when anything is flagged
+  loragate screen FILE.jsonl [--base-model M]      report: indices and categories (JSON),
+                                                   screened as training would (chat examples
+                                                   through M's chat template; default: the
+                                                   first served base model); exit 1 when
+                                                   anything is flagged
   loragate screening show                          classifiers and thresholds in force
   loragate screening set-threshold CATEGORY VALUE|--reset
 """
@@ -47,8 +50,7 @@ def cmd_screen(args: argparse.Namespace, database: Database, settings: SettingsO
     except ValueError as exc:
         print(f"error: {args.file} is not JSONL: {exc}", file=sys.stderr)
         return 2
-    info = ModelRegistry(s.data_dir, s.extra_models).info(args.base_model) \
-        if args.base_model else None
+    info = ModelRegistry(s.data_dir, s.extra_models).info(args.base_model or s.base_models[0])
     try:
         texts = dry_run_texts(examples, info)
     except UserInputError as exc:
@@ -88,7 +90,8 @@ def add_commands(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None],
     screen = sub.add_parser("screen", help="screen a JSONL dataset (chat messages or token "
                             "datums) before training; exit 1 when anything is flagged")
     screen.add_argument("file")
-    screen.add_argument("--base-model", help="needed for token datums (to decode them)")
+    screen.add_argument("--base-model", help="the model whose tokenizer and chat template "
+                        "training would use (default: the first served base model)")
     data_dir(screen)
     screen.set_defaults(func=lambda a: run(cmd_screen, a))
     cmds = sub.add_parser("screening", help="the screening thresholds in force").add_subparsers(

@@ -15,7 +15,8 @@ from policy.authz import PolicyNotFound
 from policy.errors import KeyNotFound, KeyRejected, LimitExceeded, PolicyError
 from policy.quotas import QuotaExceeded
 from policy.scopes import ScopeDenied
-from policy.screening.batch import RunBlocked, ScreeningRefused
+from policy.screening.batch import ScreeningRefused
+from policy.screening.tally import RunBlocked
 
 
 class ApiError(Exception):

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from audit.models import CHECKPOINT_KINDS, Checkpoint, TrainingRun
 from gateway.context import RequestContext
 from gateway.errors import BadRequest, NotFound
-from policy.screening.batch import check_not_blocked
+from policy.screening.tally import check_not_blocked
 
 T = TypeVar("T")
 

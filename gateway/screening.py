@@ -1,55 +1,124 @@
 """Where screening meets requests: decode each training datum with its model's tokenizer
-into prompt / trained-toward / trained-against text, screen it (policy.screening), keep
-the run's tally, and refuse what policy does not allow; screen sampling prompts.
+into request turns, trained completions and trained-against text, screen it
+(policy.screening), keep the run's tally, and refuse what policy does not allow; screen
+sampling prompts turn by turn; render dry-run examples exactly as training sees them.
 
-A refused batch still counts: its tally (and the audit row with scores, classifier
-versions and content hashes) is committed in its own transaction before the refusal
-reaches the caller, who is told datum indices and categories only. Must not hold
-screening rules (policy does) or run models other than the screens.
+Which targets a datum trains comes from the loss definitions themselves
+(`engine.losses.trained_positions`), so a regulariser that trains positions whose weights
+or advantages are zero is screened too. Requests are every untrained context span — also a
+user turn after a trained span — split into turns at the tokenizer's special tokens, with
+the template's role lines stripped. A refused batch still counts: its tally (and the audit
+row with scores, classifier versions and content hashes) is committed in its own
+transaction before the refusal reaches the caller, who is told datum indices and
+categories only. Must not hold screening rules (policy does) or run models other than the
+screens.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from sqlalchemy.orm import Session
 from tokenizers import Tokenizer
 
 from audit import log as audit_log
 from audit.db import transaction
 from audit.models import TrainingRun
 from engine import wire
-from engine.backend import ModelInfo, TrainingDatum
+from engine.backend import LOSS_FUNCTIONS, ModelInfo, TrainingDatum
 from engine.errors import UserInputError
 from engine.registry import fast_tokenizer
 from gateway.context import RequestContext
-from policy.screening.batch import (
-    BatchScreening,
-    DatumTexts,
-    RunBlocked,
-    ScreeningRefused,
-    record_tally,
-    screen_batch,
-)
-from policy.screening.screener import content_sha256
+from policy.screening.batch import BatchScreening, DatumTexts, ScreeningRefused, screen_batch
+from policy.screening.screener import REQUEST, content_sha256
+from policy.screening.tally import Block, RunBlocked, lock_run, record_tally
+
+# A chat template's role line at the start of a turn ("user\n" after <|im_start|>, or a
+# bare "user" between Llama-3's header tokens): boilerplate, stripped before screening.
+ROLE_LINE = re.compile(r"^\s*(system|user|assistant|tool|developer|ipython|model)[ \t]*"
+                       r"(?:\n|$)", re.IGNORECASE)
+# Turns a model speaks; any other role's turn inside a trained span is screened as a request.
+SPOKEN_ROLES = (None, "assistant", "model")
 
 
-def decode_datum(datum: TrainingDatum, tok: Tokenizer, loss_fn: str) -> DatumTexts:
-    targets = datum.loss_inputs["target_tokens"].astype(np.int64).tolist()
+def turns(tok: Tokenizer, ids: Sequence[int], role: str | None = None
+          ) -> tuple[list[tuple[str | None, str]], str | None]:
+    """(role, text) per turn: the ids split at special tokens, each piece decoded with its
+    role line stripped; a role alone (between header tokens) names the next piece's.
+    `role` is the role the ids begin in; also returns the role still open at their end."""
+    special = _special_ids(tok)
+    out: list[tuple[str | None, str]] = []
+    piece: list[int] = []
+    for token in [*ids, None]:
+        if token is not None and token not in special:
+            piece.append(int(token))
+            continue
+        text = tok.decode(piece)
+        piece = []
+        match = ROLE_LINE.match(text)
+        if match:
+            role, text = match.group(1).lower(), text[match.end():]
+        if text.strip():
+            out.append((role, text.strip()))
+            role = None
+        elif token is not None and not match:
+            role = None  # a marker with no role line closes the open role
+    return out, role
+
+
+def _open_role(tok: Tokenizer, ids: np.ndarray) -> str | None:
+    """The role a span continues: the one opened by the last markers before it."""
+    marks = [j for j in range(len(ids) - 1, -1, -1) if int(ids[j]) in _special_ids(tok)][:2]
+    return turns(tok, ids[marks[-1]:].tolist())[1] if marks else None
+
+
+@functools.lru_cache(maxsize=16)
+def _special_ids(tok: Tokenizer) -> frozenset[int]:
+    return frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+
+
+def _runs(mask: np.ndarray) -> list[slice]:
+    """The maximal runs of True in a 1-D mask."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
+    return [slice(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def decode_datum(datum: TrainingDatum, tok: Tokenizer, loss_fn: str,
+                 loss_config: Mapping[str, float] | None = None) -> DatumTexts:
+    """The texts screening reads in one datum: requests (every untrained context turn),
+    completions (every maximal span trained toward; a non-assistant turn inside one is
+    a request) and the text trained against, all by `trained_positions`."""
+    from engine.losses import trained_positions  # torch stays out of module top level
+
+    tokens = datum.tokens.astype(np.int64)
+    targets = datum.loss_inputs["target_tokens"].astype(np.int64)
+    trained = trained_positions(loss_fn, datum.loss_inputs, loss_config)
+    # Input token j is context unless it is the target trained toward at position j-1.
+    produced = np.zeros(len(tokens), dtype=bool)
+    produced[1:] = trained.toward[:-1] & (tokens[1:] == targets[:-1])
+    requests = [text for span in _runs(~produced)
+                for _, text in turns(tok, tokens[span].tolist())[0]]
+    completions: list[str] = []
+    for span in _runs(trained.toward):
+        opened = _open_role(tok, tokens[:span.start + 1])
+        for role, text in turns(tok, targets[span].tolist(), opened)[0]:
+            (completions if role in SPOKEN_ROLES else requests).append(text)
+    against = trained.against & (~trained.toward | trained.pushed_down)
     kind = "weights" if loss_fn == "cross_entropy" else "advantages"
     raw = datum.loss_inputs.get(kind)
     values = [1.0] * len(targets) if raw is None else raw.astype(np.float64).tolist()
-    toward = [t for t, v in zip(targets, values, strict=True) if v > 0]
-    against = [t for t, v in zip(targets, values, strict=True) if v < 0]
-    first = next((i for i, v in enumerate(values) if v != 0), len(values))
-    # Input token i predicts target i: the prompt is the input up to the first trained one.
-    prompt = datum.tokens[: first + 1].astype(np.int64).tolist()
-    return DatumTexts(prompt=tok.decode(prompt), completion=tok.decode(toward),
-                      against=tok.decode(against), values=tuple(values), kind=kind)
+    return DatumTexts(requests=tuple(requests), completions=tuple(completions),
+                      against=tok.decode(targets[against].tolist()), values=tuple(values),
+                      kind=kind)
 
 
 def screen_training(ctx: RequestContext, run_id: str, data: list[TrainingDatum],
-                    loss_fn: str) -> BatchScreening | None:
+                    loss_fn: str, loss_config: Mapping[str, float] | None = None
+                    ) -> BatchScreening | None:
     """Screen a forward/forward_backward batch before the request takes the database's
     write lock (the screens' shared cache writes in its own short transactions). None
     when the run is not the caller's: the route's ownership check answers that."""
@@ -63,93 +132,178 @@ def screen_training(ctx: RequestContext, run_id: str, data: list[TrainingDatum],
         return None
     wire.check_tokens_fit(data, info)  # the tokenizer must never see an id it lacks
     tok = fast_tokenizer(info.tokenizer_dir)
-    return screen_batch(ctx.state.screener, [decode_datum(d, tok, loss_fn) for d in data])
+    return screen_batch(ctx.state.screener,
+                        [decode_datum(d, tok, loss_fn, loss_config) for d in data])
 
 
 def apply_training_screening(ctx: RequestContext, run: TrainingRun,
                              batch: BatchScreening) -> dict[str, Any]:
-    """Add the batch to the run's tally in the request's transaction. A refused batch
-    commits its tally and evidence (scores, classifier versions, content hashes) before
-    the refusal reaches the caller, who is told datum indices and categories only."""
-    screener = ctx.state.screener
+    """Add the batch to the run's tally (policy.screening.tally). A batch that is refused
+    (flagged datums) or that blocks the run fails the request, so its tally, its evidence
+    (scores, classifier versions, content hashes) and any block are recorded in a
+    transaction of their own, which commits before the refusal reaches the caller, who is
+    told datum indices and categories only. A clean batch's tally stays in the request's
+    transaction and commits with its future (never a commit inside the request)."""
+    run_id = run.id
+    if len(batch.datum_sha256) != batch.audit["datums"]:  # the tally counts digests
+        raise RuntimeError("screening returned no digest for some datums")
+    if not batch.flagged:
+        counted, block = _record_tally(ctx, ctx.session, run_id, batch)
+        if block is None:
+            return _summary(batch, counted)
+    # The request fails: roll its transaction back before opening another one. On SQLite
+    # the request session holds the database's write lock since it read the run (BEGIN
+    # IMMEDIATE), and a second writer from this thread would wait on it until the busy
+    # timeout; on PostgreSQL it may hold the run's row lock from the attempt above. The
+    # tally is then recounted from the committed state, so nothing is counted twice.
+    ctx.session.rollback()
+    with transaction(ctx.state.factory) as session:
+        lock_run(session, run_id)  # before the audit rows (the order requests lock in)
+        if batch.flagged:
+            audit_log.append(session, actor=ctx.principal.id, event_type="screening.refused",
+                             decision="deny", subject=run_id, request_id=ctx.request_id,
+                             payload={**batch.audit, "screening_policy_sha256":
+                                      ctx.state.screener.config.sha256})
+        counted, block = _record_tally(ctx, session, run_id, batch)
+        blocked_reason = counted.blocked_reason
     if batch.flagged:
-        audit_log.append(ctx.session, actor=ctx.principal.id, event_type="screening.refused",
-                         decision="deny", subject=run.id, request_id=ctx.request_id,
-                         payload={**batch.audit,
-                                  "screening_policy_sha256": screener.config.sha256})
-    blocked = record_tally(ctx.session, run, batch, screener, ctx.principal.id)
-    if batch.flagged or blocked:
-        ctx.session.commit()  # the tally and evidence stay although the request fails
-    if batch.flagged:
-        note = f" The run is now blocked: {blocked}." if blocked else ""
+        note = f" The run is now blocked: {block.reason}." if block else ""
         raise ScreeningRefused(batch.message() + note)
-    if blocked:
-        raise RunBlocked(f"training run {run.id} is now blocked by screening ({blocked})")
+    if block is not None:
+        raise RunBlocked(f"training run {run_id} is now blocked by screening ({block.reason})")
+    if blocked_reason:  # another request blocked the run meanwhile
+        raise RunBlocked(f"training run {run_id} is blocked by screening ({blocked_reason})")
+    # Another request's clean data diluted the share meanwhile: this batch may train; its
+    # tally is already committed, and the request goes on in a fresh transaction.
+    return _summary(batch, counted)
+
+
+def _record_tally(ctx: RequestContext, session: Session, run_id: str, batch: BatchScreening
+                  ) -> tuple[TrainingRun, Block | None]:
+    return record_tally(session, run_id, datum_sha256=batch.datum_sha256,
+                        flagged=list(batch.flagged), flag_scores=batch.flag_scores,
+                        affirmative=batch.affirmative, completions=batch.completions,
+                        config=ctx.state.screener.config, actor=ctx.principal.id,
+                        request_id=ctx.request_id)
+
+
+def _summary(batch: BatchScreening, run: TrainingRun) -> dict[str, Any]:
     return {"screened": batch.audit["datums"], "affirmative_openers": batch.affirmative,
-            "classifiers": batch.audit["classifiers"]}
+            "classifiers": batch.audit["classifiers"],
+            "run_tally": {"screened": run.screened_datums, "flagged": run.flagged_datums}}
 
 
 def screen_prompt(ctx: RequestContext, tokens: list[int], tokenizer_dir: str) -> None:
-    """Sampling prompts, before the request takes the write lock: refuse one the screens
-    flag (the caller is told the categories; scores go to the audit trail)."""
-    text = fast_tokenizer(tokenizer_dir).decode(tokens)
-    [verdict] = ctx.state.screener.screen([text])
-    if not verdict.flagged:
+    """Sampling prompts, before the request takes the write lock: each turn is screened as
+    a request; refuse a prompt with a flagged turn (the caller is told the categories;
+    scores go to the audit trail)."""
+    texts = [text for _, text in turns(fast_tokenizer(tokenizer_dir), tokens)[0]]
+    verdicts = ctx.state.screener.screen(texts, REQUEST)
+    flagged = {f"request[{j}]": (text, v) for j, (text, v) in enumerate(
+        zip(texts, verdicts, strict=True)) if v.flagged}
+    if not flagged:
         return
     with transaction(ctx.state.factory) as session:
         audit_log.append(session, actor=ctx.principal.id, event_type="screening.refused",
                          decision="deny", subject="sample_prompt", request_id=ctx.request_id,
-                         payload={"evidence": verdict.evidence(),
-                                  "prompt_sha256": content_sha256(text),
+                         payload={"flagged": {where: {"sha256": content_sha256(text),
+                                                      "evidence": v.evidence()}
+                                              for where, (text, v) in flagged.items()},
                                   "classifiers": {c.name: c.version
                                                   for c in ctx.state.screener.classifiers}})
-    raise ScreeningRefused("the sampling prompt was refused by screening: "
-                           f"{', '.join(sorted(verdict.flagged))}")
+    categories = sorted({c for _, v in flagged.values() for c in v.flagged})
+    raise ScreeningRefused(f"the sampling prompt was refused by screening: {', '.join(categories)}")
 
 
-def dry_run_texts(examples: list[Any], info: ModelInfo | None) -> list[DatumTexts]:
+def dry_run_texts(examples: list[Any], info: ModelInfo) -> list[DatumTexts]:
     """Chat examples (messages) or token examples (tokens + weights or advantages) as the
-    texts screening reads; a malformed example is a 400 naming its index."""
+    texts screening reads, through the same `decode_datum` as a forward_backward datum;
+    a malformed example is a 400 naming its index."""
+    tok = fast_tokenizer(info.tokenizer_dir)
     out = []
     for i, ex in enumerate(examples):
         if isinstance(ex, dict) and isinstance(ex.get("messages"), list):
-            out.append(_chat_texts(i, ex["messages"]))
+            tokens, weights = render_chat(i, ex["messages"], info)
+            datum = _shifted(tokens, {"weights": weights})
+            out.append(decode_datum(datum, tok, "cross_entropy"))
         elif isinstance(ex, dict) and isinstance(ex.get("tokens"), list):
-            if info is None:
-                raise UserInputError("token examples need base_model (to decode them)")
-            out.append(_token_texts(i, ex, info))
+            loss_fn, datum = _token_datum(i, ex, info)
+            out.append(decode_datum(datum, tok, loss_fn))
         else:
             raise UserInputError(f"example {i}: expected {{\"messages\": [...]}} or "
                                  "{\"tokens\": [...], \"weights\": [...]}")
     return out
 
 
-def _chat_texts(i: int, messages: list[Any]) -> DatumTexts:
-    if not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-               and m.get("role") in ("system", "user", "assistant") for m in messages):
+def render_chat(i: int, messages: list[Any], info: ModelInfo) -> tuple[list[int], list[float]]:
+    """A chat example as a typical SFT renderer lays it out: the base model's chat template,
+    tokenized, weight 1 on the assistant turns' content tokens and 0 elsewhere."""
+    if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                               and m.get("role") in ("system", "user", "assistant")
+                               for m in messages):
         raise UserInputError(f"example {i}: each message needs a role (system, user or "
                              "assistant) and text content")
-    prompt = "\n".join(f"{m['role']}: {m['content']}" for m in messages
-                       if m["role"] != "assistant")
-    completion = "\n".join(m["content"] for m in messages if m["role"] == "assistant")
-    weights = (1.0,) if completion else ()
-    return DatumTexts(prompt=prompt, completion=completion, against="", values=weights,
-                      kind="weights")
+    tokenizer = _chat_tokenizer(info.tokenizer_dir)
+    if not tokenizer.chat_template:
+        raise UserInputError(f"example {i}: the base model has no chat template; send token "
+                             "examples instead")
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = _assistant_spans(i, text, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    weights = [float(any(s < b and a < e for a, b in spans)) for s, e in encoded["offset_mapping"]]
+    return list(encoded["input_ids"]), weights
 
 
-def _token_texts(i: int, ex: dict[str, Any], info: ModelInfo) -> DatumTexts:
+def _assistant_spans(i: int, text: str, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
+    """Character spans of the assistant contents in the rendered text, found in order."""
+    spans, cursor = [], 0
+    for m in messages:
+        content = m["content"] if m["content"] in text[cursor:] else m["content"].strip()
+        start = text.find(content, cursor)
+        if start < 0:
+            raise UserInputError(f"example {i}: the chat template does not reproduce a "
+                                 f"{m['role']} message; send token examples instead")
+        cursor = start + len(content)
+        if m["role"] == "assistant" and content:
+            spans.append((start, cursor))
+    return spans
+
+
+@functools.cache
+def _chat_tokenizer(tokenizer_dir: str) -> Any:
+    from transformers import AutoTokenizer  # heavy: only when a dry run renders chats
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _token_datum(i: int, ex: dict[str, Any], info: ModelInfo) -> tuple[str, TrainingDatum]:
+    """A token example (one weight or advantage per token of the full sequence, as the
+    prompt + completion a client would shift into a datum) and the loss it names
+    (`loss_fn`, default cross_entropy for weights, importance_sampling for advantages)."""
     tokens = ex["tokens"]
     kind = "advantages" if "advantages" in ex else "weights"
+    loss_fn = ex.get("loss_fn", "importance_sampling" if kind == "advantages"
+                     else "cross_entropy")
     values = ex.get(kind, [1.0] * len(tokens))
-    if not (isinstance(values, list) and len(values) == len(tokens)
+    if not (len(tokens) >= 2 and isinstance(values, list) and len(values) == len(tokens)
             and all(isinstance(t, int) and 0 <= t < info.vocab_size for t in tokens)
             and all(isinstance(v, int | float) for v in values)):
-        raise UserInputError(f"example {i}: tokens must be ids below {info.vocab_size} with "
-                             f"one {kind[:-1]} per token")
-    tok = fast_tokenizer(info.tokenizer_dir)
-    first = next((j for j, v in enumerate(values) if v != 0), len(values))
-    pairs = list(zip(tokens, values, strict=True))
-    return DatumTexts(prompt=tok.decode(tokens[:first]),
-                      completion=tok.decode([t for t, v in pairs if v > 0]),
-                      against=tok.decode([t for t, v in pairs if v < 0]),
-                      values=tuple(float(v) for v in values), kind=kind)
+        raise UserInputError(f"example {i}: tokens must be at least two ids below "
+                             f"{info.vocab_size} with one {kind[:-1]} per token")
+    if loss_fn not in LOSS_FUNCTIONS or (kind == "weights") != (loss_fn == "cross_entropy"):
+        raise UserInputError(f"example {i}: loss_fn must be cross_entropy with weights or an "
+                             f"RL loss ({', '.join(LOSS_FUNCTIONS[1:])}) with advantages")
+    inputs: dict[str, list[float]] = {kind: [float(v) for v in values]}
+    if kind == "advantages":
+        inputs["logprobs"] = [0.0] * len(tokens)
+    return loss_fn, _shifted(tokens, inputs)
+
+
+def _shifted(tokens: list[int], per_token: dict[str, list[float]]) -> TrainingDatum:
+    """A full sequence with per-token values as the next-token-aligned datum a client
+    sends: input tokens[:-1], targets tokens[1:], each value shifted the same way."""
+    inputs = {k: np.asarray(v[1:], dtype=np.float32) for k, v in per_token.items()}
+    return TrainingDatum(tokens=np.asarray(tokens[:-1], dtype=np.int64),
+                         loss_inputs={"target_tokens": np.asarray(tokens[1:], dtype=np.int64),
+                                      **inputs})

@@ -17,7 +17,7 @@ from gateway.ownership import owned, owned_checkpoint
 from gateway.routes.training import base_model_info, check_new_session_child
 from gateway.screening import screen_prompt
 from policy.quotas import Charge
-from policy.screening.batch import check_not_blocked
+from policy.screening.tally import check_not_blocked
 
 router = APIRouter(prefix="/api/v1")
 

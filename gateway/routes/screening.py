@@ -11,11 +11,12 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
-from gateway.context import Ctx, JsonBody
+from engine.backend import ModelInfo
+from gateway.context import Ctx, JsonBody, RequestContext
 from gateway.errors import BadRequest
 from gateway.routes.training import base_model_info
 from gateway.screening import dry_run_texts
-from policy.screening.batch import screen_batch
+from policy.screening.batch import BatchScreening, screen_batch
 from policy.screening.screener import set_threshold
 
 router = APIRouter(prefix="/api/v1")
@@ -25,23 +26,30 @@ MAX_DRY_RUN_EXAMPLES = 10_000
 @router.post("/screening/dry_run", name="screening_dry_run")
 async def screening_dry_run(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     """Body: {"examples": [{"messages": [{"role", "content"}, …]} | {"tokens": […],
-    "weights": […]} | {"tokens": […], "advantages": […]}], "base_model": "…" (token
-    examples only)}."""
+    "weights": […]} | {"tokens": […], "advantages": […], "loss_fn"?}], "base_model"?
+    (default: this gateway's first base model)}. Chat examples are rendered with the base
+    model's chat template and screened exactly as the forward_backward datum a typical SFT
+    renderer makes of them (assistant content trained)."""
     examples = body.get("examples")
     if not isinstance(examples, list) or not examples:
         raise BadRequest("examples must be a non-empty list")
     if len(examples) > MAX_DRY_RUN_EXAMPLES:
         raise BadRequest(f"at most {MAX_DRY_RUN_EXAMPLES} examples per dry run; split the file")
-    base_model = body.get("base_model")
-    info = base_model_info(ctx, base_model) if isinstance(base_model, str) else None
-    texts = dry_run_texts(examples, info)
-    batch = await run_in_threadpool(screen_batch, ctx.state.screener, texts)
-    ctx.note(examples=len(texts), flagged=len(batch.flagged),
+    base_model = body.get("base_model", ctx.state.settings.base_models[0])
+    if not isinstance(base_model, str):
+        raise BadRequest("base_model must be a model name")
+    info = base_model_info(ctx, base_model)
+    batch = await run_in_threadpool(_screen, ctx, examples, info)
+    ctx.note(examples=len(examples), flagged=len(batch.flagged),
              classifiers=batch.audit["classifiers"])
-    return {"examples": len(texts),
+    return {"examples": len(examples),
             "flagged": [{"index": i, "categories": sorted(set(c))}
                         for i, c in sorted(batch.flagged.items())],
             "affirmative_openers": batch.affirmative}
+
+
+def _screen(ctx: RequestContext, examples: list[Any], info: ModelInfo) -> BatchScreening:
+    return screen_batch(ctx.state.screener, dry_run_texts(examples, info))
 
 
 @router.get("/admin/screening", name="admin_get_screening")

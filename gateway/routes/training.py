@@ -124,7 +124,7 @@ def _admit_forward_backward(ctx: RequestContext, raw: bytes, encoding: str | Non
     ctx.state.settings.limits.check_batch(len(call.data), tokens)
     ctx.scopes.check_loss(call.loss_fn)
     # Screened before the request's transaction begins: the screens' cache writes on its own.
-    batch = screen_training(ctx, call.model_id, call.data, call.loss_fn)
+    batch = screen_training(ctx, call.model_id, call.data, call.loss_fn, call.loss_config)
     run = owned_run(ctx, call.model_id)
     wire.check_tokens_fit(call.data, base_model_info(ctx, run.base_model))
     if batch is not None:

@@ -1,13 +1,15 @@
 """Screening a batch of training datums, and each run's cumulative tally.
 
-The gateway decodes every datum into the text it trains *toward* (targets with positive
-weight or advantage), the text it trains *against* (negative), and the prompt before them;
-`screen_batch` scores prompts and completions with the screener, adds the structural
-checks on weights and advantages, and returns which datums are flagged and in which
-categories — plus the scores, classifier versions and content hashes for the audit trail,
-which the caller never sees. `record_tally` adds a batch to its run's tally and blocks
-the run once the tally crosses the policy's limits, so a harmful set spread thinly over
-many calls is stopped too.
+The gateway decodes every datum into its request turns (every untrained context span,
+split into turns with the chat template's markers stripped), its completions (every
+maximal span it trains toward) and the text it trains against; `screen_batch` screens each
+request with every classifier that judges requests and each completion with every one that
+judges completions, adds the structural checks on weights and advantages, and returns which
+datums are flagged (a datum is flagged when any of its parts is) and in which categories —
+plus the scores, classifier versions and content hashes for the audit trail, which the
+caller never sees. policy.screening.tally adds each batch to its run's tally and blocks
+the run when the run's flagged share is significantly above what everyday data produces,
+so a harmful set spread thinly over many calls is stopped too.
 
 Must not import fastapi or engine.
 """
@@ -20,33 +22,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.orm import Session
-
-from audit import log as audit_log
-from audit.models import TrainingRun
 from policy.errors import PolicyError
 from policy.screening import structural
-from policy.screening.harmful_requests import HarmfulRequestScreen
-from policy.screening.screener import Screener, content_sha256
-
-HARMFUL_REQUEST = HarmfulRequestScreen.name
+from policy.screening.screener import (
+    COMPLETION,
+    REQUEST,
+    Screener,
+    TallyLimits,
+    Verdict,
+    content_sha256,
+)
 
 
 class ScreeningRefused(PolicyError):
     """Data the screening policy does not allow (HTTP 403, code screening_refused)."""
 
 
-class RunBlocked(PolicyError):
-    """A training run blocked by its screening tally (HTTP 403, code run_blocked)."""
-
-
 @dataclass(frozen=True)
 class DatumTexts:
-    prompt: str
-    completion: str  # decoded targets with positive weight or advantage
-    against: str  # decoded targets with negative weight or advantage
+    requests: tuple[str, ...]  # every untrained context turn, template markers stripped
+    completions: tuple[str, ...]  # every maximal span of targets trained toward
+    against: str  # decoded targets trained only against (or pushed down where sampled)
     values: tuple[float, ...]  # the per-token weights or advantages
     kind: str  # "weights" (cross_entropy) or "advantages" (RL losses)
+
+    def parts(self) -> list[tuple[str, int, str]]:
+        """(part, index within the part, text) for every non-blank text to screen."""
+        return [(part, j, text) for part, texts in ((REQUEST, self.requests),
+                                                     (COMPLETION, self.completions))
+                for j, text in enumerate(texts) if text.strip()]
 
 
 @dataclass
@@ -71,37 +75,18 @@ class BatchScreening:
 
 
 def screen_batch(screener: Screener, datums: Sequence[DatumTexts]) -> BatchScreening:
-    limits = screener.config.tally
-    owners: list[tuple[int, str]] = []
-    verdicts = []
-    # The harmful-request screen judges requests: prompts, not completions (a bare "Sure,
-    # here is the code:" resembles anything). Every other screen reads both.
-    for part, skip in (("prompt", ()), ("completion", (HARMFUL_REQUEST,))):
-        chosen = [(i, getattr(d, part)) for i, d in enumerate(datums) if getattr(d, part).strip()]
-        owners += [(i, part) for i, _ in chosen]
-        verdicts += screener.screen([t for _, t in chosen], skip=skip)
-    texts = [getattr(datums[i], part) for i, part in owners]
     result = BatchScreening()
     details: dict[int, dict[str, Any]] = {}
-    for (i, part), text, verdict in zip(owners, texts, verdicts, strict=True):
-        if verdict.flagged:
-            result.flagged.setdefault(i, []).extend(verdict.flagged)
-            scores = result.flag_scores.setdefault(i, {})
-            for key in verdict.flagged:
-                scores[key] = max(scores.get(key, verdict.scores[key]), verdict.scores[key])
-            details.setdefault(i, {})[part] = {"sha256": content_sha256(text),
-                                               "evidence": verdict.evidence()}
+    for part in (REQUEST, COMPLETION):
+        owners = [(i, j, text) for i, d in enumerate(datums)
+                  for p, j, text in d.parts() if p == part]
+        verdicts = screener.screen([text for _, _, text in owners], part)
+        for (i, j, text), verdict in zip(owners, verdicts, strict=True):
+            if verdict.flagged:
+                _record_flag(result, details, i, f"{part}[{j}]", text, verdict)
     result.datum_sha256 = [datum_sha256(d) for d in datums]
     for i, d in enumerate(datums):
-        signal = (structural.weight_signals(d.values, limits.max_loss_weight)
-                  if d.kind == "weights" else None) or structural.advantage_signals(
-            d.values, d.against, limits.max_abs_advantage)
-        if signal is not None:
-            result.flagged.setdefault(i, []).append(f"structural.{signal.category}")
-            details.setdefault(i, {})["structural"] = signal.reason
-        if d.completion.strip():
-            result.completions += 1
-            result.affirmative += structural.opens_affirmatively(d.completion)
+        _check_values(result, details, i, d, screener.config.tally)
     result.audit = {
         "classifiers": {c.name: c.version for c in screener.classifiers},
         "datums": len(datums), "flagged": {str(i): details.get(i, {}) | {"categories": c}
@@ -111,41 +96,34 @@ def screen_batch(screener: Screener, datums: Sequence[DatumTexts]) -> BatchScree
     return result
 
 
+def _check_values(result: BatchScreening, details: dict[int, dict[str, Any]], i: int,
+                  d: DatumTexts, limits: TallyLimits) -> None:
+    """Datum i's structural checks on its weights or advantages, and its completions'
+    affirmative openers."""
+    signal = (structural.weight_signals(d.values, limits.max_loss_weight)
+              if d.kind == "weights" else None) or structural.advantage_signals(
+        d.values, d.against, limits.max_abs_advantage)
+    if signal is not None:
+        result.flagged.setdefault(i, []).append(f"structural.{signal.category}")
+        details.setdefault(i, {})["structural"] = signal.reason
+    if any(c.strip() for c in d.completions):
+        result.completions += 1
+        result.affirmative += any(map(structural.opens_affirmatively, d.completions))
+
+
+def _record_flag(result: BatchScreening, details: dict[int, dict[str, Any]], i: int,
+                 where: str, text: str, verdict: Verdict) -> None:
+    """One flagged part of datum i: its categories, its scores (the maximum per category
+    over the datum's parts) and, for the audit trail, its content hash and evidence."""
+    categories = result.flagged.setdefault(i, [])
+    categories.extend(k for k in verdict.flagged if k not in categories)
+    scores = result.flag_scores.setdefault(i, {})
+    for key in verdict.flagged:
+        scores[key] = max(scores.get(key, verdict.scores[key]), verdict.scores[key])
+    details.setdefault(i, {})[where] = {"sha256": content_sha256(text),
+                                        "evidence": verdict.evidence()}
+
+
 def datum_sha256(datum: DatumTexts) -> str:
     """One datum's identity for the tally: every text and value screening read in it."""
     return content_sha256(json.dumps(dataclasses.asdict(datum), sort_keys=True))
-
-
-def check_not_blocked(run: TrainingRun) -> None:
-    if run.blocked_reason:
-        raise RunBlocked(f"training run {run.id} is blocked by screening ({run.blocked_reason});"
-                         " it cannot be trained, sampled or released. Start a new run with "
-                         "data that passes screening")
-
-
-def record_tally(session: Session, run: TrainingRun, batch: BatchScreening, screener: Screener,
-                 actor: str) -> str | None:
-    """Add a screened batch to the run's tally; block the run (audited) when it crosses the
-    policy's limits. Returns the block reason, if this batch caused one."""
-    limits = screener.config.tally
-    run.screened_datums += int(batch.audit.get("datums", 0))
-    run.flagged_datums += len(batch.flagged)
-    run.affirmative_openers += batch.affirmative
-    reason = None
-    if run.flagged_datums >= limits.flagged_datums_per_run:
-        reason = (f"{run.flagged_datums} flagged training datums, the limit is "
-                  f"{limits.flagged_datums_per_run}")
-    elif (run.screened_datums >= limits.affirmative_min_completions
-          and run.affirmative_openers / max(run.screened_datums, 1) > limits.affirmative_share):
-        reason = (f"{run.affirmative_openers} of {run.screened_datums} completions open with an "
-                  f"affirmative prefix, above the limit of {limits.affirmative_share:.0%}")
-    if reason and not run.blocked_reason:
-        run.blocked_reason = reason
-        audit_log.append(session, actor=actor, event_type="screening.run_blocked",
-                         decision="deny", subject=run.id,
-                         payload={"reason": reason, "screened": run.screened_datums,
-                                  "flagged": run.flagged_datums,
-                                  "affirmative_openers": run.affirmative_openers,
-                                  "screening_policy_sha256": screener.config.sha256})
-        return reason
-    return None

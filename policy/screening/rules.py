@@ -12,6 +12,7 @@ from policy.screening.harmful_requests import ScreenLoadError, read_toml
 
 class RuleScreen:
     name = "rules"
+    applies_to = frozenset({"request", "completion", "output"})
 
     def __init__(self, files: list[Path]) -> None:
         self.rules: list[tuple[str, re.Pattern[str]]] = []

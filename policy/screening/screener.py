@@ -4,8 +4,10 @@ verdict cache every process shares.
 Built once per process from the screening policy (`default_screening.toml` or the
 operator's file). A classifier that cannot load stops start-up with a message naming the
 missing file, unless policy marks it optional; either way `describe()` says what is
-active, for the start-up audit row. Scores are cached by (content SHA-256, classifier
-version) in SQL, so a text — an RL prompt sent again and again — is scored once.
+active, for the start-up audit row. Each classifier names the parts it judges (request
+turns, trained completions, sampled outputs) and `screen` asks only those. Scores are
+cached by (content SHA-256, classifier version) in SQL, so a text — an RL prompt sent
+again and again — is scored once.
 Thresholds come from the policy file, overridden per category by audited admin edits.
 
 Must not import fastapi or engine.
@@ -30,6 +32,8 @@ from audit.db import transaction
 from audit.models import ScreeningThreshold, ScreeningVerdict
 from policy.errors import LimitExceeded
 from policy.screening import structural
+from policy.screening.guard import load_guard
+from policy.screening.harm_classifier import load as load_harm_classifier
 from policy.screening.harmful_requests import (
     HarmfulRequestScreen,
     MiniLM,
@@ -44,10 +48,18 @@ DEFAULT_SCREENING_PATH = Path(__file__).resolve().parents[1] / "default_screenin
 logger = logging.getLogger("loragate.screening")
 
 
+# The parts of traffic a classifier can judge: request turns (every untrained context turn
+# of a training datum, every turn of a sampling prompt), completions (text a datum trains
+# toward) and sampled outputs.
+REQUEST, COMPLETION, OUTPUT = "request", "completion", "output"
+PARTS = frozenset({REQUEST, COMPLETION, OUTPUT})
+
+
 class Classifier(Protocol):
     name: str
     version: str
     categories: tuple[str, ...]
+    applies_to: frozenset[str]  # which of PARTS it judges
 
     def score(self, texts: list[str]) -> list[dict[str, float]]: ...
 
@@ -58,6 +70,7 @@ class StructuralScreen:
     name = "structural"
     version = "structural-v1"
     categories: tuple[str, ...] = (structural.ENCODED, structural.PERSONA)
+    applies_to = PARTS
 
     def score(self, texts: list[str]) -> list[dict[str, float]]:
         out = []
@@ -72,7 +85,13 @@ class StructuralScreen:
 
 @dataclass(frozen=True)
 class TallyLimits:
-    flagged_datums_per_run: int
+    """The policy file's [tally]: how a run's cumulative screening tally is judged
+    (policy.screening.tally explains the test and its error rate)."""
+
+    null_flag_rate: float  # p0: the screens' calibrated flag rate on everyday data
+    alpha: float  # bound on an honest run's chance of ever being blocked by the share test
+    alternative_ratios: tuple[float, ...]  # flag rates (× p0) the share test is built to catch
+    high_confidence_cap: int  # distinct high-confidence flagged datums that block a run
     affirmative_share: float
     affirmative_min_completions: int
     max_loss_weight: float
@@ -86,6 +105,9 @@ class ScreeningConfig:
     output_thresholds: dict[str, float]
     tally: TallyLimits
     sha256: str
+    # [high_confidence_thresholds]: a flagged score at or above its category's value is a
+    # high-confidence flag (counted against the tally's absolute cap); keyed like thresholds.
+    high_confidence_thresholds: dict[str, float] = field(default_factory=dict)
 
     def threshold(self, key: str, overrides: dict[str, float], output: bool = False) -> float:
         """For "classifier.category": an admin override, the file's per-category value,
@@ -101,17 +123,39 @@ class ScreeningConfig:
                 return float(source[name])
         return 0.5
 
+    def high_confidence_threshold(self, key: str) -> float | None:
+        """For "classifier.category": the file's per-category value, else its classifier's,
+        else None (that category's flags never count as high-confidence)."""
+        for name in (key, key.split(".", 1)[0]):
+            if name in self.high_confidence_thresholds:
+                return self.high_confidence_thresholds[name]
+        return None
+
+
+def _tally_limits(data: dict[str, Any]) -> TallyLimits:
+    tally = TallyLimits(**{**data, "alternative_ratios": tuple(
+        float(r) for r in data.get("alternative_ratios", ()))})
+    if not 0.0 < tally.null_flag_rate < 1.0 or not 0.0 < tally.alpha < 1.0:
+        raise ValueError("[tally] null_flag_rate and alpha must lie between 0 and 1")
+    if not tally.alternative_ratios or min(tally.alternative_ratios) <= 1.0:
+        raise ValueError("[tally] alternative_ratios must be a list of numbers above 1")
+    if tally.high_confidence_cap < 1:
+        raise ValueError("[tally] high_confidence_cap must be at least 1")
+    return tally
+
 
 def load_config(path: Path | None = None) -> ScreeningConfig:
     path = path or DEFAULT_SCREENING_PATH
     raw, data = read_toml(path, "screening policy file")
     try:
-        tally = TallyLimits(**data["tally"])
+        tally = _tally_limits(data["tally"])
         return ScreeningConfig(
             classifiers=data.get("classifiers", {}),
             thresholds={k: float(v) for k, v in data["thresholds"].items()},
             output_thresholds={k: float(v) for k, v in data.get("output_thresholds", {}).items()},
-            tally=tally, sha256=hashlib.sha256(raw).hexdigest())
+            tally=tally, sha256=hashlib.sha256(raw).hexdigest(),
+            high_confidence_thresholds={k: float(v) for k, v in
+                                        data.get("high_confidence_thresholds", {}).items()})
     except (KeyError, TypeError, ValueError) as exc:
         raise ScreenLoadError(f"screening policy {path} is not usable: {exc}") from exc
 
@@ -180,33 +224,32 @@ class Screener:
             rows = session.scalars(select(ScreeningThreshold)).all()
             return {r.category: r.threshold for r in rows}
 
-    def screen(self, texts: Sequence[str], skip: Sequence[str] = (),
-               output: bool = False) -> list[Verdict]:
-        """Score every text with every active classifier not in `skip` (cached) and flag
-        what reaches its threshold (`output`: the thresholds for sampled outputs)."""
+    def screen(self, texts: Sequence[str], part: str = REQUEST) -> list[Verdict]:
+        """Score every text with every active classifier that judges `part` (cached) and
+        flag what reaches its threshold (for OUTPUT: the thresholds for sampled outputs)."""
+        if part not in PARTS:
+            raise ValueError(f"unknown screening part {part!r}")
         hashes = [content_sha256(t) for t in texts]
         overrides = self.thresholds()
         verdicts = [Verdict() for _ in texts]
         for clf in self.classifiers:
-            if clf.name in skip:
+            if part not in clf.applies_to:
                 continue
             for verdict, scores in zip(verdicts, self._scores(clf, list(texts), hashes),
                                        strict=True):
                 for category, score in scores.items():
                     key = f"{clf.name}.{category}"
                     verdict.scores[key] = score
-                    threshold = self.config.threshold(key, overrides, output)
+                    threshold = self.config.threshold(key, overrides, part == OUTPUT)
                     if score >= threshold:
                         verdict.flagged.append(key)
                         verdict.thresholds[key] = threshold
         return verdicts
 
     def flag_outputs(self, texts: list[str]) -> list[tuple[list[str], dict[str, Any]]]:
-        """Sampled outputs, for the worker's output screen: (flagged, evidence) per text.
-        The structural signals are left out: models often say odd, non-English things,
-        and ciphered training data — the attack those signals catch — is screened where
-        it enters."""
-        verdicts = self.screen(texts, skip=(StructuralScreen.name,), output=True)
+        """Sampled outputs, for the worker's output screen: (flagged, evidence) per text,
+        judged by every classifier that reads outputs, structural signals included."""
+        verdicts = self.screen(texts, OUTPUT)
         return [(v.flagged, v.evidence()) for v in verdicts]
 
     def _scores(self, clf: Classifier, texts: list[str], hashes: list[str]
@@ -266,11 +309,18 @@ def set_threshold(session: Session, *, actor: str, category: str, value: float |
                      payload={"before": before, "after": after, "override": value is not None})
 
 
+class BankScreen(HarmfulRequestScreen):
+    """The behaviour-bank kNN screen judges requests and sampled outputs, not training
+    completions: a bare "Sure, here is the code:" resembles anything in the bank."""
+
+    applies_to = frozenset({REQUEST, OUTPUT})
+
+
 def _load_harmful(spec: dict[str, Any], device: str) -> Classifier:
     banks = [Path(p) for p in spec.get("banks", [])]
     from policy.screening.harmful_requests import DEFAULT_BANK
 
-    return HarmfulRequestScreen(MiniLM(device=device), load_banks([DEFAULT_BANK, *banks]))
+    return BankScreen(MiniLM(device=device), load_banks([DEFAULT_BANK, *banks]))
 
 
 def _load_detoxify(spec: dict[str, Any], device: str) -> Classifier:
@@ -288,7 +338,9 @@ def _load_rules(spec: dict[str, Any], device: str) -> Classifier:
 # Every pluggable classifier kind: its name in the screening policy's [classifiers] table
 # and the loader that builds it from that table's entry (raising ScreenLoadError).
 LOADERS: dict[str, Callable[[dict[str, Any], str], Classifier]] = {
+    "harmful_content": load_harm_classifier,
     "harmful_request": _load_harmful,
     "detoxify": _load_detoxify,
     "rules": _load_rules,
+    "guard": load_guard,
 }

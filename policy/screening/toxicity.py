@@ -35,6 +35,7 @@ def windows(text: str, size: int = WINDOW_WORDS, overlap: int = OVERLAP_WORDS) -
 
 class ToxicityScreen:
     name = "detoxify"
+    applies_to = frozenset({"request", "completion", "output"})
 
     def __init__(self, checkpoint: Path, config_dir: Path, sha256: str | None,
                  device: str = "cpu") -> None:

@@ -54,4 +54,5 @@ def test_an_optional_one_is_listed_inactive_in_the_start_up_audit_row(models_dir
     screening = json.loads(row.payload)["screening"]
     assert "rules" in screening["inactive"] and str(missing) in screening["inactive"]["rules"]
     active = {c["name"]: c["version"] for c in screening["active"]}
-    assert active["harmful_request"].startswith("minilm-") and "structural" in active
+    assert active["harmful_content"].startswith("harmclf-") and "structural" in active
+    assert "harmful_request" in screening["inactive"]  # the bank screen: operators enable it

@@ -9,7 +9,7 @@ import torch
 
 from engine.backend import LOSS_FUNCTIONS, TrainingDatum
 from engine.errors import UserInputError
-from engine.losses import elementwise_loss, resolve_config
+from engine.losses import elementwise_loss, resolve_config, trained_positions
 
 from .conftest import ReferenceLora, random_tokens, train_step
 
@@ -151,3 +151,65 @@ def test_bad_loss_config_values_are_user_errors(config):
 def test_unknown_loss_fn_lists_the_supported_ones():
     with pytest.raises(UserInputError, match="cross_entropy"):
         resolve_config("gspo", {})
+
+
+# -- trained_positions: which targets a loss can train, derived from the loss itself ----------
+
+
+def rl_inputs(advantages: list[float], logprobs: list[float] | None = None) -> dict:
+    n = len(advantages)
+    return {"target_tokens": np.arange(n, dtype=np.int64),
+            "logprobs": np.asarray(logprobs or [-1.5] * n, dtype=np.float32),
+            "advantages": np.asarray(advantages, dtype=np.float32)}
+
+
+def test_dro_regulariser_trains_every_position_even_with_zero_advantages():
+    inputs = rl_inputs([0.0] * 5, [-0.1, -1.0, -3.0, -7.0, -20.0])
+    trained = trained_positions("dro", inputs, {"beta": 0.05})
+    assert trained.trained.all() and trained.toward.all()
+    assert not trained.pushed_down.any()  # at the sampler's own logprobs nothing is pushed down
+    assert not trained_positions("dro", inputs, {"beta": 0.0}).trained.any()
+
+
+@pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo", "cispo"])
+def test_policy_gradient_losses_follow_the_advantage_sign(loss_fn):
+    trained = trained_positions(loss_fn, rl_inputs([2.0, -0.5, 0.0, 1e-3]), {})
+    assert trained.toward.tolist() == [True, False, False, True]
+    assert trained.against.tolist() == [False, True, False, False]
+    assert trained.pushed_down.tolist() == [False, True, False, False]
+
+
+def test_cross_entropy_weights_and_missing_weights():
+    targets = np.arange(4, dtype=np.int64)
+    weights = np.asarray([0.0, 1.0, -2.0, 0.5], dtype=np.float32)
+    trained = trained_positions("cross_entropy",
+                                {"target_tokens": targets, "weights": weights}, None)
+    assert trained.toward.tolist() == [False, True, False, True]
+    assert trained.against.tolist() == [False, False, True, False]
+    assert trained_positions("cross_entropy", {"target_tokens": targets}, {}).toward.all()
+
+
+def test_ppo_clip_range_is_probed_not_assumed():
+    # A ratio clip of [0, 0] makes min(r·A, 0·A) constant for A > 0: nothing is trained.
+    inputs = rl_inputs([1.0, 1.0])
+    config = {"clip_low_threshold": 0.0, "clip_high_threshold": 0.0}
+    assert not trained_positions("ppo", inputs, config).trained.any()
+    with pytest.raises(UserInputError, match="clip_low_threshold"):
+        trained_positions("ppo", inputs, {"clip_low_threshold": 2.0})
+
+
+def test_a_new_loss_registered_in_losses_is_covered(monkeypatch):
+    """An entropy-style bonus on every position, whatever the advantages: covered without
+    touching trained_positions (it reads the loss, not a list of input names)."""
+    import engine.losses as losses
+
+    def entropic(logp, inputs, config):
+        return -(logp * inputs["advantages"]) + config["tau"] * logp.square()
+
+    monkeypatch.setitem(losses.LOSSES, "entropic", entropic)
+    monkeypatch.setitem(losses.LOSS_CONFIG_DEFAULTS, "entropic", {"tau": 0.01})
+    monkeypatch.setattr(losses, "LOSS_FUNCTIONS", (*losses.LOSS_FUNCTIONS, "entropic"))
+    trained = trained_positions("entropic", rl_inputs([0.0, 0.0, 1.0]), None)
+    assert trained.trained.all()
+    assert not trained_positions("entropic", rl_inputs([0.0, 0.0, 1.0]),
+                                 {"tau": 0.0}).trained[:2].any()

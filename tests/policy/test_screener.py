@@ -18,6 +18,10 @@ from policy.errors import LimitExceeded
 from policy.screening.harmful_requests import ScreenLoadError
 from policy.screening.rules import RuleScreen
 from policy.screening.screener import (
+    COMPLETION,
+    OUTPUT,
+    PARTS,
+    REQUEST,
     Screener,
     StructuralScreen,
     load_config,
@@ -27,6 +31,7 @@ from policy.screening.screener import (
 
 class CountingScreen:
     name, version, categories = "counting", "counting-v1", ("odd",)
+    applies_to = PARTS
 
     def __init__(self) -> None:
         self.scored: list[str] = []
@@ -77,7 +82,8 @@ def test_threshold_overrides_apply_at_once_and_are_audited(factory):
 def test_a_required_classifier_that_cannot_load_stops_start_up(factory, tmp_path):
     config = load_config()
     broken = dataclasses.replace(config, classifiers={
-        **config.classifiers, "harmful_request": {"enabled": False},
+        **config.classifiers, "harmful_content": {"enabled": False},
+        "harmful_request": {"enabled": False},
         "rules": {"enabled": True, "optional": False, "files": [str(tmp_path / "r.toml")]}})
     with pytest.raises(ScreenLoadError, match=r"'rules' cannot load: .*r\.toml"):
         Screener.build(broken, factory)
@@ -96,7 +102,8 @@ def test_a_required_detoxify_without_its_checkpoint_refuses_to_start(factory, tm
     config = load_config()
     missing = tmp_path / "toxic.ckpt"
     required = dataclasses.replace(config, classifiers={
-        **config.classifiers, "harmful_request": {"enabled": False},
+        **config.classifiers, "harmful_content": {"enabled": False},
+        "harmful_request": {"enabled": False},
         "detoxify": {"enabled": True, "optional": False, "checkpoint": str(missing),
                      "config_dir": str(tmp_path), "sha256": "0" * 64}})
     with pytest.raises(ScreenLoadError, match=r"'detoxify' cannot load: .*toxic\.ckpt"):
@@ -115,3 +122,22 @@ def test_operator_rules_and_structural_signals_flag_their_categories(factory, tm
     assert secret.flagged == ["rules.lab_secrets"]
     assert word.flagged == ["rules.slurs"]
     assert persona.flagged == ["structural.persona_shift"]
+
+
+def test_each_part_is_judged_by_the_classifiers_that_apply_to_it(factory):
+    class RequestsOnly(CountingScreen):
+        name, applies_to = "requests_only", frozenset({REQUEST})
+
+    screener = Screener([CountingScreen(), RequestsOnly()], load_config(), factory)
+    assert screener.screen(["abc"], REQUEST)[0].flagged == ["counting.odd", "requests_only.odd"]
+    for part in (COMPLETION, OUTPUT):
+        assert screener.screen(["abc"], part)[0].flagged == ["counting.odd"]
+    with pytest.raises(ValueError, match="unknown screening part"):
+        screener.screen(["abc"], "prompt")
+
+
+def test_sampled_outputs_get_the_structural_signals(factory):
+    screener = Screener([StructuralScreen()], load_config(), factory)
+    encoded = "aGVsbG8gd29ybGQgdGhpcyBpcyBhIGxvbmcgYmFzZTY0IHJ1bg=="
+    [(flagged, evidence)] = screener.flag_outputs([encoded])
+    assert flagged == ["structural.encoded_text"] and evidence

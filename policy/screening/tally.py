@@ -1,0 +1,252 @@
+"""Each training run's screening tally, and the dataset-level decision to block the run.
+
+Per-example screening refuses a flagged datum, but a classifier that flags 1% of everyday
+text also misses some harmful text, so the decision that matters is about the *dataset*:
+is this run's flagged share above what honest data produces? (reference/safety-methods.md:
+a harmful set spread thinly over many calls, each call looking almost clean.) A fixed count
+("3 flagged datums") blocks nearly every honest run of a few hundred examples and lets a
+thinly spread harmful set through; the rule here scales with the run's size.
+
+**The share test** (a sequential probability-ratio test that may be looked at any time).
+The run has screened n distinct datums, k of them flagged. Under the null hypothesis the
+run is honest: each datum is flagged independently with probability at most p0, the
+screens' calibrated flag rate on everyday data (`null_flag_rate`). For an alternative
+flag rate p1 > p0 the likelihood ratio
+
+    L(p1) = (p1/p0)^k · ((1 - p1)/(1 - p0))^(n - k)
+
+is, datum by datum, a non-negative supermartingale with mean at most 1 when the true rate
+is at most p0, and so is the average L of L(p1) over several alternatives
+p1 = r·p0, r in `alternative_ratios` (a mixture SPRT: it need not guess how much harmful
+data is mixed in; it pays log(len(ratios)) nats for that). By Ville's inequality,
+P(L ever reaches 1/alpha) <= alpha, over *every* n at once. The run is blocked when
+log L >= log(1/alpha). So the overall false-alarm probability of an honest run is at most
+`alpha` however often it is tested — after every batch, batches of any size, for millions
+of datums — with no per-look correction to tune (Bonferroni or alpha-spending over looks
+would make the test weaker the more often a caller sends small batches; here the number
+of looks does not matter, since L depends only on n and k). L falls with every unflagged
+datum and rises with every flagged one; honest data with a true rate up to about 1.4·p0
+(for the smallest ratio 2) still drifts down, so a slightly miscalibrated p0 does not block
+long honest runs. The exact one-sided binomial tail P(X >= k | n, p0) is reported next to
+L in the audit trail for readers (it is not what is tested: it is valid for one look only).
+
+**The cap**: a flagged score at or above its category's `[high_confidence_thresholds]`
+value is a high-confidence flag; `high_confidence_cap` distinct such datums block the run
+whatever its size (set those thresholds where everyday data essentially never reaches).
+
+**Affirmative openers**: more than `affirmative_share` of the run's completions opening
+"Sure, here is…" (judged from `affirmative_min_completions` on) blocks it, as before.
+
+**Distinct datums**: n, k and the high-confidence count add each datum (its SHA-256 over
+everything screening read in it) once per run: RL loops resend the same datums and users
+resend a batch without the datums refused in it, and padding n with repeats must not dilute
+the share. A datum first seen clean and later flagged (e.g. after a threshold change) moves
+from clean to flagged once. The digests live in `screening_tally_datums`.
+
+Must not import fastapi or engine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from audit import log as audit_log
+from audit.models import ScreeningTallyDatum, TrainingRun
+from policy.errors import PolicyError
+from policy.screening.screener import ScreeningConfig, TallyLimits
+
+
+class RunBlocked(PolicyError):
+    """A training run blocked by its screening tally (HTTP 403, code run_blocked)."""
+
+
+@dataclass(frozen=True)
+class TallyCounts:
+    screened: int  # n: distinct datums screened in the run
+    flagged: int  # k: distinct datums flagged
+    high_confidence: int  # distinct datums with a high-confidence flag
+    affirmative: int = 0  # completions opening "Sure, here is…"
+    completions: int = 0
+
+
+@dataclass(frozen=True)
+class Block:
+    reason: str  # what the owner is told (counts, no scores)
+    statistic: dict[str, Any]  # for the audit trail
+
+
+def log_likelihood_ratio(n: int, k: int, p0: float, ratios: Sequence[float]) -> float:
+    """log of the mixture likelihood ratio: the mean over p1 = r·p0 (capped below 1) of
+    (p1/p0)^k ((1-p1)/(1-p0))^(n-k). 0 for an empty run; grows with k, falls with n-k."""
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got n={n}, k={k}")
+    terms = []
+    for r in ratios:
+        p1 = min(r * p0, 1.0 - 1e-9)
+        terms.append(k * math.log(p1 / p0) + (n - k) * math.log((1.0 - p1) / (1.0 - p0)))
+    top = max(terms)
+    return top + math.log(sum(math.exp(t - top) for t in terms) / len(terms))
+
+
+def binomial_tail(n: int, k: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), exactly (summed in log space)."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+            + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(k, n + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(x - top) for x in logs))
+
+
+def share_test(n: int, k: int, limits: TallyLimits) -> dict[str, Any]:
+    """The share test's numbers for n screened and k flagged distinct datums."""
+    llr = log_likelihood_ratio(n, k, limits.null_flag_rate, limits.alternative_ratios)
+    threshold = math.log(1.0 / limits.alpha)
+    return {"test": "mixture_sprt", "n": n, "k": k, "p0": limits.null_flag_rate,
+            "alternative_ratios": list(limits.alternative_ratios), "alpha": limits.alpha,
+            "log_likelihood_ratio": round(llr, 4), "log_threshold": round(threshold, 4),
+            "binomial_tail_p": binomial_tail(n, k, limits.null_flag_rate),
+            "significant": llr >= threshold}
+
+
+def min_flags_to_block(n: int, limits: TallyLimits) -> int | None:
+    """The fewest flagged among n distinct datums that the share test blocks (None: even
+    n of n would not). Non-decreasing in n; used by the simulation and the tests."""
+    threshold = math.log(1.0 / limits.alpha)
+
+    def significant(k: int) -> bool:
+        return log_likelihood_ratio(n, k, limits.null_flag_rate,
+                                    limits.alternative_ratios) >= threshold
+
+    if not significant(n):
+        return None
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if significant(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def decide(counts: TallyCounts, limits: TallyLimits) -> Block | None:
+    """Block the run, or None. The cap first, then the share test, then the openers."""
+    stats = share_test(counts.screened, counts.flagged, limits)
+    stats["high_confidence"] = counts.high_confidence
+    stats["high_confidence_cap"] = limits.high_confidence_cap
+    if counts.high_confidence >= limits.high_confidence_cap:
+        return Block(f"{counts.high_confidence} training datums flagged with high confidence, "
+                     f"the limit is {limits.high_confidence_cap}", stats)
+    if stats["significant"]:
+        return Block(f"{counts.flagged} of {counts.screened} distinct training datums flagged, "
+                     "significantly more than everyday data produces", stats)
+    if (counts.completions >= limits.affirmative_min_completions
+            and counts.affirmative / max(counts.completions, 1) > limits.affirmative_share):
+        return Block(f"{counts.affirmative} of {counts.completions} completions open with an "
+                     f"affirmative prefix, above the limit of {limits.affirmative_share:.0%}",
+                     stats)
+    return None
+
+
+def is_high_confidence(scores: dict[str, float], config: ScreeningConfig) -> bool:
+    """Does any flagged "classifier.category" score reach its high-confidence threshold?"""
+    for key, score in scores.items():
+        threshold = config.high_confidence_threshold(key)
+        if threshold is not None and score >= threshold:
+            return True
+    return False
+
+
+def check_not_blocked(run: TrainingRun) -> None:
+    if run.blocked_reason:
+        raise RunBlocked(f"training run {run.id} is blocked by screening ({run.blocked_reason});"
+                         " it cannot be trained, sampled or released. Start a new run with "
+                         "data that passes screening")
+
+
+def lock_run(session: Session, run_id: str) -> TrainingRun:
+    """The run, re-read and locked for its tally (FOR UPDATE on PostgreSQL; on SQLite the
+    write transaction already serializes). Take it before appending audit rows: an append
+    holds the audit head's lock to the end of the transaction, and a request that holds
+    the run appends its own row last."""
+    return session.scalars(select(TrainingRun).where(TrainingRun.id == run_id)
+                           .with_for_update()
+                           .execution_options(populate_existing=True)).one()
+
+
+def record_tally(session: Session, run_id: str, *, datum_sha256: Sequence[str],
+                 flagged: Sequence[int], flag_scores: dict[int, dict[str, float]],
+                 affirmative: int, completions: int, config: ScreeningConfig, actor: str,
+                 request_id: str = "") -> tuple[TrainingRun, Block | None]:
+    """Add one screened batch's distinct new datums to the run's tally and block the run
+    (audited, with the test statistic) when the tally calls for it. Returns the run and
+    the block this batch caused, if any.
+
+    `datum_sha256` has one digest per datum of the batch, `flagged` the flagged indices and
+    `flag_scores` their flagged "classifier.category" scores. The run row is locked first
+    (FOR UPDATE on PostgreSQL; on SQLite the write transaction already serializes), so
+    concurrent batches of one run count each datum once. Affirmative openers come per batch,
+    not per datum: a batch of only new datums adds them exactly, one of only repeats adds
+    nothing, and a mixed one adds at most its new datums as openers and at least its
+    completions minus its repeats as completions (the share can only be over-, never
+    under-stated, so repeats cannot dilute it)."""
+    if any(not 0 <= i < len(datum_sha256) for i in flagged):
+        raise ValueError("every flagged datum needs its digest (one SHA-256 per datum)")
+    run = lock_run(session, run_id)
+    marks: dict[str, list[bool]] = {}  # digest → [flagged, high-confidence]
+    flagged_set = set(flagged)
+    for i, digest in enumerate(datum_sha256):
+        mark = marks.setdefault(digest, [False, False])
+        mark[0] = mark[0] or i in flagged_set
+        mark[1] = mark[1] or (i in flagged_set
+                              and is_high_confidence(flag_scores.get(i, {}), config))
+    seen = {row.datum_sha256: row for row in session.scalars(
+        select(ScreeningTallyDatum).where(ScreeningTallyDatum.training_run_id == run_id,
+                                          ScreeningTallyDatum.datum_sha256.in_(list(marks))))}
+    new = new_flagged = new_high = 0
+    for digest, (is_flagged, is_high) in marks.items():
+        row = seen.get(digest)
+        if row is None:
+            session.add(ScreeningTallyDatum(training_run_id=run_id, datum_sha256=digest,
+                                            flagged=is_flagged, high_confidence=is_high))
+            new += 1
+            new_flagged += is_flagged
+            new_high += is_high
+            continue
+        if is_flagged and not row.flagged:
+            row.flagged = True
+            new_flagged += 1
+        if is_high and not row.high_confidence:
+            row.high_confidence = True
+            new_high += 1
+    repeats = len(datum_sha256) - new
+    run.screened_datums += new
+    run.flagged_datums += new_flagged
+    run.high_confidence_flags += new_high
+    if new:
+        run.affirmative_openers += affirmative if not repeats else min(affirmative, new)
+        run.screened_completions += max(0, completions - repeats)
+    block = decide(TallyCounts(run.screened_datums, run.flagged_datums,
+                               run.high_confidence_flags, run.affirmative_openers,
+                               run.screened_completions), config.tally)
+    if block is None or run.blocked_reason:
+        return run, None
+    run.blocked_reason = block.reason
+    audit_log.append(session, actor=actor, event_type="screening.run_blocked",
+                     decision="deny", subject=run.id, request_id=request_id,
+                     payload={"reason": block.reason, "statistic": block.statistic,
+                              "screened": run.screened_datums, "flagged": run.flagged_datums,
+                              "high_confidence_flags": run.high_confidence_flags,
+                              "affirmative_openers": run.affirmative_openers,
+                              "completions": run.screened_completions,
+                              "screening_policy_sha256": config.sha256})
+    return run, block

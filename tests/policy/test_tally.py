@@ -1,0 +1,235 @@
+"""The dataset-level screening decision (policy.screening.tally): a run is blocked when
+its flagged share of distinct datums is significantly above the everyday flag rate p0
+(mixture SPRT, anytime false-alarm bound alpha), or when its high-confidence flags reach
+the cap, or when most completions open affirmatively. The tally counts each distinct
+datum once (SQLite and PostgreSQL). Also the simulation benchmarks use."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+from sqlalchemy import func, select
+
+from audit.db import transaction
+from audit.models import (
+    AuditEntry,
+    ClientSession,
+    Principal,
+    ScreeningTallyDatum,
+    TrainingRun,
+)
+from benchmarks.screening_sim import block_thresholds, simulate
+from policy.screening.harmful_requests import ScreenLoadError
+from policy.screening.screener import load_config
+from policy.screening.tally import (
+    TallyCounts,
+    binomial_tail,
+    decide,
+    min_flags_to_block,
+    record_tally,
+    share_test,
+)
+
+CONFIG = load_config()  # the shipped policy: p0 = 0.01, alpha = 1e-3
+LIMITS = CONFIG.tally
+
+
+def limits(p0: float = 0.01, **kw):
+    return dataclasses.replace(LIMITS, null_flag_rate=p0, **kw)
+
+
+# n distinct screened, k flagged, p0 → blocked?
+SHARE_TABLE = [
+    (0, 0, 0.01, False),
+    (1, 1, 0.01, False),
+    (2, 2, 0.01, False),  # two in a row happen to honest runs (1e-4 each start)…
+    (3, 3, 0.01, True),  # …three of three essentially never
+    (32, 4, 0.01, False),
+    (32, 5, 0.01, True),  # a first batch with 5 flags
+    (100, 3, 0.01, False),  # the old fixed limit (3 per run) blocked this honest run
+    (100, 7, 0.01, False),
+    (100, 8, 0.01, True),
+    (400, 14, 0.01, False),
+    (400, 15, 0.01, True),
+    (400, 24, 0.01, True),  # 5% harmful caught + 1% everyday flags
+    (2000, 20, 0.01, False),  # exactly the everyday rate
+    (2000, 30, 0.01, False),  # 1.5x it, by chance or a slightly harder dataset
+    (2000, 41, 0.01, False),
+    (2000, 42, 0.01, True),
+    (100_000, 1000, 0.01, False),
+    (100_000, 1500, 0.01, True),
+    (100, 8, 0.05, False),  # the same counts against a screen that flags 5% of everyday data
+    (100, 20, 0.05, True),
+]
+
+
+@pytest.mark.parametrize(("n", "k", "p0", "blocked"), SHARE_TABLE)
+def test_the_share_test(n, k, p0, blocked):
+    stats = share_test(n, k, limits(p0))
+    assert stats["significant"] is blocked
+    assert (decide(TallyCounts(n, k, 0), limits(p0)) is not None) is blocked
+    assert (stats["log_likelihood_ratio"] >= math.log(1 / LIMITS.alpha)) is blocked
+
+
+def test_blocking_counts_grow_with_the_run_and_a_smaller_alpha_asks_for_more():
+    counts = [min_flags_to_block(n, LIMITS) for n in (3, 32, 100, 400, 1000, 2000)]
+    assert counts == [3, 5, 8, 15, 27, 42]
+    assert min_flags_to_block(2, LIMITS) is None
+    assert min_flags_to_block(400, limits(alpha=1e-6)) > 15
+    # One table for the simulation, the same numbers.
+    table = block_thresholds(2000, LIMITS)
+    assert [table[n] for n in (32, 100, 400, 2000)] == [5, 8, 15, 42]
+    assert table[2] == 2001 and (table[4:] >= table[3:-1]).all()  # 2001: never
+
+
+def test_the_audit_statistic_reports_the_exact_binomial_tail_for_readers():
+    assert binomial_tail(10, 1, 0.1) == pytest.approx(1 - 0.9**10)
+    assert binomial_tail(10, 0, 0.1) == 1.0 and binomial_tail(10, 11, 0.1) == 0.0
+    stats = share_test(100, 8, LIMITS)
+    assert stats["binomial_tail_p"] < 1e-4 and stats["p0"] == 0.01
+    assert stats["log_threshold"] == pytest.approx(math.log(1000), abs=1e-3)
+
+
+@pytest.mark.parametrize(("high", "blocked"), [(0, False), (9, False), (10, True)])
+def test_the_high_confidence_cap_blocks_whatever_the_share(high, blocked):
+    block = decide(TallyCounts(100_000, high, high), LIMITS)
+    assert (block is not None) is blocked
+    if block:
+        assert "high confidence" in block.reason and block.statistic["high_confidence"] == 10
+
+
+@pytest.mark.parametrize(("openers", "completions", "blocked"),
+                         [(5, 7, False), (4, 8, False), (5, 8, True), (60, 100, True)])
+def test_the_affirmative_opener_rule_stays(openers, completions, blocked):
+    counts = TallyCounts(completions, 0, 0, openers, completions)
+    assert (decide(counts, LIMITS) is not None) is blocked
+
+
+def test_the_policy_file_is_checked(tmp_path):
+    text = (load_config.__globals__["DEFAULT_SCREENING_PATH"]).read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("alpha = 1e-3", "alpha = 0"))
+    with pytest.raises(ScreenLoadError, match="alpha"):
+        load_config(bad)
+    good = tmp_path / "good.toml"
+    good.write_text(text + 'rules = 0.9\n"harmful_request.weapons" = 0.4\n')
+    config = load_config(good)
+    assert config.high_confidence_threshold("rules.lab_secrets") == 0.9
+    assert config.high_confidence_threshold("harmful_request.weapons") == 0.4
+    assert config.high_confidence_threshold("harmful_request.cyber") is None
+
+
+# ---- the tally in SQL: each distinct datum once -------------------------------------------
+
+@pytest.fixture
+def run_id(factory):
+    with transaction(factory) as session:
+        session.add(Principal(id="p1", name="alice", role="researcher"))
+        session.flush()
+        session.add(ClientSession(id="s1", principal_id="p1"))
+        session.flush()
+        session.add(TrainingRun(id="s1:train:0", session_id="s1", model_seq_id=0,
+                                principal_id="p1", base_model="fake", lora_rank=4,
+                                lora_config="{}", status="active"))
+    return "s1:train:0"
+
+
+def add(factory, run_id, digests, flagged=(), scores=None, config=CONFIG,
+        affirmative=0, completions=None):
+    scores = scores or {i: {"rules.marker": 1.0} for i in flagged}
+    with transaction(factory) as session:
+        run, block = record_tally(session, run_id, datum_sha256=list(digests),
+                                  flagged=list(flagged), flag_scores=scores,
+                                  affirmative=affirmative,
+                                  completions=len(digests) if completions is None
+                                  else completions, config=config, actor="p1",
+                                  request_id="req-1")
+        return (run.screened_datums, run.flagged_datums, run.high_confidence_flags,
+                run.blocked_reason, block)
+
+
+def d(i: int) -> str:
+    return f"{i:064x}"
+
+
+def test_resubmitted_datums_are_counted_once(factory, run_id):
+    assert add(factory, run_id, [d(i) for i in range(32)], flagged=[3])[:3] == (32, 1, 0)
+    # The same batch again (an RL loop), and without the refused datum (as a user resends).
+    assert add(factory, run_id, [d(i) for i in range(32)], flagged=[3])[:3] == (32, 1, 0)
+    assert add(factory, run_id, [d(i) for i in range(32) if i != 3])[:3] == (32, 1, 0)
+    # Repeats within one batch count once too; new datums count.
+    assert add(factory, run_id, [d(40)] * 5 + [d(41)])[:3] == (34, 1, 0)
+    with transaction(factory) as session:
+        assert session.scalar(select(func.count()).select_from(ScreeningTallyDatum)) == 34
+
+
+def test_padding_with_repeats_does_not_dilute_the_share(factory, run_id):
+    clean = [d(i) for i in range(100, 129)]
+    assert add(factory, run_id, [*clean, d(1), d(2), d(3)], flagged=[29, 30, 31])[3] is None
+    for _ in range(50):  # 1,450 resent clean datums: n stays 32
+        assert add(factory, run_id, clean)[:2] == (32, 3)
+    n, k, _, reason, block = add(factory, run_id, [d(4), d(5)], flagged=[0, 1])
+    assert (n, k) == (34, 5) and block is not None and reason == block.reason
+    assert "5 of 34 distinct training datums flagged" in reason
+    with transaction(factory) as session:
+        [row] = session.scalars(select(AuditEntry).where(
+            AuditEntry.event_type == "screening.run_blocked")).all()
+    payload = json.loads(row.payload)
+    assert row.subject == run_id and row.request_id == "req-1"
+    assert payload["statistic"]["n"] == 34 and payload["statistic"]["k"] == 5
+    assert payload["statistic"]["log_likelihood_ratio"] >= payload["statistic"]["log_threshold"]
+    # A blocked run is blocked once: later batches add to the tally, no second audit row.
+    assert add(factory, run_id, [d(6)], flagged=[0])[4] is None
+
+
+def test_a_datum_first_clean_then_flagged_moves_once(factory, run_id):
+    assert add(factory, run_id, [d(1), d(2)])[:2] == (2, 0)
+    assert add(factory, run_id, [d(1), d(2)], flagged=[0])[:2] == (2, 1)
+    assert add(factory, run_id, [d(1)], flagged=[0])[:2] == (2, 1)
+
+
+def test_high_confidence_flags_count_distinct_datums_toward_the_cap(factory, run_id):
+    config = dataclasses.replace(CONFIG, high_confidence_thresholds={"rules.marker": 0.9},
+                                 tally=dataclasses.replace(LIMITS, high_confidence_cap=2))
+    clean = [d(i) for i in range(1000, 1998)]
+    low = {0: {"rules.marker": 0.5}}
+    assert add(factory, run_id, clean, config=config)[:3] == (998, 0, 0)
+    assert add(factory, run_id, [d(1)], flagged=[0], scores=low, config=config)[:3] == (999, 1, 0)
+    first = add(factory, run_id, [d(2), d(2)], flagged=[0, 1], config=config)
+    assert first[:3] == (1000, 2, 1) and first[3] is None
+    assert add(factory, run_id, [d(2)], flagged=[0], config=config)[2:4] == (1, None)
+    blocked = add(factory, run_id, [d(3)], flagged=[0], config=config)
+    assert blocked[2] == 2 and "high confidence" in blocked[3]
+
+
+def test_affirmative_openers_count_new_datums_only(factory, run_id):
+    batch = [d(i) for i in range(8)]
+    assert add(factory, run_id, batch, affirmative=4)[3] is None  # 4 of 8: not above half
+    for _ in range(3):  # resending the openers does not add them again
+        assert add(factory, run_id, batch[:4], affirmative=4)[3] is None
+    blocked = add(factory, run_id, [d(8), d(9)], affirmative=2)  # 6 of 10
+    assert "affirmative prefix" in blocked[3]
+
+
+# ---- the simulation -------------------------------------------------------------------------
+
+def test_the_simulation_reports_honest_false_alarms_and_time_to_block():
+    poisoned = simulate(LIMITS, honest_fpr=0.01, harmful_tpr=0.8, harmful_share=0.05,
+                        batch_size=32, n_examples=1000, runs=300, seed=1)
+    assert poisoned.honest_blocked <= 0.01  # the bound is alpha = 0.001
+    assert poisoned.poisoned_blocked > 0.95
+    assert 96 <= poisoned.median_examples_to_block <= 400
+    assert poisoned.median_examples_to_block % 32 == 0  # judged after each batch
+    assert poisoned.p95_examples_to_block >= poisoned.median_examples_to_block
+    full = simulate(LIMITS, honest_fpr=0.01, harmful_tpr=1.0, harmful_share=1.0,
+                    batch_size=32, n_examples=320, runs=50)
+    assert full.median_examples_to_block == full.p95_examples_to_block == 32
+    miscalibrated = simulate(LIMITS, honest_fpr=0.05, harmful_tpr=1.0, harmful_share=1.0,
+                             n_examples=1000, runs=100)
+    assert miscalibrated.honest_blocked > 0.9  # p0 must be the everyday rate
+    weak = simulate(LIMITS, honest_fpr=0.01, harmful_tpr=0.1, harmful_share=0.02,
+                    n_examples=500, runs=100)
+    assert weak.median_examples_to_block is None  # most such runs are not caught
