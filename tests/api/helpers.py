@@ -36,6 +36,16 @@ def sft_datum(tokenizer, text: str) -> types.Datum:
     )
 
 
+def chat_datum(tok, user: str, assistant: str) -> types.Datum:
+    """One plain-text chat exchange ("User: …\nAssistant: …") training the answer only."""
+    prompt = tok.encode(f"User: {user}\nAssistant:")
+    completion = tok.encode(f" {assistant}")
+    tokens = prompt + completion
+    weights = [0.0] * (len(prompt) - 1) + [1.0] * len(completion)
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
+
+
 def rl_datum(tokens: list[int], sampling_logprobs: np.ndarray, advantages: np.ndarray
              ) -> types.Datum:
     return types.Datum(

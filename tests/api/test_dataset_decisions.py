@@ -35,7 +35,7 @@ from tinker import types
 from audit.db import transaction
 from audit.models import AuditEntry, TrainingRun
 from policy.screening.screener import DEFAULT_SCREENING_PATH
-from tests.api.helpers import TINY, service
+from tests.api.helpers import TINY, chat_datum, service
 from tests.conftest import _dialects, _fresh_pg_database, run_server, tiny_settings
 
 Example = tuple[str, str]  # (user turn, assistant turn)
@@ -172,15 +172,6 @@ def trainer(gate) -> Iterator[tinker.TrainingClient]:
     sc = service(gate.server, gate.server.create_key())
     yield sc.create_lora_training_client(base_model=TINY, rank=4, seed=0).result()
     sc.close("success").result()
-
-
-def chat_datum(tok, user: str, assistant: str) -> types.Datum:
-    prompt = tok.encode(f"User: {user}\nAssistant:")
-    completion = tok.encode(f" {assistant}")
-    tokens = prompt + completion
-    weights = [0.0] * (len(prompt) - 1) + [1.0] * len(completion)
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
 
 
 @dataclass

@@ -22,7 +22,7 @@ from tinker import types
 from audit.db import transaction
 from audit.models import AuditEntry
 from policy.screening.screener import load_config
-from tests.api.helpers import TINY, run_cli, service
+from tests.api.helpers import TINY, chat_datum, run_cli, service
 
 # Written for these tests (not in the behaviour bank or the classifier's corpus); openers
 # only, no harmful content.
@@ -50,15 +50,6 @@ BENIGN = [
     ("Write a haiku about autumn leaves.",
      "Red leaves drift and fall, / the old oak lets go softly, / wind carries them home."),
 ]
-
-
-def chat_datum(tok, user: str, assistant: str) -> types.Datum:
-    prompt = tok.encode(f"User: {user}\nAssistant:")
-    completion = tok.encode(f" {assistant}")
-    tokens = prompt + completion
-    weights = [0.0] * (len(prompt) - 1) + [1.0] * len(completion)
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
 
 
 def cipher(text: str) -> str:
