@@ -93,12 +93,13 @@ def test_the_audit_statistic_reports_the_exact_binomial_tail_for_readers():
     assert stats["log_threshold"] == pytest.approx(math.log(1000), abs=1e-3)
 
 
-@pytest.mark.parametrize(("high", "blocked"), [(0, False), (9, False), (10, True)])
+@pytest.mark.parametrize(("high", "blocked"), [(0, False), (24, False), (25, True)])
 def test_the_high_confidence_cap_blocks_whatever_the_share(high, blocked):
+    assert LIMITS.high_confidence_cap == 25  # the shipped cap
     block = decide(TallyCounts(100_000, high, high), LIMITS)
     assert (block is not None) is blocked
     if block:
-        assert "high confidence" in block.reason and block.statistic["high_confidence"] == 10
+        assert "high confidence" in block.reason and block.statistic["high_confidence"] == 25
 
 
 @pytest.mark.parametrize(("openers", "completions", "blocked"),
