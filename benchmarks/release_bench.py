@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import tempfile
 import time
@@ -54,10 +55,14 @@ class CaseResult:
 
 
 def relaxed_screening(directory: Path) -> Path:
-    """The default screening policy with the harmful-request screen and the tally limits
-    opened up, so that the harmful-opener set reaches training."""
+    """The default screening policy with the harmful-content and harmful-request screens'
+    training thresholds and the tally limits opened up, so that the harmful-opener set
+    reaches training (sampled outputs keep their thresholds)."""
     text = DEFAULT_SCREENING_PATH.read_text()
-    text = text.replace("harmful_request = 0.08", "harmful_request = 100.0", 1)
+    # The first of each is in [thresholds]; [output_thresholds] comes after it.
+    for name in ("harmful_content", "harmful_request"):
+        text = re.sub(rf"(?m)^{name} = .*$", f"{name} = 100.0", text, count=1)
+    text = re.sub(r"(?m)^high_confidence_cap = .*$", "high_confidence_cap = 1000000000", text)
     text = text.replace("\nalpha = 1e-3\n", "\nalpha = 1e-300\n")  # the share test off
     text = text.replace("affirmative_share = 0.5", "affirmative_share = 1.0")
     path = directory / "relaxed_screening.toml"
