@@ -118,18 +118,24 @@ def dataset_simulation(screener: Screener, scores: list[float], rows: list[dict[
     """Dataset-level decisions (benchmarks.screening_sim) at the rates measured above: the
     held-out TPR, and as the everyday flag rate the larger of the held-out everyday FPR and
     the classifier's calibrated one (its card: validation split, pooled over sources)."""
-    flagged = {label: [s >= threshold for s, r in zip(scores, rows, strict=True)
-                       if r["label"] == label] for label in ("harmful", "everyday")}
-    tpr = float(np.mean(flagged["harmful"]))
-    fpr = max(float(np.mean(flagged["everyday"])),
-              card()["calibrated_everyday_fpr"]["request"])
+    high = screener.config.high_confidence_threshold("harmful_content.violence") or 2.0
+    harmful = [s for s, r in zip(scores, rows, strict=True) if r["label"] == "harmful"]
+    everyday = [s for s, r in zip(scores, rows, strict=True) if r["label"] == "everyday"]
+    tpr = float(np.mean([s >= threshold for s in harmful]))
+    calibrated = card()["calibrated_everyday_fpr"]
+    fpr = max(float(np.mean([s >= threshold for s in everyday])), calibrated["request"])
+    fpr_high = max(float(np.mean([s >= high for s in everyday])), calibrated["high_confidence"])
+    tpr_high = float(np.mean([s >= high for s in harmful]))
     limits = screener.config.tally
-    lines = [f"dataset-level decisions (p0 {limits.null_flag_rate}, alpha {limits.alpha}; "
-             f"everyday flag rate {fpr:.4f}, harmful TPR {tpr:.3f}; batches of 32; "
-             "2,000 simulated runs each):"]
-    for share, n in ((0.0, 2000), (0.02, 2000), (0.05, 2000), (0.05, 400), (1.0, 32)):
+    lines = [f"dataset-level decisions (p0 {limits.null_flag_rate}, alpha {limits.alpha}, "
+             f"high-confidence cap {limits.high_confidence_cap}; everyday flag rate {fpr:.4f} "
+             f"(high-confidence {fpr_high:.4f}), harmful TPR {tpr:.3f} (high-confidence "
+             f"{tpr_high:.3f}); batches of 32; 2,000 simulated runs each):"]
+    for share, n in ((0.0, 2000), (0.0, 10000), (0.01, 10000), (0.02, 2000), (0.05, 2000),
+                     (0.05, 400), (1.0, 32)):
         r = simulate(limits, honest_fpr=fpr, harmful_tpr=tpr, harmful_share=max(share, 1e-9),
-                     n_examples=n)
+                     n_examples=n, runs=2000 if n <= 2000 else 400,
+                     honest_high=fpr_high / fpr, harmful_high=tpr_high / max(tpr, 1e-9))
         what = ("honest" if share == 0 else f"{share:.0%} harmful")
         blocked = r.honest_blocked if share == 0 else r.poisoned_blocked
         tail = ("" if share == 0 else f"; median examples to block {r.median_examples_to_block}"
