@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from policy.digest import file_sha256, files_sha256
-from policy.screening.harmful_requests import ScreenLoadError
+from policy.screening.harmful_requests import ScreenLoadError, with_owner
 
 KINDS = ("causal_lm", "sequence_classifier")
 FORMATS = ("llama_guard", "shieldgemma", "granite_guardian", "chat_template")
@@ -394,12 +394,7 @@ class GuardScreen:
         """Per text, the maximum per category over its windows (0..1)."""
         import torch
 
-        pieces: list[str] = []
-        owner: list[int] = []
-        for i, text in enumerate(texts):
-            for piece in self.windows(text):
-                pieces.append(piece)
-                owner.append(i)
+        pieces, owner = with_owner(self.windows(text) for text in texts)
         out: list[dict[str, float]] = [dict.fromkeys(self.categories, 0.0) for _ in texts]
         run = self._batch_causal if self.kind == "causal_lm" else self._batch_classifier
         with torch.inference_mode():

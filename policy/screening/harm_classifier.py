@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from policy.digest import file_sha256
-from policy.screening.harmful_requests import MiniLM, ScreenLoadError, max_per_text
+from policy.screening.harmful_requests import MiniLM, ScreenLoadError, max_per_text, with_owner
 
 WEIGHTS = Path(__file__).with_name("weights") / "harm_classifier.safetensors"
 CARD = WEIGHTS.with_name("harm_classifier.json")
@@ -130,17 +131,13 @@ class HarmClassifier:
         logits of the window that reached it."""
         import torch
 
-        segments: list[str] = []
-        seg_owner: list[int] = []
-        for i, text in enumerate(texts):
-            for part in turns(text):
-                segments.append(part)
-                seg_owner.append(i)
+        segments, seg_owner = with_owner(turns(text) for text in texts)
         emb, win_owner = self.encoder.embed_windows(segments)
         owner = [seg_owner[j] for j in win_owner]
         # Past one window, a short harmful passage is diluted in a 256-piece mean: long
         # segments are also read in short windows (FINE_TOKENS, half overlapping).
-        long = [j for j in range(len(segments)) if win_owner.count(j) > 1]
+        windows = Counter(win_owner)
+        long = [j for j in range(len(segments)) if windows[j] > 1]
         if long:
             fine, fine_owner = self.encoder.embed_windows(
                 [segments[j] for j in long], size=FINE_TOKENS, overlap=FINE_TOKENS // 2)

