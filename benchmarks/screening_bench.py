@@ -55,11 +55,6 @@ def auroc(pos: list[float], neg: list[float]) -> float:
     return float(wins) / (len(pos) * len(neg))
 
 
-def tpr_at_fpr(pos: list[float], neg: list[float], fpr: float) -> float:
-    threshold = float(np.quantile(neg, 1 - fpr, method="higher"))
-    return sum(p > threshold for p in pos) / len(pos)
-
-
 def heldout_rows() -> list[dict[str, str]]:
     """The corpus's held-out sources: whole sources the classifier never saw in training,
     validation or calibration (training/harm_classifier/build_corpus.py HELDOUT)."""
