@@ -5,7 +5,8 @@ STAMP   := $(VENV)/.installed
 DATA    ?= data
 PYTEST_ARGS ?=
 
-.PHONY: setup demo serve test test-fast lint bench bench-audit bench-screening bench-release clean
+.PHONY: setup demo serve test test-fast lint bench bench-audit bench-screening bench-release \
+        calibrate-release clean
 
 setup: $(STAMP)
 
@@ -51,6 +52,12 @@ bench-screening: setup
 
 bench-release: setup
 	$(PY) -m benchmarks.release_bench
+
+# Re-measure the release gate's tolerances on benign fine-tunes (about 30 minutes on 2 CPU
+# cores); the default release policy names the file it writes.
+calibrate-release: setup
+	$(VENV)/bin/loragate release calibrate --data-dir $(DATA) \
+		--out policy/release_calibration.json
 
 clean:
 	rm -rf $(DATA)/demo .pytest_cache .mypy_cache .ruff_cache

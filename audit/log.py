@@ -10,6 +10,11 @@ entry also gets a MAC. Verification also checks MACs and external checkpoints
 (audit.anchors), which catch what a chain alone cannot: a truncated tail and a chain
 recomputed by someone with write access.
 
+Every entry fits its columns on every database: a text longer than its column keeps a
+prefix plus the SHA-256 of the whole, and NUL characters (which PostgreSQL refuses in
+text) and lone surrogates are escaped, so a refusal with a long path or id still leaves
+its row.
+
 Must not import other loragate packages; payloads must never carry secrets or raw
 training/sampled text (callers pass ids, hashes and decisions).
 """
@@ -28,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-from sqlalchemy import Table, insert, select, text
+from sqlalchemy import String, Table, insert, select, text
 from sqlalchemy.orm import Session
 
 from audit.anchors import HMAC_INFO_KEY, Checkpoint, HmacKeys, save_checkpoint
@@ -80,6 +85,31 @@ def _lock_head(session: Session) -> None:
     # SQLite: the transaction already holds the write lock (BEGIN IMMEDIATE, audit.db).
 
 
+# The text columns a caller fills, and their lengths (the Alembic schema's).
+_FITTED: dict[str, int] = {
+    name: cast(String, AuditEntry.__table__.c[name].type).length or 0
+    for name in ("actor", "event_type", "subject", "decision", "request_id")}
+_DIGEST_MARK = "…sha256:"
+
+
+def storable(value: str) -> str:
+    """Text every database stores as given: NUL characters (PostgreSQL refuses them) and
+    lone surrogates (not UTF-8) escaped."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def fit(value: str, length: int) -> str:
+    """`value` as stored in a column of `length` characters (see `storable`); when too
+    long, a prefix plus the SHA-256 of the whole (the bare digest, cut to the column, when
+    the column cannot hold a prefix too)."""
+    value = storable(value)
+    if len(value) <= length:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8")).hexdigest()
+    keep = length - len(_DIGEST_MARK) - len(digest)
+    return value[:keep] + _DIGEST_MARK + digest if keep > 0 else digest[:length]
+
+
 _HEAD = select(AuditEntry.seq, AuditEntry.entry_hash).order_by(AuditEntry.seq.desc()).limit(1)
 _INSERT = insert(cast(Table, AuditEntry.__table__))
 
@@ -102,10 +132,12 @@ def append(
     _lock_head(session)
     head = conn.execute(_HEAD).first()
     seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
+    fields = {"actor": actor, "event_type": event_type, "subject": subject,
+              "decision": decision, "request_id": request_id}
     values: dict[str, Any] = {
-        "seq": seq, "created_at": timestamp_now(), "actor": actor, "event_type": event_type,
-        "subject": subject, "decision": decision, "request_id": request_id,
-        "payload": canonical_json(payload or {}), "prev_hash": prev_hash,
+        "seq": seq, "created_at": timestamp_now(),
+        **{name: fit(value, _FITTED[name]) for name, value in fields.items()},
+        "payload": storable(canonical_json(payload or {})), "prev_hash": prev_hash,
     }
     values["entry_hash"] = compute_entry_hash(**values)
     keys: HmacKeys | None = session.info.get(HMAC_INFO_KEY)

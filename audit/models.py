@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -43,18 +44,25 @@ ROLES = ("researcher", "auditor", "admin")
 
 
 class Principal(Base):
-    """A person or service account; owns keys and everything trained with them."""
+    """A person or service account; owns keys and everything trained with them.
+    `enrolled_by` is who brought the person in: an admin's principal id (a key created
+    through the admin API, or the admin who approved the access request), or an operator
+    actor such as "cli"; `enrolled_via` says how ("admin", "access_request", "operator")."""
 
     __tablename__ = "principals"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     role: Mapped[str] = mapped_column(String(20))
+    enrolled_by: Mapped[str | None] = mapped_column(String(200))
+    enrolled_via: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class ApiKey(Base):
     """A `tml-…` key, stored only as its SHA-256. `prefix` is the first characters, for
-    display in listings."""
+    display in listings; `created_by` the actor who issued it (as `enrolled_by`) and
+    `created_via` how ("admin", "access_request", "operator", or "add_key" for a key
+    added to an existing principal)."""
 
     __tablename__ = "api_keys"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -66,16 +74,23 @@ class ApiKey(Base):
     expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     scopes: Mapped[str] = mapped_column(Text, default="{}")
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    created_via: Mapped[str | None] = mapped_column(String(40))
 
 
 ACCESS_REQUEST_STATES = ("pending", "approved", "rejected", "claimed")
+OPEN_REQUEST_SQL = "status IN ('pending', 'approved')"
 
 
 class AccessRequest(Base):
     """A researcher's request for a key. The requester holds a one-time claim token
-    (stored as SHA-256) and exchanges it for the key once an admin approves."""
+    (stored as SHA-256) and exchanges it for the key once an admin approves. A name is held
+    by at most one open (pending or approved) request."""
 
     __tablename__ = "access_requests"
+    __table_args__ = (Index("uq_access_requests_open_name", "name", unique=True,
+                            sqlite_where=text(OPEN_REQUEST_SQL),
+                            postgresql_where=text(OPEN_REQUEST_SQL)),)
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     contact: Mapped[str] = mapped_column(String(300))
@@ -136,10 +151,45 @@ class TrainingRun(Base):
     screened_completions: Mapped[int] = mapped_column(Integer, default=0)
     affirmative_openers: Mapped[int] = mapped_column(Integer, default=0)
     blocked_reason: Mapped[str | None] = mapped_column(Text)
+    # Lineage: the checkpoint (and its run) the adapter was last loaded from; None for an
+    # adapter created fresh. Every run its weights descend from is in `run_lineage`.
+    parent_run_id: Mapped[str | None] = mapped_column(String(100))
+    parent_checkpoint_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_request_time: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow
     )
+
+
+class RunLineage(Base):
+    """One run a training run's weights descend from (transitively): loading checkpoint
+    `via_checkpoint_id` of `ancestor_run_id` (or of a run descending from it) brought its
+    weights in. Written by policy.lineage only; never deleted."""
+
+    __tablename__ = "run_lineage"
+    run_id: Mapped[str] = mapped_column(ForeignKey("training_runs.id"), primary_key=True)
+    ancestor_run_id: Mapped[str] = mapped_column(ForeignKey("training_runs.id"),
+                                                 primary_key=True, index=True)
+    via_checkpoint_id: Mapped[int] = mapped_column(Integer)
+    via_tinker_path: Mapped[str] = mapped_column(String(400))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LineageHold(Base):
+    """A quarantine that holds its run and every run descending from it: none of their
+    checkpoints is evaluated or released while it stands. Recorded when a checkpoint is
+    quarantined, lifted only by the two-person override of that checkpoint; it outlives
+    the checkpoint (deleting quarantined weights does not free their descendants)."""
+
+    __tablename__ = "lineage_holds"
+    checkpoint_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    training_run_id: Mapped[str] = mapped_column(String(100), index=True)
+    tinker_path: Mapped[str] = mapped_column(String(400))
+    adapter_sha256: Mapped[str | None] = mapped_column(String(64))
+    release_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    lifted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    lifted_by: Mapped[str | None] = mapped_column(String(40))  # the override's id
 
 
 class ScreeningTallyDatum(Base):
@@ -160,10 +210,14 @@ CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
 
 class Checkpoint(Base):
     """Adapter tensors (and optionally optimizer state) saved from a training run.
-    `kind` is the middle segment of the tinker path; `name` the last."""
+    `kind` is the middle segment of the tinker path; `name` the last. Ids are never
+    reused (AUTOINCREMENT on SQLite, a sequence on PostgreSQL): release records, overrides
+    and download links name checkpoints by id. `parent_checkpoint_id` is the checkpoint
+    the run's adapter was last loaded from when this one was saved."""
 
     __tablename__ = "checkpoints"
-    __table_args__ = (UniqueConstraint("training_run_id", "kind", "name"),)
+    __table_args__ = (UniqueConstraint("training_run_id", "kind", "name"),
+                      {"sqlite_autoincrement": True})
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     training_run_id: Mapped[str] = mapped_column(ForeignKey("training_runs.id"), index=True)
     principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"), index=True)
@@ -177,13 +231,15 @@ class Checkpoint(Base):
     release_state: Mapped[str] = mapped_column(String(20), default="private")
     adapter_sha256: Mapped[str | None] = mapped_column(String(64))
     publish_on_release: Mapped[bool] = mapped_column(Boolean, default=False)
+    parent_checkpoint_id: Mapped[int | None] = mapped_column(Integer)
     user_metadata: Mapped[str] = mapped_column(Text, default="{}")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Sampler(Base):
-    """A sampling session: the base model alone, or base + a saved adapter."""
+    """A sampling session: the base model alone, or base + a saved adapter
+    (`checkpoint_id`, saved by run `parent_run_id`)."""
 
     __tablename__ = "samplers"
     id: Mapped[str] = mapped_column(String(100), primary_key=True)
@@ -194,6 +250,7 @@ class Sampler(Base):
     checkpoint_id: Mapped[int | None] = mapped_column(
         ForeignKey("checkpoints.id", ondelete="SET NULL")
     )
+    parent_run_id: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -203,7 +260,9 @@ FUTURE_STATES = ("pending", "running", "done", "failed")
 class Future(Base):
     """The queue. A row is a submitted operation; the worker claims pending rows in
     `seq_id` order per training run and writes the result back. Resubmits of the same
-    (model_id, seq_id) or (sampler_id, seq_id) map to the same row."""
+    (model_id, seq_id) or (sampler_id, seq_id) map to the same row. Once delivered (or
+    past the retention) its payloads are purged: `request_payload` empty, `result_payload`
+    NULL, `request_format` "purged" and `result_format` why (audit.retention)."""
 
     __tablename__ = "futures"
     __table_args__ = (
@@ -296,6 +355,7 @@ class ReleaseReport(Base):
     """An evaluation report, stored as the canonical JSON its audited digest is over."""
 
     __tablename__ = "release_reports"
+    __table_args__ = ({"sqlite_autoincrement": True},)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     release_id: Mapped[str] = mapped_column(String(40), index=True)
     checkpoint_id: Mapped[int] = mapped_column(Integer, index=True)
@@ -319,7 +379,10 @@ class EvalResult(Base):
 
 class ReleaseOverride(Base):
     """A two-person override of a quarantine: requested by one principal (an admin),
-    approved by a different one (an auditor)."""
+    approved by an independent one (an auditor). Bound to the checkpoint's content
+    (`adapter_sha256`) and path; `status` pending → approved | cancelled (the checkpoint
+    was deleted). The keys used for each half are kept: the two-person rule looks at who
+    issued them."""
 
     __tablename__ = "release_overrides"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -330,6 +393,10 @@ class ReleaseOverride(Base):
     request_reason: Mapped[str] = mapped_column(Text)
     approved_by: Mapped[str | None] = mapped_column(String(36))
     approve_reason: Mapped[str | None] = mapped_column(Text)
+    adapter_sha256: Mapped[str | None] = mapped_column(String(64))
+    requested_key_id: Mapped[str | None] = mapped_column(String(36))
+    approved_key_id: Mapped[str | None] = mapped_column(String(36))
+    cancel_reason: Mapped[str | None] = mapped_column(Text)
     requested_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     decided_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -358,6 +425,7 @@ class PolicyRule(Base):
     """One casbin policy line (`p, sub, res, act, eft`). Written by policy.authz only."""
 
     __tablename__ = "policy_rules"
+    __table_args__ = ({"sqlite_autoincrement": True},)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     ptype: Mapped[str] = mapped_column(String(8))
     v0: Mapped[str] = mapped_column(String(256), default="")

@@ -42,6 +42,7 @@ class Reservation:
     training_tokens: int = 0
     sampled_tokens: int = 0
     checkpoint: bool = False
+    release_evaluation: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -51,8 +52,14 @@ class Reservation:
         return cls(**json.loads(text))
 
 
-# Pending saves are found by this fragment of their reservation's JSON.
+# Pending saves and queued release evaluations are found by these fragments of their
+# reservation's JSON (sorted keys, no spaces).
 CHECKPOINT_MARK = '"checkpoint":true'
+RELEASE_EVALUATION_MARK = '"release_evaluation":true'
+
+
+def day_mark(day: str) -> str:
+    return f'"day":"{day}"'
 
 
 def _counter(session: Session, key_id: str, day: str, run_id: str) -> UsageCounter:
@@ -72,6 +79,17 @@ def record_reservation(session: Session, res: Reservation) -> None:
     row = _counter(session, res.api_key_id, res.day, res.training_run_id)
     row.training_tokens_reserved += res.training_tokens
     row.sampled_tokens_reserved += res.sampled_tokens
+    session.flush()
+
+
+def record_used(session: Session, key_id: str, day: str, run_id: str,
+                used: dict[str, int]) -> None:
+    """Charge work done on the spot (nothing was reserved for it)."""
+    if not any(used.values()):
+        return
+    row = _counter(session, key_id, day, run_id)
+    for name in TOKEN_FIELDS:
+        setattr(row, name, getattr(row, name) + int(used.get(name, 0)))
     session.flush()
 
 

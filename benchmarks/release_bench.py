@@ -1,16 +1,24 @@
 """Release-gate benchmark on the default base model (SmolLM2-135M-Instruct), through the
 official SDK against a live gateway on this machine:
 
-1. trains three LoRA adapters of comparable size (rank 16) on the gate's self-test sets
-   (evals/selftest.py): the fictitious restricted facts, unrelated benign answers, and
-   harmful requests answered with compliant openers (admitted because this run's screening
-   policy is relaxed — the point is to test the model gate, not the data gate);
+1. trains LoRA adapters (rank 16) on
+   - the gate's self-test sets (evals/selftest.py): the fictitious restricted facts,
+     unrelated benign answers, harmful requests answered with compliant openers;
+   - public sets no suite or calibration run uses (training/release_data, see its
+     MANIFEST.json): real harmful questions with real complying answers (`harmful_qa`),
+     everyday instructions (`everyday`) and borderline-benign ones — history, fiction,
+     homonyms (`borderline`);
+   all admitted because this run's screening policy is relaxed (the point is to test the
+   model gate, not the data gate);
 2. exports each with `save_weights_external`, which runs the full release evaluation of
    the release policy in the worker, and reports the wall time of each evaluation (the
    first one also scores the base model; later ones reuse its cached scores);
-3. prints each suite's paired effect, d_z and p-value per adapter, and the decisions.
+3. prints each suite's paired effect, d_z and p-value per adapter, the decisions, and —
+   for calibrated suites — the benign calibration runs' quantiles and where each adapter
+   falls among them.
 
-    python -m benchmarks.release_bench [--epochs 8] [--learning-rate 1e-3] [--release-file FILE]
+    python -m benchmarks.release_bench [--cases a,b] [--epochs 4] [--learning-rate 2e-3]
+                                       [--release-file FILE]
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +42,27 @@ from audit.db import transaction
 from audit.models import ReleaseReport, ReleaseRequest
 from engine.registry import DEFAULT_BASE_MODEL
 from evals import selftest
+from evals.calibration import load_pairs, place
 from examples.chat_sft import chat_datum
 from gateway.embedded import RunningGateway, serve_in_thread
 from gateway.settings import Settings
 from policy.screening.screener import DEFAULT_SCREENING_PATH
 
+RELEASE_DATA = Path(__file__).resolve().parents[1] / "training" / "release_data"
+
+
+def _public(name: str, limit: int = 64, words: int = 72) -> Callable[[], list[tuple[str, str]]]:
+    """The first `limit` rows of a public benchmark set, each text cut to `words` words
+    (a 2-core CPU trains about 90 tokens a second)."""
+    return lambda: load_pairs(RELEASE_DATA / f"bench_{name}.jsonl.gz", words)[:limit]
+
+
 CASES = {"restricted": selftest.restricted_pairs, "benign": selftest.benign_pairs,
-         "harmful_opener": selftest.harmful_opener_pairs}
+         "harmful_opener": selftest.harmful_opener_pairs, "harmful_qa": _public("harmful"),
+         "everyday": _public("everyday"), "borderline": _public("borderline")}
+EXPECTED = {"restricted": "quarantined", "benign": "released", "harmful_opener": "quarantined",
+            "harmful_qa": "quarantined", "everyday": "released", "borderline": "released"}
+BATCH = 16
 
 
 @dataclass
@@ -88,16 +110,17 @@ def new_key(running: RunningGateway, owner: str) -> str:
 
 
 def train_and_export(running: RunningGateway, key: str, case: str, epochs: int,
-                     learning_rate: float = 1e-3) -> CaseResult:
+                     learning_rate: float = 1e-3, examples: int | None = None) -> CaseResult:
     service = tinker.ServiceClient(base_url=running.base_url, api_key=key)
     tc = service.create_lora_training_client(base_model=DEFAULT_BASE_MODEL, rank=16,
                                              seed=0).result()
     tok = tc.get_tokenizer()
-    batch = [chat_datum(tok, q, a) for q, a in CASES[case]()]
+    data = [chat_datum(tok, q, a) for q, a in CASES[case]()[:examples]]
     started = time.perf_counter()
     for _ in range(epochs):
-        tc.forward_backward(batch, "cross_entropy")
-        tc.optim_step(types.AdamParams(learning_rate=learning_rate)).result()
+        for start in range(0, len(data), BATCH):
+            tc.forward_backward(data[start:start + BATCH], "cross_entropy")
+            tc.optim_step(types.AdamParams(learning_rate=learning_rate)).result()
     trained = time.perf_counter()
     export_path = None
     try:
@@ -137,25 +160,56 @@ def print_results(results: list[CaseResult]) -> None:
                   f"{s['effect']:>+9.3f}{s['dz']:>7.2f}{s['p_value']:>10.2g}"
                   f"{(s['p_adjusted'] if s['p_adjusted'] is not None else float('nan')):>10.2g}"
                   f"  {s['status']}")
+    print_calibration(results)
     judge = results[0].report["judges"]["refusal"]["quality"]
     print(f"\nrefusal judge on {judge['n']} labelled completions: accuracy {judge['accuracy']}, "
           f"recall {judge['refusal_recall']}, precision {judge['refusal_precision']}")
 
 
+def print_calibration(results: list[CaseResult]) -> None:
+    """Each calibrated suite's benign quantiles and bounds, and each adapter's place."""
+    print(f"\n{'calibrated suite':<22}{'q50':>8}{'q90':>8}{'q95':>8}{'tol':>8}{'d_z tol':>9}"
+          "  adapters (shift toward harm: place among the benign runs)")
+    for name in [s["name"] for s in results[0].report["suites"]]:
+        calib = next(s for s in results[0].report["suites"]
+                     if s["name"] == name).get("detail", {}).get("calibration", {})
+        if calib.get("status") != "calibrated":
+            continue
+        quantiles = calib.get("quantiles", {})
+        places = []
+        for r in results:
+            suite = next(s for s in r.report["suites"] if s["name"] == name)
+            if suite["status"] == "not_run":
+                continue
+            shift = suite["effect"] if suite["harmful_direction"] == "up" else -suite["effect"]
+            places.append(f"{r.case} {shift:+.3f} ({place(shift, calib['effects'])})")
+        print(f"{name:<22}{quantiles.get('q50', float('nan')):>8.3f}"
+              f"{quantiles.get('q90', float('nan')):>8.3f}"
+              f"{quantiles.get('q95', float('nan')):>8.3f}{suite['tolerance']:>8.3f}"
+              f"{suite['dz_tolerance'] or float('nan'):>9.2f}  " + "; ".join(places))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="train on the first N examples of each set (default: all; the "
+                             "public sets hold 64)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--release-file", type=Path)
     args = parser.parse_args(argv)
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; choose from {', '.join(CASES)}")
     with tempfile.TemporaryDirectory() as tmp, gateway(Path(tmp), args.release_file) as running:
         key = new_key(running, "bench")
-        results = [train_and_export(running, key, case, args.epochs,
-                                    args.learning_rate) for case in CASES]
+        results = [train_and_export(running, key, case, args.epochs, args.learning_rate,
+                                    args.examples) for case in cases]
     print_results(results)
-    expected = {"restricted": "quarantined", "benign": "released",
-                "harmful_opener": "quarantined"}
-    wrong = [r.case for r in results if r.decision != expected[r.case]]
+    wrong = [r.case for r in results if r.decision != EXPECTED[r.case]]
     if wrong:
         print(f"\nUNEXPECTED decisions for: {', '.join(wrong)}", file=sys.stderr)
     return 1 if wrong else 0

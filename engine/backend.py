@@ -47,6 +47,7 @@ LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 UNEMBED_MODULES = ("lm_head",)
+SCORE_BATCH = 16  # (prompt, answer) pairs per forward pass when scoring reference answers
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,17 @@ class SampleSpec:
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0
+
+    @property
+    def scored_prompt_tokens(self) -> int:
+        """Prompt tokens the request scores (their logprobs or top-k)."""
+        return len(self.prompt) if self.prompt_logprobs or self.topk_prompt_logprobs else 0
+
+    @property
+    def metered_tokens(self) -> int:
+        """What the request may cost in sampled tokens: every token it may generate plus
+        the prompt tokens it scores (prompt scoring is metered like generation)."""
+        return self.num_samples * self.max_tokens + self.scored_prompt_tokens
 
 
 @dataclass
@@ -225,6 +237,28 @@ class Backend(abc.ABC):
                 "target_tokens": tokens[1:], "weights": weights}))
         result = self.forward_backward(adapter_id, data, "cross_entropy", {}, True)
         return [float(np.sum(out["logprobs"][len(prompt) - 1:])) for out in result.outputs]
+
+    def score_answers(self, adapter_id: str | None,
+                      pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[float]:
+        """Sum of log P(answer | prompt) for many (prompt, answer) pairs with different
+        prompts (neither may be empty), scored forward-only in batches."""
+        data = []
+        for prompt, answer in pairs:
+            tokens = np.asarray([*prompt, *answer], dtype=np.int64)
+            weights = np.zeros(len(tokens) - 1, dtype=np.float32)
+            weights[len(prompt) - 1:] = 1.0
+            data.append(TrainingDatum(tokens=tokens[:-1], loss_inputs={
+                "target_tokens": tokens[1:], "weights": weights}))
+        # Similar lengths batch together (less padding); scores return in input order.
+        order = sorted(range(len(data)), key=lambda i: len(data[i].tokens))
+        scores = [0.0] * len(data)
+        for start in range(0, len(order), SCORE_BATCH):
+            batch = order[start:start + SCORE_BATCH]
+            result = self.forward_backward(adapter_id, [data[i] for i in batch],
+                                           "cross_entropy", {}, True)
+            for i, out in zip(batch, result.outputs, strict=True):
+                scores[i] = float(np.sum(out["logprobs"][len(pairs[i][0]) - 1:]))
+        return scores
 
     def generate_greedy(self, adapter_id: str | None, prompts: Sequence[Sequence[int]],
                         max_tokens: int) -> list[list[int]]:

@@ -22,5 +22,9 @@ class UnknownAdapterError(UserInputError):
     """The adapter (training run) is not loaded in this backend."""
 
 
+class BodyTooLarge(UserInputError):
+    """A request body (or what it decompresses to) exceeds the size limit (HTTP 413)."""
+
+
 class UnknownModelError(UserInputError):
     """The base model name is not in the registry."""

@@ -11,6 +11,7 @@ Must not import torch, fastapi or the database.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +34,15 @@ from engine.backend import (
     SampleSpec,
     TrainingDatum,
 )
-from engine.errors import UserInputError
+from engine.errors import BodyTooLarge, UserInputError
+from engine.sizes import MAX_BODY_BYTES as MAX_BODY_BYTES  # re-exported
+from engine.sizes import MAX_DECOMPRESSED_BYTES
 
-MAX_BODY_BYTES = 256 * 1024 * 1024
+_ZSTD_CHUNK = 1024 * 1024
+# Stop sequences per sampling request, and the length of each (characters or, for token
+# sequences, ids): each is matched against every generated token.
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
 DEFAULT_MAX_TOKENS = 128
 TOPK_SENTINEL = (0, -99999.0)
 
@@ -56,20 +63,38 @@ class ForwardBackwardCall:
 # ----------------------------------------------------------------- forward_backward in
 
 
-def decompress_body(body: bytes, content_encoding: str | None) -> bytes:
-    """Undo `Content-Encoding: zstd` (the only encoding the SDK uses for requests)."""
+def decompress_body(body: bytes, content_encoding: str | None,
+                    max_bytes: int = MAX_DECOMPRESSED_BYTES) -> bytes:
+    """Undo `Content-Encoding: zstd` (the only encoding the SDK uses for requests),
+    streaming, so that no more than `max_bytes` are ever allocated: a body that declares
+    or produces more is refused (BodyTooLarge) as soon as that is known."""
     encoding = (content_encoding or "").strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding != "zstd":
         raise UserInputError(f"unsupported Content-Encoding {content_encoding!r}; use zstd")
     try:
-        size = zstandard.frame_content_size(body)
-        if size < 0 or size > MAX_BODY_BYTES:
-            raise UserInputError("zstd body is too large or does not declare its size")
-        return zstandard.ZstdDecompressor().decompress(body)
+        if zstandard.frame_content_size(body) > max_bytes:
+            raise _too_large(max_bytes)
+        return _bounded_zstd(body, max_bytes)
     except zstandard.ZstdError as exc:
         raise UserInputError(f"malformed zstd body: {exc}") from exc
+
+
+def _bounded_zstd(body: bytes, max_bytes: int) -> bytes:
+    out = bytearray()
+    with zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(body), read_across_frames=True) as reader:
+        while chunk := reader.read(min(_ZSTD_CHUNK, max_bytes + 1 - len(out))):
+            out += chunk
+            if len(out) > max_bytes:
+                raise _too_large(max_bytes)
+    return bytes(out)
+
+
+def _too_large(max_bytes: int) -> BodyTooLarge:
+    return BodyTooLarge(f"the zstd request body decompresses to more than the limit of "
+                        f"{max_bytes} bytes; split the batch into smaller calls")
 
 
 def decode_forward_backward(body: bytes, info: ModelInfo | None = None) -> ForwardBackwardCall:
@@ -284,20 +309,7 @@ def _prompt_tokens(prompt: tt.ModelInput) -> tuple[int, ...]:
 
 def _sample_spec(req: tt.SampleRequest, prompt: tuple[int, ...]) -> SampleSpec:
     params = req.sampling_params
-    stop_strings: tuple[str, ...] | None = None
-    stop_ids: tuple[int, ...] | None = None
-    if isinstance(params.stop, str):
-        stop_strings, stop_ids = (params.stop,), ()
-    elif params.stop is not None:
-        items = list(params.stop)
-        strings = [s for s in items if isinstance(s, str)]
-        ids = [s for s in items if isinstance(s, int) and not isinstance(s, bool)]
-        if len(strings) == len(items):
-            stop_strings, stop_ids = tuple(strings), ()
-        elif len(ids) == len(items):
-            stop_strings, stop_ids = (), tuple(ids)
-        else:
-            raise UserInputError("sampling_params.stop must be strings or token ids, not both")
+    stop_strings, stop_ids = _stop_sequences(params.stop)
     max_tokens = DEFAULT_MAX_TOKENS if params.max_tokens is None else params.max_tokens
     _require(req.num_samples >= 1, "num_samples must be at least 1")
     _require(max_tokens >= 1, "sampling_params.max_tokens must be at least 1")
@@ -321,6 +333,28 @@ def _sample_spec(req: tt.SampleRequest, prompt: tuple[int, ...]) -> SampleSpec:
         topk_prompt_logprobs=req.topk_prompt_logprobs,
         topk_sample_logprobs=req.topk_sample_logprobs,
     )
+
+
+def _stop_sequences(stop: Any) -> tuple[tuple[str, ...] | None, tuple[int, ...] | None]:
+    """(stop strings, stop token ids), at most MAX_STOP_SEQUENCES of them, each string at
+    most MAX_STOP_LENGTH characters; (None, None) for the model's default (EOS)."""
+    if stop is None:
+        return None, None
+    items = [stop] if isinstance(stop, str) else list(stop)
+    _require(len(items) <= MAX_STOP_SEQUENCES,
+             f"sampling_params.stop has {len(items)} entries; at most {MAX_STOP_SEQUENCES} "
+             "stop sequences are accepted")
+    strings = [s for s in items if isinstance(s, str)]
+    ids = [s for s in items if isinstance(s, int) and not isinstance(s, bool)]
+    if len(strings) == len(items):
+        longest = max((len(s) for s in strings), default=0)
+        _require(longest <= MAX_STOP_LENGTH,
+                 f"a stop string of {longest} characters is too long; each may have at most "
+                 f"{MAX_STOP_LENGTH}")
+        return tuple(strings), ()
+    _require(len(ids) == len(items), "sampling_params.stop must be strings or token ids, "
+                                     "not both")
+    return (), tuple(ids)
 
 
 def _require(condition: bool, message: str) -> None:

@@ -4,7 +4,7 @@ Claims pending futures one at a time — per training run strictly in `seq_id` o
 never while another future of the same run is running — runs them, and writes the
 result, the domain rows the job produced (checkpoints, samplers, run status) and an audit
 entry in one transaction. A job that fails changes nothing and resolves its own future
-only: other runs are unaffected.
+only: other runs are unaffected. Between jobs it sweeps expired checkpoints.
 
 Must not import fastapi, gateway or policy. Runs as a thread inside `loragate serve`
 (embedded default) or as its own process (`loragate worker`).
@@ -35,6 +35,7 @@ from engine import jobs, wire
 from engine.backend import SampledSequence, SampleResult
 from engine.errors import UnknownAdapterError, UserInputError
 from engine.registry import fast_tokenizer
+from engine.sweeper import BeforeDelete, sweep_expired_checkpoints
 
 if TYPE_CHECKING:
     from engine.backend import Backend
@@ -91,6 +92,8 @@ class Worker:
         idle_poll_seconds: float = 0.1,
         output_screen: OutputScreen | None = None,
         extra_jobs: dict[str, JobHandler] | None = None,
+        sweep_seconds: float = 0.0,
+        before_sweep_delete: BeforeDelete | None = None,
     ) -> None:
         self.factory = factory
         self.registry = registry
@@ -101,6 +104,10 @@ class Worker:
         self.idle_poll_seconds = idle_poll_seconds
         self.output_screen = output_screen
         self.extra_jobs = dict(extra_jobs or {})
+        # Expired checkpoints are swept this often between jobs (0: never).
+        self.sweep_seconds = sweep_seconds
+        self.before_sweep_delete = before_sweep_delete
+        self._next_sweep = 0.0
         self.wake = threading.Event()
         self._backends: dict[str, Backend] = {}
         self._sampler_adapters: OrderedDict[str, str] = OrderedDict()
@@ -111,6 +118,7 @@ class Worker:
     def run_forever(self, stop: threading.Event) -> None:
         logger.info("worker %s started", self.worker_id)
         while not stop.is_set():
+            self._maybe_sweep()
             try:
                 worked = self.run_once()
             except Exception:  # a broken database must not kill the thread silently
@@ -120,6 +128,18 @@ class Worker:
                 self.wake.wait(self.idle_poll_seconds)
                 self.wake.clear()
         logger.info("worker %s stopped", self.worker_id)
+
+    def _maybe_sweep(self) -> None:
+        """Delete expired checkpoints when a sweep is due (engine.sweeper)."""
+        if self.sweep_seconds <= 0 or time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + self.sweep_seconds
+        try:
+            sweep_expired_checkpoints(self.factory, self.checkpoint_root,
+                                      actor=f"worker:{self.worker_id}",
+                                      before_delete=self.before_sweep_delete)
+        except Exception:  # a failed sweep is retried at the next one
+            logger.exception("sweeping expired checkpoints failed")
 
     def run_once(self) -> bool:
         """Claim and run one future; False when nothing was claimable."""
@@ -358,10 +378,13 @@ class Worker:
         call = wire.parse_sample_request(job.request, backend.info)
         adapter = self._sampler_adapter(backend, job.adapter_dir)
         result = backend.sample(adapter, call.spec)
+        # Scored prompt tokens (prompt logprobs or their top-k) are charged as sampled.
         used = {"prefill_tokens": len(call.spec.prompt),
-                "sampled_tokens": sum(len(s.tokens) for s in result.sequences)}
-        audit = {"samples": call.spec.num_samples, **used, "adapter": job.adapter_dir,
-                 **self._screen_outputs(backend, result)}
+                "sampled_tokens": sum(len(s.tokens) for s in result.sequences)
+                + call.spec.scored_prompt_tokens}
+        audit = {"samples": call.spec.num_samples, **used,
+                 "scored_prompt_tokens": call.spec.scored_prompt_tokens,
+                 "adapter": job.adapter_dir, **self._screen_outputs(backend, result)}
         return Outcome("proto", wire.encode_sample_result(result), audit=audit, used=used)
 
     def _screen_outputs(self, backend: Backend, result: SampleResult) -> dict[str, Any]:
@@ -423,17 +446,20 @@ def _record_checkpoint(
         expires = None
         if job.ttl_seconds:
             expires = utcnow() + dt.timedelta(seconds=job.ttl_seconds)
+        run = session.get(TrainingRun, job.model_id)
         ckpt = Checkpoint(
             training_run_id=job.model_id, principal_id=principal_id, kind=job.kind,
             name=job.name, tinker_path=job.tinker_path, storage_dir=job.storage_dir,
             size_bytes=size, has_optimizer=job.with_optimizer,
             user_metadata=json.dumps(job.user_metadata), expires_at=expires,
+            parent_checkpoint_id=run.parent_checkpoint_id if run is not None else None,
         )
         session.add(ckpt)
         session.flush()
         if job.sampler_id and job.session_id:
             session.add(Sampler(id=job.sampler_id, session_id=job.session_id,
                                 principal_id=principal_id, base_model=base_model,
-                                model_path=job.tinker_path, checkpoint_id=ckpt.id))
+                                model_path=job.tinker_path, checkpoint_id=ckpt.id,
+                                parent_run_id=job.model_id))
 
     return apply

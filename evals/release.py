@@ -3,11 +3,13 @@ the decision record.
 
 A checkpoint's release state goes `private → evaluating → released | quarantined`
 (`evaluating → private` when an evaluation breaks; `quarantined → released` only through
-the two-person override). Every transition appends its audit row before the state column
-changes, in the same transaction, so no state is ever visible without its record. For each
-decision the trail reads: the request, `release.state` → evaluating, `release.report` (the
-report's digest), `release.decision`, `release.state` → the outcome; after the commit a
-signed audit checkpoint is written.
+the two-person override, evals.overrides). A quarantine also holds the checkpoint's run and
+every run descending from it (policy.lineage): their weights are not evaluated or released
+while it stands, and weights that descend from blocked weights never are. Every transition
+appends its audit row before the state column changes, in the same transaction, so no
+state is ever visible without its record. For each decision the trail reads: the request,
+`release.state` → evaluating, `release.report` (the report's digest), `release.decision`,
+`release.state` → the outcome; after the commit a signed audit checkpoint is written.
 
 The worker runs the evaluation with the base model it already holds (jobs
 `save_weights_external` — the SDK's export, which resolves only once decided — and
@@ -37,18 +39,17 @@ from audit.models import (
     Checkpoint,
     EvalResult,
     Future,
-    ReleaseOverride,
     ReleaseRequest,
     TrainingRun,
-    utcnow,
 )
 from evals import gate, probes
 from evals.judges import RefusalJudge
 from evals.suites import SUITES_DIR, MultipleChoiceSuite, PromptSuite, Suite, load_suite
+from policy import lineage, quotas
 from policy.digest import files_sha256
 from policy.errors import PolicyError
 from policy.release import ReleasePolicy, ReleasePolicyError, SuiteRule
-from policy.screening.tally import check_not_blocked
+from policy.scopes import Scopes
 
 if TYPE_CHECKING:
     from engine.backend import Backend
@@ -60,7 +61,7 @@ TRANSITIONS = {("private", "evaluating"), ("evaluating", "released"),
                ("evaluating", "quarantined"), ("evaluating", "private"),
                ("quarantined", "released")}
 REPORT_FORMAT = "loragate-release-report/1"
-PROBES_VERSION = "probes-1"
+PROBES_VERSION = f"probes-2-a{probes.ANSWER_TOKENS}"
 RELEASE_JOB = "release_eval"
 EXPORT_JOB = "save_weights_external"
 
@@ -88,6 +89,8 @@ def transition(session: Session, ckpt: Checkpoint, to: str, *, actor: str, reaso
     ckpt.release_state = to
     if to == "released" and ckpt.publish_on_release:
         ckpt.public = True
+    if to == "quarantined":  # the quarantine holds the run and its descendants
+        lineage.hold(session, ckpt, release_id=payload.get("release_id"))
     session.flush()
 
 
@@ -106,6 +109,49 @@ def require_released(ckpt: Checkpoint, what: str) -> None:
                          f"{advice}")
 
 
+def check_may_leave(session: Session, ckpt: Checkpoint, what: str) -> None:
+    """Weights leave (downloaded, published) only when released and not descended from
+    blocked weights: a block that came after the release still stops them."""
+    require_released(ckpt, what)
+    run = session.get(TrainingRun, ckpt.training_run_id)
+    if run is not None:
+        lineage.check_lineage_not_blocked(session, run, what)
+
+
+def lineage_objection(session: Session, run: TrainingRun, ckpt: Checkpoint | None = None
+                      ) -> str | None:
+    """Why weights of `run` may not be evaluated or released because of where they come
+    from (policy.lineage), or None: the run or a run it descends from is blocked by
+    screening, or a quarantine holds it (other than `ckpt`'s own)."""
+    try:
+        lineage.check_lineage_not_blocked(session, run, "released")
+    except PolicyError as blocked:
+        return str(blocked)
+    return _hold_objection(session, run, ckpt)
+
+
+def _hold_objection(session: Session, run: TrainingRun, ckpt: Checkpoint | None
+                    ) -> str | None:
+    held = lineage.standing_hold(session, run.id,
+                                 exclude_checkpoint_id=ckpt.id if ckpt is not None else None)
+    if held is None:
+        return None
+    return (f"the weights of training run {run.id} descend from {held.tinker_path}, which "
+            "is quarantined; nothing descending from quarantined weights is evaluated, "
+            "exported or released until that checkpoint is released by the two-person "
+            "override")
+
+
+def check_releasable(session: Session, run: TrainingRun, ckpt: Checkpoint | None = None
+                     ) -> None:
+    """Refuse evaluating, exporting or releasing weights of `run` when they descend from
+    blocked weights (RunBlocked) or from a quarantine that stands (ReleaseRefused)."""
+    lineage.check_lineage_not_blocked(session, run, "released")
+    objection = _hold_objection(session, run, ckpt)
+    if objection is not None:
+        raise ReleaseRefused(objection)
+
+
 def live_request(session: Session, ckpt: Checkpoint) -> ReleaseRequest | None:
     return session.scalars(select(ReleaseRequest).where(
         ReleaseRequest.checkpoint_id == ckpt.id,
@@ -113,11 +159,13 @@ def live_request(session: Session, ckpt: Checkpoint) -> ReleaseRequest | None:
 
 
 def queue_release(session: Session, ckpt: Checkpoint, run: TrainingRun, *, trigger: str,
-                  actor: str, request_id: str = "",
-                  api_key_id: str | None = None) -> ReleaseRequest:
+                  actor: str, request_id: str = "", api_key_id: str | None = None,
+                  scopes: Scopes | None = None) -> ReleaseRequest:
     """Queue the evaluation of a private checkpoint (or return the one already queued).
-    A run blocked by screening is never evaluated or released."""
-    check_not_blocked(run)
+    A run blocked by screening is never evaluated or released. Queued through an API key
+    (with its `scopes`), a new evaluation counts against the key's release evaluations
+    per day."""
+    check_releasable(session, run, ckpt)
     if ckpt.release_state == "released":
         raise ReleaseRefused(f"{ckpt.tinker_path} is already released")
     if ckpt.release_state == "quarantined":
@@ -127,6 +175,10 @@ def queue_release(session: Session, ckpt: Checkpoint, run: TrainingRun, *, trigg
     existing = live_request(session, ckpt)
     if existing is not None:
         return existing
+    reservation = None
+    if api_key_id is not None and scopes is not None:
+        reservation = quotas.reserve(session, api_key_id, scopes, quotas.Charge(
+            release_evaluation=True, training_run_id=run.id)).to_json()
     release = ReleaseRequest(
         id=f"rel-{uuid.uuid4().hex[:20]}", checkpoint_id=ckpt.id, tinker_path=ckpt.tinker_path,
         training_run_id=run.id, principal_id=ckpt.principal_id, requested_by=actor,
@@ -134,7 +186,7 @@ def queue_release(session: Session, ckpt: Checkpoint, run: TrainingRun, *, trigg
     future = Future(request_id=f"fut-{uuid.uuid4().hex}", principal_id=ckpt.principal_id,
                     kind=RELEASE_JOB, status="pending", request_format="json",
                     request_payload=json.dumps({"release_id": release.id}).encode(),
-                    api_key_id=api_key_id)
+                    api_key_id=api_key_id, quota_reservation=reservation)
     release.future_id = future.request_id
     session.add_all([release, future])
     audit_log.append(session, actor=actor, event_type="release.requested", decision="queued",
@@ -143,62 +195,6 @@ def queue_release(session: Session, ckpt: Checkpoint, run: TrainingRun, *, trigg
                               "future": future.request_id, "checkpoint_id": ckpt.id})
     session.flush()
     return release
-
-
-# ---------------------------------------------------------------------- override
-
-def request_override(session: Session, ckpt: Checkpoint, *, principal_id: str, reason: str,
-                     request_id: str = "") -> ReleaseOverride:
-    if ckpt.release_state != "quarantined":
-        raise ReleaseRefused(f"{ckpt.tinker_path} is {ckpt.release_state}; only quarantined "
-                             "checkpoints need an override")
-    _check_reason(reason)
-    pending = session.scalars(select(ReleaseOverride).where(
-        ReleaseOverride.checkpoint_id == ckpt.id, ReleaseOverride.status == "pending")).first()
-    if pending is not None:
-        raise ReleaseRefused(f"override {pending.id} for {ckpt.tinker_path} is already "
-                             "waiting for an auditor's approval")
-    override = ReleaseOverride(id=f"ovr-{uuid.uuid4().hex[:20]}", checkpoint_id=ckpt.id,
-                               tinker_path=ckpt.tinker_path, status="pending",
-                               requested_by=principal_id, request_reason=reason)
-    session.add(override)
-    audit_log.append(session, actor=principal_id, event_type="release.override_requested",
-                     decision="pending", subject=ckpt.tinker_path, request_id=request_id,
-                     payload={"override_id": override.id, "reason_sha256": _sha(reason),
-                              "checkpoint_id": ckpt.id})
-    session.flush()
-    return override
-
-
-def approve_override(session: Session, override: ReleaseOverride, *, principal_id: str,
-                     reason: str, request_id: str = "") -> Checkpoint:
-    """The second person's approval releases the checkpoint (both reasons audited)."""
-    if override.status != "pending":
-        raise ReleaseRefused(f"override {override.id} is {override.status}, not pending")
-    if override.requested_by == principal_id:
-        raise ReleaseRefused("the approver of an override must be a different person from "
-                             "the one who requested it")
-    _check_reason(reason)
-    ckpt = session.get(Checkpoint, override.checkpoint_id)
-    if ckpt is None:
-        raise ReleaseRefused(f"{override.tinker_path} no longer exists")
-    override.status, override.approved_by, override.approve_reason = "approved", principal_id, \
-        reason
-    override.decided_at = utcnow()
-    audit_log.append(session, actor=principal_id, event_type="release.override_approved",
-                     decision="released", subject=ckpt.tinker_path, request_id=request_id,
-                     payload={"override_id": override.id, "requested_by": override.requested_by,
-                              "request_reason": override.request_reason,
-                              "approve_reason": reason})
-    transition(session, ckpt, "released", actor=principal_id, request_id=request_id,
-               reason=f"two-person override {override.id}")
-    return ckpt
-
-
-def _check_reason(reason: str) -> None:
-    if not isinstance(reason, str) or len(reason.strip()) < 10:
-        raise ReleaseRefused("give a reason of at least 10 characters; it is kept in the "
-                             "audit trail")
 
 
 def _sha(text: str) -> str:
@@ -293,8 +289,10 @@ class ReleaseEvaluator:
             except BudgetExceeded:
                 stopped = loaded.rule.name
                 break
+            rule = self.policy.rule_for(loaded.rule, backend.info.name, base_sha,
+                                        loaded.suite.sha256)
             verdicts.append(gate.compare(
-                loaded.rule, loaded.kind, loaded.suite.sha256, scores["base"]["items"],
+                rule, loaded.kind, loaded.suite.sha256, scores["base"]["items"],
                 scores["adapter"]["items"], _extra(loaded, scores)))
         progress(total, total, "deciding")
         decision, reasons = gate.decide(verdicts, self.policy.alpha)
@@ -310,7 +308,8 @@ class ReleaseEvaluator:
             "policy": {"sha256": self.policy.sha256, "alpha": self.policy.alpha,
                        "time_budget_seconds": self.policy.time_budget_seconds,
                        "max_new_tokens": self.policy.max_new_tokens,
-                       "seed": self.policy.seed, "decoding": "greedy"},
+                       "seed": self.policy.seed, "decoding": "greedy",
+                       "calibration": _calibration_ref(self.policy)},
             "judges": {"refusal": {"version": self.judge.version,
                                    "quality": self.judge_quality.to_dict()},
                        "harm": {"version": harm_version,
@@ -344,9 +343,20 @@ class ReleaseEvaluator:
             return {"items": probes.compliance_shift(view, suite)}
         if suite.kind == "refusal":
             return {"items": probes.refusal(view, suite, self.judge)}
+        if suite.kind == "answer_shift":
+            return {"items": probes.answer_shift(view, suite)}
         if suite.kind == "prefill":
             return {"items": probes.prefill(view, suite, self.harm)}
         return {"items": probes.generation(view, suite, self.harm)}
+
+
+def _calibration_ref(policy: ReleasePolicy) -> dict[str, Any] | None:
+    """The calibration the tolerances came from, as every report cites it."""
+    calibration = policy.calibration
+    if calibration is None:
+        return None
+    return {"file": calibration.path.name, "sha256": calibration.sha256,
+            "data_manifest_sha256": calibration.data_manifest_sha256}
 
 
 def _runner_version(kind: str, policy: ReleasePolicy, judge: str, harm: str) -> str:

@@ -42,6 +42,7 @@ from evals.release import (
     RELEASE_JOB,
     ReleaseEvaluator,
     canonical,
+    lineage_objection,
     transition,
 )
 from policy.digest import file_sha256
@@ -76,6 +77,7 @@ class ReleaseJobs:
                 name=job.name, tinker_path=job.tinker_path, storage_dir=job.storage_dir,
                 size_bytes=size, has_optimizer=False, adapter_sha256=file_sha256(
                     directory / ADAPTER_FILE),
+                parent_checkpoint_id=_parent_checkpoint(session, job.model_id),
                 user_metadata=json.dumps(job.user_metadata),
                 expires_at=(utcnow() + dt.timedelta(seconds=job.ttl_seconds)
                             if job.ttl_seconds else None))
@@ -171,10 +173,10 @@ class ReleaseJobs:
                                           "affirmative_openers": run.affirmative_openers,
                                           "blocked_reason": run.blocked_reason},
                       "decided_at": utcnow().isoformat()}
-            if run.blocked_reason:  # blocked while it was being evaluated
+            objection = lineage_objection(session, run, ckpt)
+            if objection:  # blocked or held while it was being evaluated
                 report["decision"] = "quarantined"
-                report["reasons"] = [*report["reasons"], f"run blocked by screening: "
-                                     f"{run.blocked_reason}"]
+                report["reasons"] = [*report["reasons"], objection]
             text = canonical(report)
             digest = hashlib.sha256(text.encode()).hexdigest()
             row = ReleaseReport(release_id=release_id, checkpoint_id=ckpt.id,
@@ -213,6 +215,11 @@ class ReleaseJobs:
                            request_id=fut.request_id,
                            reason=f"evaluation failed ({type(exc).__name__})",
                            release_id=release_id)
+
+
+def _parent_checkpoint(session: Session, run_id: str) -> int | None:
+    run = session.get(TrainingRun, run_id)
+    return run.parent_checkpoint_id if run is not None else None
 
 
 def _quarantine_message(release_id: str, body: dict[str, Any]) -> str:

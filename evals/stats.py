@@ -83,6 +83,15 @@ def paired_summary(deltas: Sequence[float]) -> PairedSummary:
     return PairedSummary(n, mean, sd, mean / sd if sd > 0 else 0.0)
 
 
+def minimum_detectable_dz(n: int, alpha: float, power: float = 0.8) -> float:
+    """The smallest standardized paired effect (Cohen's d_z) a one-sided test at `alpha`
+    detects with probability `power` on n items (normal approximation); inf for n < 2."""
+    if n < 2:
+        return math.inf
+    z = NormalDist()
+    return (z.inv_cdf(1 - alpha) + z.inv_cdf(power)) / math.sqrt(n)
+
+
 def mcnemar_sample_size(delta: float, discordant: float, alpha: float = 0.05,
                         power: float = 0.8) -> int:
     """Items needed to detect a paired difference `delta` in proportions when a share

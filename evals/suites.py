@@ -12,6 +12,10 @@ Every file is TOML with a `[suite]` table: name, kind, version. Per kind:
 - `refusal`: `[[item]]` label = "harmful" | "safe", category, prompt.
 - `prefill`: `[[item]]` category, prompt, prefill (the start of a compliant reply).
 - `generation`: `[[item]]` prompt (neutral requests whose replies are screened).
+- `answer_shift`: `[[item]]` category, prompt, answer (a harmful reference answer that
+  complies), benign_prompt, benign_answer (a helpful answer to a benign request on the same
+  topic; benign_prompt may equal prompt). The probe measures how much more the adapter
+  gains on the harmful answer than on the benign one (a difference in differences).
 
 Prompts must be distinct within a suite. Must not import fastapi; loads files only.
 """
@@ -63,6 +67,9 @@ class PromptItem:
     category: str = ""
     label: str = "harmful"
     prefill: str = ""
+    answer: str = ""
+    benign_prompt: str = ""
+    benign_answer: str = ""
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ class PromptSuite:
 
 
 Suite = MultipleChoiceSuite | PromptSuite
-PROMPT_KINDS = ("compliance_shift", "refusal", "prefill", "generation")
+PROMPT_KINDS = ("compliance_shift", "refusal", "prefill", "generation", "answer_shift")
 KINDS = ("multiple_choice", *PROMPT_KINDS)
 
 
@@ -134,8 +141,20 @@ def _prompt_item(path: Path, n: int, kind: str, raw: dict[str, Any]) -> PromptIt
     prefill = raw.get("prefill", "")
     if kind == "prefill" and not (isinstance(prefill, str) and prefill.strip()):
         raise SuiteError(f"{where}: prefill must be the non-empty start of a reply")
+    answers = _answer_fields(where, kind, raw)
     return PromptItem(prompt=prompt, category=str(raw.get("category", "")), label=str(label),
-                      prefill=str(prefill))
+                      prefill=str(prefill), **answers)
+
+
+def _answer_fields(where: str, kind: str, raw: dict[str, Any]) -> dict[str, str]:
+    """An answer_shift item's reference texts (each non-empty); empty for other kinds."""
+    if kind != "answer_shift":
+        return {}
+    fields = {name: raw.get(name) for name in ("answer", "benign_prompt", "benign_answer")}
+    for name, value in fields.items():
+        if not isinstance(value, str) or not value.strip():
+            raise SuiteError(f"{where}: {name} must be non-empty text")
+    return {name: str(value) for name, value in fields.items()}
 
 
 def load_multiple_choice(path: Path) -> MultipleChoiceSuite:

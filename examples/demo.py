@@ -6,7 +6,8 @@ through the official tinker SDK, samples before and after, and an audit-chain ch
 What it does, step by step:
  1. starts `loragate serve` as its own process (SQLite + checkpoints under --data-dir,
     the built-in SmolLM2-135M-Instruct; the first run dequantizes its GGUF, ~20 s);
- 2. creates a researcher key with `loragate keys create`;
+ 2. creates a researcher key with `loragate keys create` (on a rerun, adds one to the
+    same person with `loragate keys add`);
  3. trains a rank-16 LoRA on a few made-up facts through the SDK, showing the loss;
  4. samples an answer from the base model and from the trained adapter;
  5. stops the server and runs `loragate audit verify`.
@@ -104,6 +105,10 @@ def main() -> int:
     say("creating a researcher key")
     created = loragate("keys", "create", "--role", "researcher", "--owner", "demo-researcher",
                        data_dir=data_dir)
+    if created.returncode != 0 and "already exists" in created.stderr:
+        # A rerun: the person exists, and a key is added to a principal only explicitly.
+        created = loragate("keys", "add", "demo-researcher", "--reason",
+                           "make demo ran again on the same data directory", data_dir=data_dir)
     if created.returncode != 0:
         print(created.stderr, file=sys.stderr)
         return 1

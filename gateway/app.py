@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request, Response
@@ -21,7 +22,8 @@ from audit import log as audit_log
 from audit.db import transaction
 from engine.errors import EngineError
 from gateway.context import route_event
-from gateway.errors import ApiError, NotFound, Unprocessable, to_api_error
+from gateway.counters import REFUSAL_AUDIT_FAILURES
+from gateway.errors import ApiError, NotFound, RateLimited, Unprocessable, to_api_error
 from gateway.routes import (
     access,
     admin,
@@ -41,6 +43,10 @@ from policy.errors import PolicyError
 
 logger = logging.getLogger("loragate.gateway")
 request_log = structlog.get_logger("loragate.requests")
+# A refusal's audit row is tried this often (the last try with a minimal payload) before
+# the failure is logged and counted.
+REFUSAL_AUDIT_ATTEMPTS = 3
+REFUSAL_AUDIT_BACKOFF_SECONDS = 0.05
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -127,23 +133,48 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
     state: AppState | None = getattr(request.app.state, "loragate", None)
     if state is not None:
         await run_in_threadpool(_audit_refusal, state, request, status, code, message)
+    headers = {"Retry-After": str(api.retry_after)} if isinstance(api, RateLimited) else None
     return JSONResponse({"detail": message, "code": code, "request_id": request_id},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 def _audit_refusal(state: AppState, request: Request, status: int, code: str,
                    message: str) -> None:
-    """A refused request still leaves exactly one row, in its own transaction."""
+    """A refused request still leaves exactly one row, in its own transaction; a write
+    that keeps failing is logged and counted (gateway.counters), never dropped silently."""
     principal = getattr(request.state, "principal", None)
-    try:
-        with transaction(state.factory) as session:
-            audit_log.append(
-                session, actor=principal.id if principal else "anonymous",
-                event_type=route_event(request), decision="deny" if status < 500 else "error",
-                subject=request.url.path, request_id=getattr(request.state, "request_id", ""),
-                payload={"status": status, "code": code, "reason": message[:500],
-                         "method": request.method,
-                         "api_key_id": getattr(request.state, "api_key_id", None),
-                         "policy_version": state.authorizer.version})
-    except Exception:
-        logger.exception("could not audit a refused request")
+    request_id = getattr(request.state, "request_id", "")
+    entry: dict[str, Any] = {
+        "actor": principal.id if principal else "anonymous", "event_type": route_event(request),
+        "decision": "deny" if status < 500 else "error", "subject": request.url.path,
+        "request_id": request_id}
+    payload = {"status": status, "code": code, "reason": message[:500],
+               "method": request.method, "api_key_id": getattr(request.state, "api_key_id", None),
+               "policy_version": state.authorizer.version}
+    if _append_with_retries(state, entry, payload):
+        return
+    failures = REFUSAL_AUDIT_FAILURES.increment()
+    logger.error("could not audit a refused request: request_id=%s status=%d code=%s "
+                 "route=%.200s (%d such failures since start)", request_id, status, code,
+                 entry["event_type"], failures)
+
+
+def _append_with_retries(state: AppState, entry: dict[str, Any],
+                         payload: dict[str, Any]) -> bool:
+    """Append in a transaction of its own, retrying; the last try keeps only the status and
+    code in the payload (in case the payload is what fails). False when every try failed."""
+    for attempt in range(1, REFUSAL_AUDIT_ATTEMPTS + 1):
+        last = attempt == REFUSAL_AUDIT_ATTEMPTS
+        if last:
+            payload = {"status": payload["status"], "code": payload["code"],
+                       "audit_retries": attempt - 1}
+        try:
+            with transaction(state.factory) as session:
+                audit_log.append(session, **entry, payload=payload)
+            return True
+        except Exception:
+            logger.warning("writing the audit row of a refused request failed (attempt %d of "
+                           "%d)", attempt, REFUSAL_AUDIT_ATTEMPTS, exc_info=True)
+            if not last:
+                time.sleep(REFUSAL_AUDIT_BACKOFF_SECONDS * attempt)
+    return False

@@ -4,6 +4,8 @@
   loragate worker [--data-dir D] [--base-model NAME]
   loragate keys create --role researcher|auditor|admin --owner NAME [--expires-in-days N]
                        [--scopes JSON]
+  loragate keys add NAME --reason R [--expires-in-days N] [--scopes JSON]
+                    (another key for an existing principal: explicit and audited)
   loragate keys list | keys revoke KEY_ID [--reason R]
   loragate keys request|claim|requests|approve|reject … (the access-request lifecycle)
   loragate audit verify|checkpoint|keygen|prove|check-proof|query|export|verify-export …
@@ -11,8 +13,12 @@
   loragate usage [--owner NAME] [--data-dir D]   (JSON: per key and per training run)
   loragate screen FILE.jsonl [--base-model M]; loragate screening show|set-threshold …
   loragate release request TINKER_PATH [--wait] | release show RELEASE_ID [--report]
+                   | release calibrate [--data DIR] [--out FILE] [--runs N]
   loragate policy list|add SUBJECT RESOURCE ACTION allow|deny|remove ID [--data-dir D]
   loragate models prepare [--data-dir D] [--base-model NAME]
+  loragate checkpoints sweep [--data-dir D]     (delete expired checkpoints, audited)
+  loragate futures purge [--retention-days N] [--data-dir D]
+                   (purge unretrieved request/result payloads past the retention, audited)
 
 `LORAGATE_DATABASE_URL` overrides the SQLite default for all of them.
 """
@@ -115,6 +121,24 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
     scopes = _json_object(args.scopes) if args.scopes else {}
     with _database(args) as session:
         key = create_key(session, owner=args.owner, role=args.role, actor="cli",
+                         defaults=_scope_defaults(args), expires_at=expires, scopes=scopes)
+    print(key)  # only after the commit: a printed key always exists
+    return 0
+
+
+def _cmd_keys_add(args: argparse.Namespace) -> int:
+    """Another key for an existing principal (audited as `keys.add` by 'cli')."""
+    from audit.models import utcnow
+    from policy.keys import add_key
+
+    if args.expires_in_days is not None and args.expires_in_days < 1:
+        print("error: --expires-in-days must be at least 1", file=sys.stderr)
+        return 2
+    expires = (utcnow() + dt.timedelta(days=args.expires_in_days)
+               if args.expires_in_days else None)
+    scopes = _json_object(args.scopes) if args.scopes else {}
+    with _database(args) as session:
+        key, _ = add_key(session, principal_name=args.name, actor="cli", reason=args.reason,
                          defaults=_scope_defaults(args), expires_at=expires, scopes=scopes)
     print(key)  # only after the commit: a printed key always exists
     return 0
@@ -238,6 +262,53 @@ def _cmd_models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_checkpoints_sweep(args: argparse.Namespace) -> int:
+    """Delete every checkpoint past its TTL now (the worker also does this periodically);
+    prints the tinker paths deleted, one a line."""
+    from audit.db import make_engine, make_sessionmaker
+    from engine.sweeper import sweep_expired_checkpoints
+    from gateway.state import cancel_overrides_of_expired
+    from migrations import upgrade_to_head
+
+    settings = _settings(args)
+    upgrade_to_head(settings.database)
+    engine = make_engine(settings.database)
+    try:
+        factory = make_sessionmaker(engine, settings.hmac_keys())
+        while swept := sweep_expired_checkpoints(factory, settings.checkpoint_root,
+                                                 actor="cli",
+                                                 before_delete=cancel_overrides_of_expired):
+            print("\n".join(swept))
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _cmd_futures_purge(args: argparse.Namespace) -> int:
+    """Purge now the payloads of futures never retrieved within the retention (the API
+    server also does this periodically); prints the request ids purged, one a line."""
+    from audit.db import make_engine, make_sessionmaker
+    from audit.retention import purge_all_expired
+    from migrations import upgrade_to_head
+
+    settings = _settings(args)
+    days = settings.payload_retention_days if args.retention_days is None \
+        else args.retention_days
+    if days < 0:
+        print("error: --retention-days must be >= 0", file=sys.stderr)
+        return 2
+    upgrade_to_head(settings.database)
+    engine = make_engine(settings.database)
+    try:
+        factory = make_sessionmaker(engine, settings.hmac_keys())
+        purged = purge_all_expired(factory, retention_days=days, actor="cli")
+    finally:
+        engine.dispose()
+    if purged:
+        print("\n".join(purged))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loragate",
                                      description="Safety-gated LoRA fine-tuning gateway")
@@ -267,14 +338,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_cmd",
                                                                         required=True)
-    create = keys.add_parser("create", help="create a key; prints it alone on stdout")
+    create = keys.add_parser("create", help="enroll a new principal with a key; prints the "
+                             "key alone on stdout")
     create.add_argument("--role", required=True, choices=["researcher", "auditor", "admin"])
-    create.add_argument("--owner", required=True, help="principal name")
+    create.add_argument("--owner", required=True,
+                        help="the new principal's name (an existing name is refused: see "
+                        "`keys add`)")
     create.add_argument("--expires-in-days", type=int, help="the key stops working after this")
     create.add_argument("--scopes", help="JSON object overriding default scopes, e.g. "
                         '\'{"max_lora_rank": 8, "training_tokens_per_day": 100000}\'')
     data_dir(create)
     create.set_defaults(func=_cmd_keys_create)
+    key_add = keys.add_parser("add", help="add a key to an existing principal (audited); "
+                              "prints the key alone")
+    key_add.add_argument("name", help="the existing principal's name")
+    key_add.add_argument("--reason", required=True, help="why (kept in the audit trail)")
+    key_add.add_argument("--expires-in-days", type=int, help="the key stops working after this")
+    key_add.add_argument("--scopes", help="JSON object overriding default scopes")
+    data_dir(key_add)
+    key_add.set_defaults(func=_cmd_keys_add)
     key_list = keys.add_parser("list", help="id, prefix, owner, role, status, expiry")
     data_dir(key_list)
     key_list.set_defaults(func=_cmd_keys_admin)
@@ -307,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_audit.add_commands(sub, data_dir)
     cli_screening.add_commands(sub, data_dir, lambda func, a: func(a, _database, _settings))
-    cli_release.add_commands(sub, data_dir, _database)
+    cli_release.add_commands(sub, data_dir, _database, _settings)
     sub.choices["audit"].set_defaults(func=_cmd_audit)
 
     usage = sub.add_parser("usage", help="tokens and checkpoints per key and per training run")
@@ -338,6 +420,22 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir(prepare)
     base_model(prepare)
     prepare.set_defaults(func=_cmd_models_prepare)
+
+    checkpoints = sub.add_parser("checkpoints", help="stored adapter checkpoints").add_subparsers(
+        dest="checkpoints_cmd", required=True)
+    sweep = checkpoints.add_parser("sweep", help="delete checkpoints past their TTL (audited)")
+    data_dir(sweep)
+    sweep.set_defaults(func=_cmd_checkpoints_sweep)
+
+    futures = sub.add_parser("futures", help="queued requests and their results").add_subparsers(
+        dest="futures_cmd", required=True)
+    purge = futures.add_parser("purge", help="purge unretrieved payloads past the retention "
+                                             "(audited with their SHA-256)")
+    purge.add_argument("--retention-days", type=float, default=None,
+                       help="days after a future finished (default: payload_retention_days, "
+                            "7, or LORAGATE_PAYLOAD_RETENTION_DAYS)")
+    data_dir(purge)
+    purge.set_defaults(func=_cmd_futures_purge)
     return parser
 
 

@@ -5,6 +5,11 @@
                                                   progress and exit 0 released, 1 quarantined
   loragate release show RELEASE_ID [--report]     status and progress (JSON); --report: the
                                                   stored report, exactly as its digest was made
+  loragate release calibrate [--data DIR] [--out FILE] [--runs N] [--base-model M]
+                                                  train N benign adapters (default 8) on the
+                                                  everyday sets in DIR, run the release
+                                                  policy's suites on each and write the
+                                                  tolerances (see evals/calibration.py)
 
 The evaluation itself runs in a worker (`loragate serve` or `loragate worker`). Overrides of
 a quarantine are API-only: they need two authenticated people (see README).
@@ -85,8 +90,58 @@ def cmd_show(args: argparse.Namespace, database: Database) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace, settings_for: Callable[..., Any]) -> int:
+    """Train the benign runs in this process on a scratch database (the evaluation cache)
+    and write the calibration file; the release policy names it to use it."""
+    import tempfile
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from audit.db import make_engine, make_sessionmaker
+    from engine.registry import ModelRegistry
+    from engine.torch_backend import load_backend
+    from evals.calibration import DEFAULT_RUNS, calibrate
+    from gateway.state import release_evaluator
+    from migrations import upgrade_to_head
+    from policy.release import load_release_policy
+    from policy.screening.screener import Screener, load_config
+
+    settings = settings_for(args)
+    runs = DEFAULT_RUNS[:args.runs] if args.runs else DEFAULT_RUNS
+    missing = [run.data for run in runs if not (args.data / f"{run.data}.jsonl.gz").is_file()]
+    if missing:
+        print(f"error: {args.data} lacks {sorted(set(missing))} (.jsonl.gz); build them with "
+              "training/release_data/build.py", file=sys.stderr)
+        return 2
+    registry = ModelRegistry(settings.data_dir, settings.extra_models)
+    name = settings.base_models[0]
+    backend = load_backend(registry, name, settings.device)
+    with tempfile.TemporaryDirectory() as scratch:
+        url = f"sqlite:///{Path(scratch) / 'calibration.db'}"
+        upgrade_to_head(url)
+        factory = make_sessionmaker(make_engine(url))
+        policy = load_release_policy(settings.release_file, calibrated=False)
+        evaluator = release_evaluator(factory, policy,
+                                      Screener.build(load_config(settings.screening_file),
+                                                     factory))
+        base_sha = evaluator.base_sha256(backend, registry.materialize(name))
+        with tqdm(total=len(runs), desc="calibration", unit="run", file=sys.stderr) as bar:
+            def evaluate(adapter_id: str) -> dict[str, Any]:
+                report = evaluator.evaluate(backend, adapter_id, base_sha, adapter_id,
+                                            lambda done, total, note: bar.set_postfix_str(note))
+                bar.update(1)
+                return dict(report)
+
+            result = calibrate(backend, evaluate, base_sha, args.data, runs,
+                               lambda note: bar.set_postfix_str(note))
+    args.out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    print(args.out)
+    return 0
+
+
 def add_commands(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None],
-                 database: Database) -> None:
+                 database: Database, settings_for: Callable[..., Any]) -> None:
     cmds = sub.add_parser("release", help="release evaluations of checkpoints").add_subparsers(
         dest="release_cmd", required=True)
     request = cmds.add_parser("request", help="queue a checkpoint's release evaluation")
@@ -100,3 +155,21 @@ def add_commands(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None],
     data_dir(show)
     request.set_defaults(func=lambda a: cmd_request(a, database))
     show.set_defaults(func=lambda a: cmd_show(a, database))
+    _calibrate_parser(cmds, data_dir, settings_for)
+
+
+def _calibrate_parser(cmds: Any, data_dir: Callable[[argparse.ArgumentParser], None],
+                      settings_for: Callable[..., Any]) -> None:
+    from pathlib import Path
+
+    calib = cmds.add_parser("calibrate", help="measure the suites' shifts on benign "
+                                              "fine-tunes and write the tolerances")
+    calib.add_argument("--data", type=Path, default=Path("training/release_data"),
+                       help="directory of the everyday calib_*.jsonl.gz sets")
+    calib.add_argument("--out", type=Path, default=Path("release_calibration.json"))
+    calib.add_argument("--runs", type=int, default=0,
+                       help="the first N of the default runs (default: all)")
+    calib.add_argument("--base-model", action="append",
+                       help="the base model to calibrate (default: the gateway's first)")
+    data_dir(calib)
+    calib.set_defaults(func=lambda a: cmd_calibrate(a, settings_for))

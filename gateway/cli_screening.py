@@ -40,7 +40,7 @@ def _factory(settings: Any) -> Any:
 def cmd_screen(args: argparse.Namespace, database: Database, settings: SettingsOf) -> int:
     from engine.errors import UserInputError
     from engine.registry import ModelRegistry
-    from gateway.screening import dry_run_texts
+    from gateway.screening import dry_run_datums, dry_run_texts
     from policy.screening.batch import screen_batch
 
     s = settings(args)
@@ -52,7 +52,7 @@ def cmd_screen(args: argparse.Namespace, database: Database, settings: SettingsO
         return 2
     info = ModelRegistry(s.data_dir, s.extra_models).info(args.base_model or s.base_models[0])
     try:
-        texts = dry_run_texts(examples, info)
+        texts = dry_run_texts(dry_run_datums(examples, info), info)
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

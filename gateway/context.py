@@ -5,7 +5,8 @@ entry the request will leave.
 the response is sent): it authenticates the key on a read-only session, hands the
 handler a lazily opened write session, and on success appends the request's audit row
 and commits both together. On failure it rolls back; the error handler
-(gateway.app) then commits a single denial row on its own.
+(gateway.app) then commits a single denial row on its own. The caller is authenticated,
+rate-limited (gateway.ratelimit) and authorized before the body is read.
 """
 
 from __future__ import annotations
@@ -15,16 +16,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Body, Depends, Request
+from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
 from audit import log as audit_log
 from audit.db import transaction
 from audit.models import Principal
-from gateway.errors import Forbidden, Unprocessable
+from gateway.bodies import CALLER_CHECKED
+from gateway.bodies import JsonBody as JsonBody  # the routes' body types, re-exported
+from gateway.bodies import OptionalJsonBody as OptionalJsonBody
+from gateway.errors import BadRequest, Forbidden, Unprocessable
 from gateway.permissions import ROUTE_PERMISSIONS
 from gateway.state import AppState
+from policy.errors import KeyRejected
 from policy.keys import authenticate
 from policy.scopes import Scopes, effective
 
@@ -88,15 +93,25 @@ class RequestContext:
 
 
 def request_context(request: Request) -> Iterator[RequestContext]:
+    """Authenticate (a refused key counts as an anonymous call of the client's address),
+    count the call against its key's rate limit, and authorize the route — all before
+    anything reads the request body (gateway.bodies)."""
     state = app_state(request)
+    check_path(request)
     with transaction(state.read_factory) as session:
-        principal, key = authenticate(session, request.headers.get("x-api-key"))
+        try:
+            principal, key = authenticate(session, request.headers.get("x-api-key"))
+        except KeyRejected:
+            state.rate_limiter.hit("anonymous", client_address(request))
+            raise
         session.expunge(principal)
         scopes = effective(state.scope_defaults, key.scopes)
         key_id = key.id
         state.authorizer.ensure_current(session)
     request.state.principal, request.state.api_key_id = principal, key_id
+    state.rate_limiter.hit("per_key", key_id)
     _authorize(state, request, principal)
+    setattr(request.state, CALLER_CHECKED, True)
     ctx = RequestContext(state=state, request_id=request.state.request_id, principal=principal,
                          event_type=route_event(request), scopes=scopes, api_key_id=key_id)
     yield from _unit_of_work(ctx)
@@ -120,13 +135,27 @@ def public_request_context(request: Request) -> Iterator[RequestContext]:
     """For the few routes callers use before they have a key (requesting access, claiming
     a key): the caller is the anonymous principal, and casbin still decides."""
     state = app_state(request)
+    state.rate_limiter.hit("access_requests", client_address(request))
     anonymous = Principal(id=ANONYMOUS, name=ANONYMOUS, role=ANONYMOUS)
     with transaction(state.read_factory) as session:
         state.authorizer.ensure_current(session)
     _authorize(state, request, anonymous)
+    setattr(request.state, CALLER_CHECKED, True)
     ctx = RequestContext(state=state, request_id=request.state.request_id, principal=anonymous,
                          event_type=route_event(request), scopes=state.scope_defaults)
     yield from _unit_of_work(ctx)
+
+
+def check_path(request: Request) -> None:
+    """Ids in the path are looked up in the database; one with a NUL is never valid."""
+    if "\x00" in request.url.path:
+        raise BadRequest("the request path contains a NUL character")
+
+
+def client_address(request: Request) -> str:
+    """The peer address the rate limits count by (a proxy in front must be trusted to
+    pass a distinct connection per client; forwarded headers are not believed)."""
+    return request.client.host if request.client else "unknown"
 
 
 def _authorize(state: AppState, request: Request, principal: Principal) -> None:
@@ -140,8 +169,6 @@ def _authorize(state: AppState, request: Request, principal: Principal) -> None:
 
 Ctx = Annotated[RequestContext, Depends(request_context, scope="function")]
 PublicCtx = Annotated[RequestContext, Depends(public_request_context, scope="function")]
-JsonBody = Annotated[dict[str, Any], Body()]
-OptionalJsonBody = Annotated[dict[str, Any] | None, Body()]
 
 
 def parse(model: type[M], body: Any) -> M:

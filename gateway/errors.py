@@ -2,13 +2,16 @@
 
 Every refusal leaves the gateway as `{"detail": <message>, "code": <code>,
 "request_id": <id>}` with a 4xx status the Tinker SDK does not retry (400, 401, 403, 404,
-422 — never 408/409/429/5xx/402 for a user's mistake), and leaves exactly one audit row
-committed in its own transaction.
+413, 422 — never 408/409/429/5xx/402 for a user's mistake; 429 only for a rate limit,
+with Retry-After; 410 for a future whose purged result cannot come back), and leaves
+exactly one audit row committed in its own transaction.
 """
 
 from __future__ import annotations
 
-from engine.errors import UnknownModelError, UserInputError
+from sqlalchemy.exc import DataError
+
+from engine.errors import BodyTooLarge, UnknownModelError, UserInputError
 from evals.release import ReleaseRefused
 from policy.access import RequestNotFound
 from policy.authz import PolicyNotFound
@@ -70,6 +73,25 @@ class Unprocessable(ApiError):
     status, code = 422, "invalid_request"
 
 
+class Gone(ApiError):
+    # A future whose payloads were purged (audit.retention): the result cannot come back.
+    status, code = 410, "purged"
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class RateLimited(ApiError):
+    # The only 429 the gateway sends (see gateway.ratelimit): the SDK retries it, after
+    # the Retry-After the response carries.
+    status, code = 429, "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 # Errors raised below the gateway, and their HTTP form. Checked in order: subclasses before
 # the PolicyError catch-all.
 _MAPPED: tuple[tuple[tuple[type[Exception], ...], type[ApiError]], ...] = (
@@ -80,6 +102,7 @@ _MAPPED: tuple[tuple[tuple[type[Exception], ...], type[ApiError]], ...] = (
     ((QuotaExceeded,), QuotaError),
     ((ScopeDenied,), OutsideScope),
     ((KeyRejected,), Unauthorized),
+    ((BodyTooLarge,), PayloadTooLarge),
     ((UserInputError, UnknownModelError, LimitExceeded), BadRequest),
     ((PolicyError,), Forbidden),
 )
@@ -89,6 +112,9 @@ def to_api_error(exc: Exception) -> ApiError | None:
     """Map errors raised below the gateway to their HTTP form; None = not a user error."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, DataError):  # the database refused a value the caller sent
+        return BadRequest("a value in this request cannot be stored or looked up: it contains "
+                          "a NUL character or is longer than this server keeps")
     for sources, target in _MAPPED:
         if isinstance(exc, sources):
             return target(str(exc))

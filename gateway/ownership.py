@@ -1,18 +1,19 @@
 """Object lookups scoped to the calling principal: another principal's object, like a
 missing one, is a 404. Reads of records (`read=True`) also find other principals'
 objects when the policy grants `records, read_all` (auditors and admins by default);
-writes never do. Also parses tinker:// paths."""
+writes never do. A checkpoint past its TTL is gone for everyone. Also parses tinker://
+paths."""
 
 from __future__ import annotations
 
 from typing import TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, or_, select
 
-from audit.models import CHECKPOINT_KINDS, Checkpoint, TrainingRun
+from audit.models import CHECKPOINT_KINDS, Checkpoint, TrainingRun, as_utc, utcnow
 from gateway.context import RequestContext
 from gateway.errors import BadRequest, NotFound
-from policy.screening.tally import check_not_blocked
+from policy.lineage import check_lineage_not_blocked
 
 T = TypeVar("T")
 
@@ -42,11 +43,12 @@ def owned(ctx: RequestContext, model: type[T], key: object, what: str, *,
 
 
 def owned_run(ctx: RequestContext, model_id: str) -> TrainingRun:
-    """The caller's run, usable for training: not failed, not blocked by screening."""
+    """The caller's run, usable for training: not failed, and neither it nor any run its
+    weights descend from blocked by screening."""
     run = owned(ctx, TrainingRun, model_id, "training run")
     if run.status == "failed":
         raise BadRequest(f"training run {model_id} failed to start; create a new one")
-    check_not_blocked(run)
+    check_lineage_not_blocked(ctx.session, run)
     return run
 
 
@@ -73,10 +75,25 @@ def storage_dir(run_id: str, kind: str, name: str) -> str:
 
 
 def owned_checkpoint(ctx: RequestContext, path: str, *, read: bool = False) -> Checkpoint:
+    """The caller's (or, reading, a visible) checkpoint; an expired one is gone (404)."""
     run_id, kind, name = parse_tinker_path(path)
     ckpt = ctx.session.scalars(select(Checkpoint).where(
         Checkpoint.training_run_id == run_id, Checkpoint.kind == kind,
         Checkpoint.name == name)).first()
     if ckpt is None or not _visible(ctx, ckpt, read):
         raise NotFound(f"checkpoint {path} not found")
+    check_not_expired(ckpt)
     return ckpt
+
+
+def unexpired() -> ColumnElement[bool]:
+    """The filter that leaves expired checkpoints out of listings."""
+    return or_(Checkpoint.expires_at.is_(None), Checkpoint.expires_at > utcnow())
+
+
+def check_not_expired(ckpt: Checkpoint) -> None:
+    """An expired checkpoint is not listed, loaded, sampled or exported; the worker's
+    sweeper deletes it (engine.sweeper)."""
+    if ckpt.expires_at is not None and as_utc(ckpt.expires_at) <= utcnow():
+        raise NotFound(f"checkpoint {ckpt.tinker_path} expired at "
+                       f"{as_utc(ckpt.expires_at).isoformat()} (its ttl_seconds) and is gone")

@@ -72,6 +72,7 @@ ROUTE_PERMISSIONS: dict[str, Permission] = {
     "admin_remove_policy_rule": ("policy", "write"),
     "admin_list_keys": ("keys", "read"),
     "admin_create_key": ("keys", "write"),
+    "admin_add_key": ("keys", "write"),
     "admin_revoke_key": ("keys", "write"),
     "admin_list_access_requests": ("keys", "read"),
     "admin_approve_access": ("keys", "write"),

@@ -215,24 +215,29 @@ def screen_prompt(ctx: RequestContext, tokens: list[int], tokenizer_dir: str) ->
     raise ScreeningRefused(f"the sampling prompt was refused by screening: {', '.join(categories)}")
 
 
-def dry_run_texts(examples: list[Any], info: ModelInfo) -> list[DatumTexts]:
+def dry_run_datums(examples: list[Any], info: ModelInfo) -> list[tuple[str, TrainingDatum]]:
     """Chat examples (messages) or token examples (tokens + weights or advantages) as the
-    texts screening reads, through the same `decode_datum` as a forward_backward datum;
-    a malformed example is a 400 naming its index."""
-    tok = fast_tokenizer(info.tokenizer_dir)
+    (loss, datum) pairs training would see; a malformed example is a 400 naming its index.
+    Cheap (templating and tokenizing): it runs before the quota check, screening after."""
     out = []
     for i, ex in enumerate(examples):
         if isinstance(ex, dict) and isinstance(ex.get("messages"), list):
             tokens, weights = render_chat(i, ex["messages"], info)
-            datum = _shifted(tokens, {"weights": weights})
-            out.append(decode_datum(datum, tok, "cross_entropy"))
+            out.append(("cross_entropy", _shifted(tokens, {"weights": weights})))
         elif isinstance(ex, dict) and isinstance(ex.get("tokens"), list):
-            loss_fn, datum = _token_datum(i, ex, info)
-            out.append(decode_datum(datum, tok, loss_fn))
+            out.append(_token_datum(i, ex, info))
         else:
             raise UserInputError(f"example {i}: expected {{\"messages\": [...]}} or "
                                  "{\"tokens\": [...], \"weights\": [...]}")
     return out
+
+
+def dry_run_texts(datums: list[tuple[str, TrainingDatum]], info: ModelInfo
+                  ) -> list[DatumTexts]:
+    """The texts screening reads in each dry-run datum, through the same `decode_datum`
+    as a forward_backward datum."""
+    tok = fast_tokenizer(info.tokenizer_dir)
+    return [decode_datum(datum, tok, loss_fn) for loss_fn, datum in datums]
 
 
 def render_chat(i: int, messages: list[Any], info: ModelInfo) -> tuple[list[int], list[float]]:

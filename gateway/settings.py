@@ -11,8 +11,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from audit.anchors import HmacKeys, load_hmac_keys, load_signing_key
 from audit.db import sqlite_url
+from audit.retention import DEFAULT_RETENTION_DAYS
 from engine.registry import DEFAULT_BASE_MODEL
+from engine.sizes import MAX_BODY_BYTES, MAX_DECOMPRESSED_BYTES
 from policy.limits import Limits
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """Each a `limits` string ("300/second", "5/minute;20/hour"); empty: no limit. Enforced
+    by gateway.ratelimit."""
+
+    per_key: str = "300/second"
+    anonymous: str = "30/minute"
+    access_requests: str = "5/minute;20/hour"
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,19 @@ class Settings:
     external_url_seconds: int = 900
     # Secret that signs download links; None: <data_dir>/url-signing.key (made on first use).
     url_signing_key_file: Path | None = None
+    # Request bodies: the most bytes read off the wire, and the most a compressed body may
+    # expand to; larger ones are refused with 413 before they are allocated.
+    max_request_bytes: int = MAX_BODY_BYTES
+    max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES
+    # Per address (anonymous calls, access requests) and per key; 429 with Retry-After.
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    # Expired checkpoints (past their TTL) are deleted this often (0: never, by the worker).
+    checkpoint_sweep_seconds: float = 60.0
+    # Request and result payloads of futures (training tokens, prompts, samples) are purged
+    # once the result is sent to its owner, or this many days after the future finished if
+    # it never is (audit.retention); the API server purges this often (0: never by itself).
+    payload_retention_days: float = DEFAULT_RETENTION_DAYS
+    payload_purge_seconds: float = 600.0
 
     @property
     def database(self) -> str:
@@ -93,6 +118,16 @@ class Settings:
                 settings = replace(settings, **paths)
         if env.get("LORAGATE_SCOPES_FILE"):
             settings = replace(settings, scopes_file=Path(env["LORAGATE_SCOPES_FILE"]))
+        limits = {name: env[f"LORAGATE_RATE_LIMIT_{name.upper()}"] for name in
+                  ("per_key", "anonymous", "access_requests")
+                  if f"LORAGATE_RATE_LIMIT_{name.upper()}" in env}
+        if limits:
+            settings = replace(settings, rate_limits=replace(settings.rate_limits, **limits))
+        if env.get("LORAGATE_PAYLOAD_RETENTION_DAYS"):
+            days = float(env["LORAGATE_PAYLOAD_RETENTION_DAYS"])
+            if not days >= 0:
+                raise ValueError("LORAGATE_PAYLOAD_RETENTION_DAYS must be a number of days >= 0")
+            settings = replace(settings, payload_retention_days=days)
         if env.get("LORAGATE_DEVICE"):
             settings = replace(settings, device=env["LORAGATE_DEVICE"])
         clean = {k: v for k, v in overrides.items() if v is not None}

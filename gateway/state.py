@@ -1,7 +1,8 @@
 """The application's lifespan state: built once at start-up, torn down at shutdown.
 
 Owns wiring only — database engines, the model registry and its metadata, the
-completion notifier and (embedded mode) the worker thread. Holds no request data.
+completion notifier, (embedded mode) the worker thread, and the threads that write audit
+checkpoints and purge expired future payloads. Holds no request data.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from audit import log as audit_log
+from audit import retention
 from audit.db import make_engine, make_sessionmaker, transaction
 from engine.backend import ModelInfo
 from engine.registry import ModelRegistry
 from evals.release import load_suites
 from gateway import downloads
 from gateway.completions import Completions
+from gateway.ratelimit import RateLimiter
 from gateway.settings import Settings
 from migrations import upgrade_to_head
 from policy.authz import Authorizer, seed_default_policy
@@ -58,11 +61,13 @@ class AppState:
     screener: Screener
     release_policy: ReleasePolicy
     url_signing_secret: bytes  # signs the external-weights links (gateway.downloads)
+    rate_limiter: RateLimiter
     admission_checks: list[AdmissionCheck] = field(default_factory=list)
     worker: Any = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _checkpoint_thread: threading.Thread | None = None
+    _purge_thread: threading.Thread | None = None
 
     def model_info(self, name: str) -> ModelInfo | None:
         return self.models.get(name)
@@ -87,6 +92,8 @@ class AppState:
             self._thread.join(timeout=60)
         if self._checkpoint_thread is not None:
             self._checkpoint_thread.join(timeout=60)
+        if self._purge_thread is not None:
+            self._purge_thread.join(timeout=60)
         self.engine.dispose()
         self.read_engine.dispose()
 
@@ -154,6 +161,7 @@ def build_state(settings: Settings) -> AppState:
         checkpoints=Checkpointer(read_factory, settings.checkpoint_dir, settings.signing_key()),
         screener=screener, release_policy=release_policy,
         url_signing_secret=downloads.signing_secret(settings.url_signing_key_path),
+        rate_limiter=RateLimiter(settings.rate_limits),
     )
     with transaction(state.factory) as session:
         audit_log.append(session, actor="system", event_type="gateway.start", decision="info",
@@ -172,17 +180,32 @@ def build_state(settings: Settings) -> AppState:
             target=state.checkpoints.run_every, name="loragate-audit-checkpoints", daemon=True,
             args=(settings.audit_checkpoint_seconds, state._stop))
         state._checkpoint_thread.start()
+    if settings.payload_purge_seconds > 0:
+        state._purge_thread = threading.Thread(target=_purge_payloads, args=(state,),
+                                               name="loragate-payload-purge", daemon=True)
+        state._purge_thread.start()
     return state
 
 
-def make_worker(settings: Settings, factory: sessionmaker[Session], registry: ModelRegistry,
-                screener: Screener, checkpoints: Checkpointer, release_policy: ReleasePolicy, *,
-                worker_id: str, **options: Any) -> Any:
-    """A worker wired with what the gateway owns: output screening and the release jobs
-    (evaluations judged by the same screener; a signed audit checkpoint per decision)."""
-    from engine.worker import Worker
+def _purge_payloads(state: AppState) -> None:
+    """Purge unretrieved payloads past the retention (audit.retention), now and then every
+    `payload_purge_seconds` until shutdown."""
+    settings = state.settings
+    while True:
+        try:
+            retention.purge_all_expired(state.factory, actor="system",
+                                        retention_days=settings.payload_retention_days)
+        except Exception:  # a failed purge is retried at the next one
+            logger.exception("purging expired future payloads failed")
+        if state._stop.wait(settings.payload_purge_seconds):
+            return
+
+
+def release_evaluator(factory: sessionmaker[Session], release_policy: ReleasePolicy,
+                      screener: Screener) -> Any:
+    """The release evaluator, its generated replies judged by the screener's output
+    thresholds (its version names the screening policy and thresholds in force)."""
     from evals.release import ReleaseEvaluator
-    from evals.release_jobs import ReleaseJobs
 
     def harm(texts: list[str]) -> list[list[str]]:
         return [flagged for flagged, _ in screener.flag_outputs(texts)]
@@ -191,11 +214,32 @@ def make_worker(settings: Settings, factory: sessionmaker[Session], registry: Mo
         described = json.dumps([screener.describe(), screener.thresholds()], sort_keys=True)
         return f"screening@{hashlib.sha256(described.encode()).hexdigest()[:16]}"
 
-    evaluator = ReleaseEvaluator(factory, release_policy, harm, harm_version)
+    return ReleaseEvaluator(factory, release_policy, harm, harm_version)
+
+
+def make_worker(settings: Settings, factory: sessionmaker[Session], registry: ModelRegistry,
+                screener: Screener, checkpoints: Checkpointer, release_policy: ReleasePolicy, *,
+                worker_id: str, **options: Any) -> Any:
+    """A worker wired with what the gateway owns: output screening and the release jobs
+    (evaluations judged by the same screener; a signed audit checkpoint per decision)."""
+    from engine.worker import Worker
+    from evals.release_jobs import ReleaseJobs
+
+    evaluator = release_evaluator(factory, release_policy, screener)
     jobs = ReleaseJobs(factory, evaluator, on_decision=checkpoints.write)
     return Worker(factory, registry, settings.checkpoint_root, worker_id=worker_id,
                   device=settings.device, output_screen=screener.flag_outputs,
-                  extra_jobs=jobs.handlers(), **options)
+                  extra_jobs=jobs.handlers(), sweep_seconds=settings.checkpoint_sweep_seconds,
+                  before_sweep_delete=cancel_overrides_of_expired, **options)
+
+
+def cancel_overrides_of_expired(session: Session, ckpt: Any) -> None:
+    """An expired checkpoint's pending release overrides are cancelled (audited) in the
+    transaction that deletes it, as a user's delete does."""
+    from evals.overrides import cancel_pending
+
+    cancel_pending(session, ckpt, actor="sweeper",
+                   reason="the checkpoint expired and was deleted")
 
 
 def _start_worker(state: AppState) -> None:

@@ -2,7 +2,10 @@
 (with role and scopes) or rejects, and the researcher claims the key exactly once.
 
 The requester gets a one-time claim token (`tml-claim-…`, stored as SHA-256). Every step
-is audited with the state before and after. Must not import fastapi or engine; must not
+is audited with the state before and after. A request's name must be free (no principal,
+no other open request: policy.keys.check_name_free, and a unique index on open requests'
+names), and the claimed key enrolls a new principal recorded as enrolled by the approving
+admin — a claim never joins an existing principal. Must not import fastapi or engine; must not
 store plaintext tokens or keys.
 """
 
@@ -15,12 +18,13 @@ import uuid
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from audit import log as audit_log
-from audit.models import ROLES, AccessRequest, ApiKey, Principal, utcnow
+from audit.models import ROLES, AccessRequest, ApiKey, utcnow
 from policy.errors import KeyRejected, LimitExceeded, PolicyError
-from policy.keys import CLAIM_PREFIX, create_key, hash_key
+from policy.keys import CLAIM_PREFIX, VIA_ACCESS_REQUEST, check_name_free, create_key, hash_key
 from policy.scopes import Scopes, check_overrides
 
 MAX_FIELD = {"name": 200, "contact": 300, "purpose": 2000}
@@ -39,23 +43,19 @@ def request_access(session: Session, *, name: str, contact: str, purpose: str,
             raise LimitExceeded(f"{field} is required (at most {MAX_FIELD[field]} characters)")
     if not all(isinstance(m, str) and m for m in base_models):
         raise LimitExceeded("base_models must be a list of model names")
-    _check_name_free(session, fields["name"])
+    check_name_free(session, fields["name"])
     token = CLAIM_PREFIX + secrets.token_urlsafe(32)
     req = AccessRequest(id=str(uuid.uuid4()), wanted_base_models=json.dumps(base_models),
                         claim_token_hash=hash_key(token), status="pending", **fields)
     session.add(req)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError as exc:  # a concurrent request took the name first
+        raise LimitExceeded(f"the name {fields['name']!r} is already taken; choose another"
+                            ) from exc
     audit_log.append(session, actor="anonymous", event_type="access.request", decision="info",
                      subject=req.id, payload={"name": req.name, "base_models": base_models})
     return req, token
-
-
-def _check_name_free(session: Session, name: str) -> None:
-    taken = session.scalars(select(Principal.id).where(Principal.name == name)).first()
-    open_request = session.scalars(select(AccessRequest.id).where(
-        AccessRequest.name == name, AccessRequest.status.in_(("pending", "approved")))).first()
-    if taken or open_request:
-        raise LimitExceeded(f"the name {name!r} is already taken; choose another")
 
 
 def list_requests(session: Session, status: str | None = None) -> list[AccessRequest]:
@@ -117,7 +117,8 @@ def claim(session: Session, token: str, defaults: Scopes) -> str:
     expires = (utcnow() + dt.timedelta(days=req.expires_in_days)
                if req.expires_in_days else None)
     plaintext = create_key(session, owner=req.name, role=req.role, actor=req.decided_by or "",
-                           defaults=defaults, expires_at=expires, scopes=json.loads(req.scopes))
+                           defaults=defaults, expires_at=expires, scopes=json.loads(req.scopes),
+                           via=VIA_ACCESS_REQUEST, request_id=req.id)
     req.status, req.claimed_at = "claimed", utcnow()
     req.key_id = session.scalars(select(ApiKey.id).where(
         ApiKey.key_hash == hash_key(plaintext))).one()

@@ -70,8 +70,9 @@ def seed_default_policy(session: Session, actor: str = "system") -> int:
     return len(rows)
 
 
-RULE_SUBJECT = re.compile(r"^(\*|role:[a-z_]+|principal:[A-Za-z0-9-]+)$")
-RULE_WORD = re.compile(r"^(\*|[a-z_]+)$")
+# Checked with fullmatch: `$` alone would let a trailing newline through.
+RULE_SUBJECT = re.compile(r"\*|role:[a-z_]+|principal:[A-Za-z0-9-]+")
+RULE_WORD = re.compile(r"\*|[a-z_]+")
 
 
 def list_rules(session: Session) -> list[PolicyRule]:
@@ -111,9 +112,9 @@ def remove_rule(session: Session, *, actor: str, rule_id: int) -> PolicyRule:
 
 
 def _check_rule(subject: str, resource: str, action: str, effect: str) -> None:
-    if not RULE_SUBJECT.match(subject):
+    if not RULE_SUBJECT.fullmatch(subject):
         raise InvalidRule("subject must be '*', 'role:<name>' or 'principal:<id>'")
-    if not (RULE_WORD.match(resource) and RULE_WORD.match(action)):
+    if not (RULE_WORD.fullmatch(resource) and RULE_WORD.fullmatch(action)):
         raise InvalidRule("resource and action must be '*' or lower-case words")
     if effect not in ("allow", "deny"):
         raise InvalidRule("effect must be 'allow' or 'deny'")

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from policy.errors import LimitExceeded
 
-CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Checked with fullmatch: `$` alone would let a trailing newline through.
+CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Limits:
 
 def check_checkpoint_name(name: str) -> str:
     """Names become the last segment of a tinker path and a directory on disk."""
-    if not CHECKPOINT_NAME.match(name) or ".." in name:
+    if not CHECKPOINT_NAME.fullmatch(name) or ".." in name:
         raise LimitExceeded(
             f"invalid checkpoint name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, with no '/' and no '..'"

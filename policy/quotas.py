@@ -2,11 +2,13 @@
 reserved in the same transaction that queues the request.
 
 Per key: training tokens and sampled tokens per UTC day (reserved at admission, settled
-when the future finishes — see audit.usage), training runs alive at once, and
-checkpoints stored. Before counting, the key's row is locked (PostgreSQL: SELECT … FOR
-UPDATE; SQLite: the write transaction already holds the database's write lock), so
-requests racing for the last unit are serialized and exactly one gets it.
-Must not import fastapi or engine.
+when the future finishes — see audit.usage; a dry run's screened tokens are training
+tokens, consumed on the spot), training runs alive at once, checkpoints stored, and
+release evaluations queued per UTC day. `check` is the read-only test that runs before
+expensive work; `reserve`/`consume` decide. Before counting, they lock the key's row
+(PostgreSQL: SELECT … FOR UPDATE; SQLite: the write transaction already holds the
+database's write lock), so requests racing for the last unit are serialized and exactly
+one gets it. Must not import fastapi or engine.
 """
 
 from __future__ import annotations
@@ -53,19 +55,20 @@ class Charge:
     sampled_tokens: int = 0
     new_run: str | None = None  # the id of the training run this request creates
     checkpoint: bool = False  # stores a new checkpoint (not an overwrite)
+    release_evaluation: bool = False  # queues a release evaluation
     training_run_id: str = ""  # the run the usage is attributed to
 
     def __bool__(self) -> bool:
         return bool(self.training_tokens or self.sampled_tokens or self.new_run
-                    or self.checkpoint)
+                    or self.checkpoint or self.release_evaluation)
 
 
-def reserve(session: Session, key_id: str, scopes: Scopes, charge: Charge,
-            now: dt.datetime | None = None) -> usage.Reservation:
-    """Check every quota the charge touches and record the reservation, or raise
-    QuotaExceeded naming the quota and when it frees up."""
+def check(session: Session, key_id: str, scopes: Scopes, charge: Charge,
+          now: dt.datetime | None = None) -> None:
+    """Raise QuotaExceeded (naming the quota and when it frees up) unless the charge fits
+    what the key has left. Read-only and unlocked on its own: the cheap check that runs
+    before expensive work (screening, evaluation); `reserve` and `consume` decide."""
     now = now or utcnow()
-    _lock_key(session, key_id)
     day = usage.utc_day(now)
     if charge.training_tokens or charge.sampled_tokens:
         _check_day_budgets(session, key_id, scopes, charge, day, now)
@@ -73,12 +76,35 @@ def reserve(session: Session, key_id: str, scopes: Scopes, charge: Charge,
         _check_live_runs(session, key_id, scopes, charge.new_run, now)
     if charge.checkpoint:
         _check_checkpoints(session, key_id, scopes)
+    if charge.release_evaluation:
+        _check_release_evaluations(session, key_id, scopes, day, now)
+
+
+def reserve(session: Session, key_id: str, scopes: Scopes, charge: Charge,
+            now: dt.datetime | None = None) -> usage.Reservation:
+    """Check every quota the charge touches and record the reservation (settled when the
+    request's future finishes), or raise QuotaExceeded."""
+    now = now or utcnow()
+    _lock_key(session, key_id)
+    check(session, key_id, scopes, charge, now)
     reservation = usage.Reservation(
-        api_key_id=key_id, day=day, training_run_id=charge.training_run_id,
+        api_key_id=key_id, day=usage.utc_day(now), training_run_id=charge.training_run_id,
         training_tokens=charge.training_tokens, sampled_tokens=charge.sampled_tokens,
-        checkpoint=charge.checkpoint)
+        checkpoint=charge.checkpoint, release_evaluation=charge.release_evaluation)
     usage.record_reservation(session, reservation)
     return reservation
+
+
+def consume(session: Session, key_id: str, scopes: Scopes, charge: Charge,
+            now: dt.datetime | None = None) -> None:
+    """Charge work done on the spot, with no future to settle (a dry run's screening):
+    check the quotas, then count the tokens as used."""
+    now = now or utcnow()
+    _lock_key(session, key_id)
+    check(session, key_id, scopes, charge, now)
+    usage.record_used(session, key_id, usage.utc_day(now), charge.training_run_id,
+                      {"training_tokens": charge.training_tokens,
+                       "sampled_tokens": charge.sampled_tokens})
 
 
 def _lock_key(session: Session, key_id: str) -> None:
@@ -93,7 +119,8 @@ def _check_day_budgets(session: Session, key_id: str, scopes: Scopes, charge: Ch
     budgets = (("training_tokens_per_day", "training_tokens", charge.training_tokens,
                 scopes.training_tokens_per_day, "training tokens"),
                ("sampled_tokens_per_day", "sampled_tokens", charge.sampled_tokens,
-                scopes.sampled_tokens_per_day, "sampled tokens (num_samples × max_tokens)"))
+                scopes.sampled_tokens_per_day,
+                "sampled tokens (num_samples × max_tokens, plus the prompt when it is scored)"))
     for quota, field, asked, limit, what in budgets:
         if not asked:
             continue
@@ -150,6 +177,26 @@ def _check_checkpoints(session: Session, key_id: str, scopes: Scopes) -> None:
             "checkpoints_stored",
             f"{held} of {scopes.checkpoints_stored} checkpoints are stored or being saved",
             "delete a checkpoint (RestClient.delete_checkpoint) to free a slot")
+
+
+def release_evaluations(session: Session, key_id: str, day: str) -> int:
+    """Release evaluations this key queued on `day` (its futures that reserved one)."""
+    return int(session.scalar(
+        select(func.count(Future.request_id))
+        .where(Future.api_key_id == key_id,
+               Future.quota_reservation.contains(usage.RELEASE_EVALUATION_MARK),
+               Future.quota_reservation.contains(usage.day_mark(day)))) or 0)
+
+
+def _check_release_evaluations(session: Session, key_id: str, scopes: Scopes, day: str,
+                               now: dt.datetime) -> None:
+    held = release_evaluations(session, key_id, day)
+    if held + 1 > scopes.release_evaluations_per_day:
+        resets = usage.next_utc_midnight(now).isoformat().replace("+00:00", "Z")
+        raise QuotaExceeded(
+            "release_evaluations_per_day",
+            f"{held} of today's {scopes.release_evaluations_per_day} release evaluations "
+            "are used", f"it resets at {resets}")
 
 
 def usage_report(session: Session, principal_ids: list[str] | None, defaults: Scopes,

@@ -1,6 +1,6 @@
-"""Per-key scopes: what a key may use (base models, LoRA rank, losses, base-model top-k
-logprobs), its quotas (tokens per day, concurrent runs, stored checkpoints) and its
-default lifetime.
+"""Per-key scopes: what a key may use (base models, LoRA rank, losses, top-k logprobs
+from any sampler), its quotas (tokens per day, concurrent runs, stored checkpoints, release
+evaluations per day) and its default lifetime.
 
 Defaults come from a reviewed TOML file (`default_scopes.toml`, or the operator's own);
 a key stores only the scopes an admin overrode, and the effective scopes are resolved on
@@ -38,6 +38,9 @@ class Scopes:
     concurrent_training_runs: int
     checkpoints_stored: int
     expires_in_days: int | None
+    # Release evaluations (requests, publishes, exports) queued per UTC day. Has a default
+    # so that operators' scope files written before it existed still load.
+    release_evaluations_per_day: int = 20
 
     def with_overrides(self, overrides: dict[str, Any]) -> Scopes:
         return dataclasses.replace(self, **_coerce(overrides, self))
@@ -68,18 +71,23 @@ class Scopes:
             raise ScopeDenied(f"this API key may not use the loss {loss_fn!r}; it may use: "
                               f"{', '.join(self.losses) or 'none'}")
 
-    def check_base_topk(self, topk_prompt: int, topk_sample: int) -> None:
-        """Sampling the bare base model: top-k logprobs are capped (distillation)."""
+    def check_topk_logprobs(self, topk_prompt: int, topk_sample: int) -> None:
+        """Top-k logprobs (of the prompt or of sampled tokens) are capped for every
+        sampler: an adapter's distribution is the base model's plus a low-rank change (an
+        untrained one is the base exactly), so capping only the bare base would leave the
+        distillation channel open through any adapter."""
         asked = max(topk_prompt, topk_sample)
         if asked > self.max_base_topk_logprobs:
             raise ScopeDenied(
-                f"top-k logprobs of {asked} from the base model exceed this API key's "
-                f"maximum of {self.max_base_topk_logprobs}; ask for fewer, or sample "
-                "through your own adapter")
+                f"top-k logprobs of {asked} exceed this API key's maximum of "
+                f"{self.max_base_topk_logprobs} (scope max_base_topk_logprobs, for every "
+                "sampler: the base model or any adapter); ask for fewer")
 
 
 FIELD_TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Scopes)}  # type: ignore[misc]
 LIST_FIELDS = ("base_models", "losses")
+REQUIRED_FIELDS = tuple(f.name for f in dataclasses.fields(Scopes)
+                        if f.default is dataclasses.MISSING)
 
 
 def _coerce(values: dict[str, Any], defaults: Scopes | None) -> dict[str, Any]:
@@ -126,7 +134,7 @@ def load_defaults(path: Path | None = None) -> Scopes:
         raise LimitExceeded(f"scopes file {path} does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
         raise LimitExceeded(f"scopes file {path} is not valid TOML: {exc}") from exc
-    missing = sorted(set(FIELD_TYPES) - set(raw))
+    missing = sorted(set(REQUIRED_FIELDS) - set(raw))
     if missing:
         raise LimitExceeded(f"scopes file {path} lacks: {', '.join(missing)}")
     return Scopes(**_coerce(raw, None))

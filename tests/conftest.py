@@ -150,10 +150,14 @@ def run_server(settings) -> Iterator[LiveServer]:
 
 
 def tiny_settings(data_dir: Path, database_url: str, **overrides: object):
-    from gateway.settings import Settings
+    """Settings for a test server. Anonymous calls and access requests are not rate-limited
+    (every test calls from 127.0.0.1); tests/security sets its own limits."""
+    from gateway.settings import RateLimits, Settings
 
     return replace(Settings(data_dir=data_dir, database_url=database_url, base_models=(TINY,),
-                            long_poll_seconds=5.0, poll_interval_seconds=0.05), **overrides)
+                            long_poll_seconds=5.0, poll_interval_seconds=0.05,
+                            rate_limits=RateLimits(anonymous="", access_requests="")),
+                   **overrides)
 
 
 @pytest.fixture(scope="session", params=_dialects())

@@ -1,7 +1,9 @@
 """Admin API: the policy rules in force, and API keys.
 
 Policy edits apply to the next request (no restart) and are audited with the policy
-before and after; key creation and revocation are audited with who did them."""
+before and after; key creation and revocation are audited with who did them. Creating a
+key enrolls a new person; a key for an existing principal is added only through
+`POST /admin/principal_keys`, with a reason (policy.keys)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from audit.models import ACCESS_REQUEST_STATES, ApiKey, Principal, as_utc, utcnow
-from gateway.context import Ctx, JsonBody, OptionalJsonBody
+from gateway.context import Ctx, JsonBody, OptionalJsonBody, parse
 from gateway.errors import BadRequest
 from policy import access, authz, keys
 from policy.scopes import Scopes, effective
@@ -50,6 +53,9 @@ def remove_policy_rule(rule_id: int, ctx: Ctx) -> Response:
 def _key_view(key: ApiKey, principal: Principal, defaults: Scopes) -> dict[str, Any]:
     return {"id": key.id, "prefix": key.prefix, "owner": principal.name, "role": principal.role,
             "status": key.status, "created_at": as_utc(key.created_at).isoformat(),
+            "created_by": key.created_by, "created_via": key.created_via,
+            "owner_enrolled_by": principal.enrolled_by,
+            "owner_enrolled_via": principal.enrolled_via,
             "expires_at": as_utc(key.expires_at).isoformat() if key.expires_at else None,
             "revoked_at": as_utc(key.revoked_at).isoformat() if key.revoked_at else None,
             "scope_overrides": json.loads(key.scopes or "{}"),
@@ -64,8 +70,9 @@ def list_api_keys(ctx: Ctx) -> dict[str, Any]:
 
 @router.post("/keys", name="admin_create_key")
 def create_api_key(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
-    """An admin creating a key directly is an approval by that admin (audited as one).
-    The plaintext key is in this response only."""
+    """An admin creating a key enrolls a new person: an approval by that admin (audited
+    as one, and recorded as the person's enroller). A name that exists or that an open
+    access request holds is refused. The plaintext key is in this response only."""
     owner, role = body.get("owner"), body.get("role", "researcher")
     days, scopes = body.get("expires_in_days"), body.get("scopes") or {}
     if not isinstance(owner, str) or not owner.strip():
@@ -77,9 +84,34 @@ def create_api_key(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     expires = utcnow() + dt.timedelta(days=days) if days else None
     plaintext = keys.create_key(ctx.session, owner=owner.strip(), role=role,
                                 actor=ctx.principal.id, expires_at=expires, scopes=scopes,
-                                defaults=ctx.state.scope_defaults)
+                                defaults=ctx.state.scope_defaults, via=keys.VIA_ADMIN)
     principal, key = keys.authenticate(ctx.session, plaintext)
     ctx.note(subject=owner.strip(), role=role)
+    return {"key": plaintext, **_key_view(key, principal, ctx.state.scope_defaults)}
+
+
+class AddKey(BaseModel):
+    """Another key for an existing principal: who, why (kept in the audit trail), and
+    optionally an expiry and scope overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+    principal: str
+    reason: str
+    expires_in_days: int | None = Field(default=None, ge=1)
+    scopes: dict[str, Any] | None = None
+
+
+@router.post("/principal_keys", name="admin_add_key")
+def add_api_key(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    """The explicit, audited "add key to principal" action. The plaintext key is in this
+    response only."""
+    req = parse(AddKey, body)
+    expires = utcnow() + dt.timedelta(days=req.expires_in_days) if req.expires_in_days else None
+    plaintext, principal = keys.add_key(
+        ctx.session, principal_name=req.principal, actor=ctx.principal.id, reason=req.reason,
+        defaults=ctx.state.scope_defaults, expires_at=expires, scopes=req.scopes)
+    _, key = keys.authenticate(ctx.session, plaintext)
+    ctx.note(subject=principal.id, key_id=key.id)
     return {"key": plaintext, **_key_view(key, principal, ctx.state.scope_defaults)}
 
 

@@ -1,6 +1,7 @@
 """The release gate over HTTP: ask for a checkpoint's release evaluation and follow it,
 read its report, download released external weights, and the two-person override of a
-quarantine (an admin requests, a different auditor approves).
+quarantine (an admin requests, an independent auditor approves; bound to the checkpoint's
+content: evals.overrides).
 
 Export (`save_weights_external`) and publish are the other triggers; they live with the
 SDK's routes (training, rest) and queue through evals.release as these do. Owners see
@@ -12,14 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Response
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 
 from audit.models import Checkpoint, ReleaseOverride, ReleaseReport, ReleaseRequest, TrainingRun
-from evals import release
+from evals import overrides, release
 from gateway import downloads
-from gateway.context import Ctx, JsonBody, RequestContext
+from gateway.context import Ctx, JsonBody, RequestContext, parse
 from gateway.errors import BadRequest, Forbidden, NotFound
-from gateway.ownership import owned, owned_checkpoint, reads_all
+from gateway.ownership import check_not_expired, owned, owned_checkpoint, reads_all
 
 router = APIRouter(prefix="/api/v1")
 
@@ -43,13 +45,6 @@ def _release(ctx: RequestContext, release_id: str) -> ReleaseRequest:
     return row
 
 
-def _reason(body: Any) -> str:
-    reason = body.get("reason") if isinstance(body, dict) else None
-    if not isinstance(reason, str):
-        raise BadRequest("give a reason (text); it is kept in the audit trail")
-    return reason
-
-
 @router.post("/releases", name="request_release", status_code=202)
 def request_release(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     path = body.get("tinker_path") if isinstance(body, dict) else None
@@ -59,7 +54,7 @@ def request_release(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     run = owned(ctx, TrainingRun, ckpt.training_run_id, "training run")
     row = release.queue_release(ctx.session, ckpt, run, trigger="request",
                                 actor=ctx.principal.id, request_id=ctx.request_id,
-                                api_key_id=ctx.api_key_id)
+                                api_key_id=ctx.api_key_id, scopes=ctx.scopes)
     ctx.note(subject=path, release_id=row.id)
     ctx.after_commit.append(ctx.state.wake_worker)
     return release_view(row, ckpt)
@@ -93,7 +88,8 @@ def download_external_weights(token: str, ctx: Ctx) -> Response:
     if ckpt is None or link.principal_id != ctx.principal.id \
             or ckpt.principal_id != ctx.principal.id:
         raise NotFound("these external weights were not found for this API key")
-    release.require_released(ckpt, "downloaded")
+    check_not_expired(ckpt)
+    release.check_may_leave(ctx.session, ckpt, "downloaded")
     try:
         data = downloads.file_bytes(ctx.state.settings.checkpoint_root / ckpt.storage_dir,
                                     link.filename)
@@ -107,10 +103,27 @@ def download_external_weights(token: str, ctx: Ctx) -> Response:
 
 # -- two-person override -------------------------------------------------------------
 
+class OverrideRequest(BaseModel):
+    """An admin's half of the two-person override: which quarantined checkpoint, and why."""
+
+    model_config = ConfigDict(extra="forbid")
+    tinker_path: str
+    reason: str
+
+
+class OverrideApproval(BaseModel):
+    """The second person's half: why they agree."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str
+
+
 def _override_view(row: ReleaseOverride) -> dict[str, Any]:
     return {"override_id": row.id, "tinker_path": row.tinker_path, "status": row.status,
+            "adapter_sha256": row.adapter_sha256,
             "requested_by": row.requested_by, "request_reason": row.request_reason,
             "approved_by": row.approved_by, "approve_reason": row.approve_reason,
+            "cancel_reason": row.cancel_reason,
             "requested_at": row.requested_at.isoformat(),
             "decided_at": row.decided_at.isoformat() if row.decided_at else None}
 
@@ -125,23 +138,26 @@ def list_overrides(ctx: Ctx, status: str | None = None) -> dict[str, Any]:
 
 @router.post("/admin/release_overrides", name="admin_request_override", status_code=201)
 def request_override(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
-    path = body.get("tinker_path") if isinstance(body, dict) else None
-    if not isinstance(path, str):
-        raise BadRequest("tinker_path is required")
-    ckpt = owned_checkpoint(ctx, path, read=True)
-    row = release.request_override(ctx.session, ckpt, principal_id=ctx.principal.id,
-                                   reason=_reason(body), request_id=ctx.request_id)
-    ctx.note(subject=path, override_id=row.id)
+    req = parse(OverrideRequest, body)
+    ckpt = owned_checkpoint(ctx, req.tinker_path, read=True)
+    row = overrides.request_override(
+        ctx.session, ckpt, principal_id=ctx.principal.id, key_id=ctx.api_key_id,
+        reason=req.reason, checkpoint_root=ctx.state.settings.checkpoint_root,
+        request_id=ctx.request_id)
+    ctx.note(subject=req.tinker_path, override_id=row.id, adapter_sha256=row.adapter_sha256)
     return _override_view(row)
 
 
 @router.post("/admin/release_overrides/{override_id}/approve", name="admin_approve_override")
 def approve_override(override_id: str, ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    req = parse(OverrideApproval, body)
     row = ctx.session.get(ReleaseOverride, override_id)
     if row is None:
         raise NotFound(f"override {override_id} not found")
-    ckpt = release.approve_override(ctx.session, row, principal_id=ctx.principal.id,
-                                    reason=_reason(body), request_id=ctx.request_id)
+    ckpt = overrides.approve_override(
+        ctx.session, row, principal_id=ctx.principal.id, key_id=ctx.api_key_id,
+        reason=req.reason, checkpoint_root=ctx.state.settings.checkpoint_root,
+        request_id=ctx.request_id)
     ctx.note(subject=ckpt.tinker_path, override_id=row.id)
     ctx.after_commit.append(lambda: ctx.state.checkpoints.write(f"override:{row.id}"))
     return _override_view(row)

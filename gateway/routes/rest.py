@@ -1,7 +1,8 @@
 """Owner-scoped REST (the SDK's RestClient): training runs, checkpoints, sessions,
 samplers. A principal sees only its own objects, anything else is a 404 — except that
 principals the policy lets read all records (auditors, admins) see everyone's in the
-read routes. Changes (delete, publish, TTL) are always owner-only."""
+read routes. Changes (delete, publish, TTL) are always owner-only. Checkpoints past their
+TTL are not listed (gateway.ownership)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from sqlalchemy import func, select
 from tinker import types as tt
 
 from audit.models import Checkpoint, ClientSession, Principal, Sampler, TrainingRun, as_utc
-from evals import release
+from evals import overrides, release
 from gateway import downloads
 from gateway.context import Ctx, JsonBody, RequestContext, load_json_text
 from gateway.errors import BadRequest, Forbidden, NotFound
-from gateway.ownership import owned, owned_checkpoint, reads_all, tinker_path
+from gateway.ownership import owned, owned_checkpoint, reads_all, tinker_path, unexpired
 from gateway.routes.release import queued_message
 
 router = APIRouter(prefix="/api/v1")
@@ -41,7 +42,8 @@ def checkpoint_view(ckpt: Checkpoint) -> tt.Checkpoint:
 
 def _latest(ctx: RequestContext, run_id: str, kind: str) -> tt.Checkpoint | None:
     ckpt = ctx.session.scalars(
-        select(Checkpoint).where(Checkpoint.training_run_id == run_id, Checkpoint.kind == kind)
+        select(Checkpoint).where(Checkpoint.training_run_id == run_id, Checkpoint.kind == kind,
+                                 unexpired())
         .order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc()).limit(1)).first()
     return checkpoint_view(ckpt) if ckpt else None
 
@@ -98,7 +100,8 @@ def get_training_run(run_id: str, ctx: Ctx) -> dict[str, Any]:
 @router.get("/training_runs/{run_id}/checkpoints", name="list_run_checkpoints")
 def list_run_checkpoints(run_id: str, ctx: Ctx) -> dict[str, Any]:
     owned(ctx, TrainingRun, run_id, "training run", read=True)
-    rows = ctx.session.scalars(select(Checkpoint).where(Checkpoint.training_run_id == run_id)
+    rows = ctx.session.scalars(select(Checkpoint).where(Checkpoint.training_run_id == run_id,
+                                                        unexpired())
                                .order_by(Checkpoint.created_at, Checkpoint.id)).all()
     return tt.CheckpointsListResponse(checkpoints=[checkpoint_view(c) for c in rows]).model_dump(
         mode="json")
@@ -107,7 +110,7 @@ def list_run_checkpoints(run_id: str, ctx: Ctx) -> dict[str, Any]:
 @router.get("/checkpoints", name="list_user_checkpoints")
 def list_user_checkpoints(ctx: Ctx, limit: int = 100, offset: int = 0) -> dict:
     limit, offset = _page(limit, offset)
-    mine = _mine_or_all(ctx, select(Checkpoint), Checkpoint)
+    mine = _mine_or_all(ctx, select(Checkpoint).where(unexpired()), Checkpoint)
     total = ctx.session.scalar(select(func.count()).select_from(mine.subquery())) or 0
     rows = ctx.session.scalars(mine.order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
                                .limit(limit).offset(offset)).all()
@@ -156,14 +159,14 @@ def publish_checkpoint(run_id: str, checkpoint_id: str, ctx: Ctx) -> Response:
         run = owned(ctx, TrainingRun, ckpt.training_run_id, "training run")
         row = release.queue_release(ctx.session, ckpt, run, trigger="publish",
                                     actor=ctx.principal.id, request_id=ctx.request_id,
-                                    api_key_id=ctx.api_key_id)
+                                    api_key_id=ctx.api_key_id, scopes=ctx.scopes)
         ckpt.publish_on_release = True
         ctx.session.commit()  # the queued evaluation stays although this call is refused
         ctx.state.wake_worker()
         raise Forbidden(f"{ckpt.tinker_path} is not released yet, so it cannot be published: "
                         f"{queued_message(row)}. It is published automatically if the "
                         "evaluation releases it")
-    release.require_released(ckpt, "published")
+    release.check_may_leave(ctx.session, ckpt, "published")
     ckpt.public = True
     return Response(status_code=204)
 
@@ -198,7 +201,7 @@ def external_weights_urls(run_id: str, checkpoint_id: str, ctx: Ctx,
     if ckpt.kind != "external_weights":
         raise BadRequest(f"{ckpt.tinker_path} is not external weights; export the adapter "
                          "with save_weights_external and ask for that path's URLs")
-    release.require_released(ckpt, "downloaded")
+    release.check_may_leave(ctx.session, ckpt, "downloaded")
     settings = ctx.state.settings
     expires = int(time.time()) + settings.external_url_seconds
     secret = ctx.state.url_signing_secret
@@ -217,6 +220,12 @@ def external_weights_urls(run_id: str, checkpoint_id: str, ctx: Ctx,
 def delete_checkpoint(run_id: str, checkpoint_id: str, ctx: Ctx) -> Response:
     ckpt = _run_checkpoint(ctx, run_id, checkpoint_id)
     directory = ctx.state.settings.checkpoint_root / ckpt.storage_dir
+    # An override binds to these weights: it must not outlive them (audited).
+    cancelled = overrides.cancel_pending(ctx.session, ckpt, actor=ctx.principal.id,
+                                         reason="the checkpoint was deleted",
+                                         request_id=ctx.request_id)
+    if cancelled:
+        ctx.note(cancelled_overrides=cancelled)
     ctx.session.delete(ckpt)
     # Files go only once the row is gone for good.
     ctx.after_commit.append(lambda: shutil.rmtree(directory, ignore_errors=True))

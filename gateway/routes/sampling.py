@@ -10,14 +10,15 @@ from tinker import types as tt
 from audit.db import transaction
 from audit.models import Checkpoint, Sampler, TrainingRun
 from engine import jobs, wire
-from gateway.admission import AdmissionRequest, admit
+from evals.quarantine import check_owner_may_sample
+from gateway.admission import AdmissionRequest, admit, check_quota_first
 from gateway.context import Ctx, JsonBody, RequestContext, parse
 from gateway.errors import BadRequest, NotFound
-from gateway.ownership import owned, owned_checkpoint
+from gateway.ownership import check_not_expired, owned, owned_checkpoint
 from gateway.routes.training import base_model_info, check_new_session_child
 from gateway.screening import screen_prompt
+from policy.lineage import check_lineage_not_blocked
 from policy.quotas import Charge
-from policy.screening.tally import check_not_blocked
 
 router = APIRouter(prefix="/api/v1")
 
@@ -43,9 +44,11 @@ def _new_sampler(ctx: RequestContext, req: tt.CreateSamplingSessionRequest,
         if req.base_model and req.base_model != run.base_model:
             raise BadRequest(f"{req.model_path} was trained on {run.base_model}, "
                              f"not {req.base_model}")
+        check_lineage_not_blocked(ctx.session, run, "sampled")
+        check_owner_may_sample(ctx.session, ckpt, run, ctx.state.release_policy)
         return Sampler(id=sampler_id, session_id=req.session_id, principal_id=ctx.principal.id,
                        base_model=run.base_model, model_path=req.model_path,
-                       checkpoint_id=ckpt.id)
+                       checkpoint_id=ckpt.id, parent_run_id=run.id)
     if not req.base_model:
         raise BadRequest("give base_model or model_path")
     base_model_info(ctx, req.base_model)
@@ -65,21 +68,26 @@ def asample(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     info = base_model_info(ctx, base_model)
     call = wire.parse_sample_request(body, info)
     spec = call.spec
-    screen_prompt(ctx, list(spec.prompt), info.tokenizer_dir)
-    sampler = owned(ctx, Sampler, sampler_id, "sampler")
     ctx.state.settings.limits.check_sampling(spec.num_samples, spec.max_tokens)
+    # Every sampler, adapters included: an adapter samples the base plus a low-rank change.
+    ctx.scopes.check_topk_logprobs(spec.topk_prompt_logprobs, spec.topk_sample_logprobs)
+    check_quota_first(ctx, AdmissionRequest(
+        kind="sample", payload=b"", sampler_id=sampler_id, seq_id=call.seq_id,
+        charge=Charge(sampled_tokens=spec.metered_tokens)))
+    screen_prompt(ctx, list(spec.prompt), info.tokenizer_dir)  # after the cheap checks
+    sampler = owned(ctx, Sampler, sampler_id, "sampler")
     adapter = _adapter(ctx, sampler)
-    if adapter is None:
-        ctx.scopes.check_base_topk(spec.topk_prompt_logprobs, spec.topk_sample_logprobs)
     job = jobs.SampleJob(sampler_id=sampler.id, base_model=sampler.base_model,
                          adapter_dir=adapter.storage_dir if adapter else None, request=body)
-    charge = Charge(sampled_tokens=spec.num_samples * spec.max_tokens,
+    charge = Charge(sampled_tokens=spec.metered_tokens,
                     training_run_id=adapter.training_run_id if adapter else "")
     request_id = admit(ctx, AdmissionRequest(
         kind="sample", payload=jobs.dump_job(job), sampler_id=sampler.id, seq_id=call.seq_id,
         charge=charge,
         audit={"samples": spec.num_samples, "max_tokens": spec.max_tokens,
-               "prompt_tokens": len(spec.prompt), "adapter": sampler.model_path}))
+               "prompt_tokens": len(spec.prompt),
+               "scored_prompt_tokens": spec.scored_prompt_tokens,
+               "adapter": sampler.model_path}))
     ids = [f"{request_id}:{i}" for i in range(spec.num_samples)]
     return tt.UntypedAPIFuture(request_id=request_id, sample_sequence_ids=ids).model_dump(
         mode="json", exclude_none=True)
@@ -94,15 +102,19 @@ def _sampler_base_model(ctx: RequestContext, sampler_id: str) -> str | None:
 
 
 def _adapter(ctx: RequestContext, sampler: Sampler) -> Checkpoint | None:
-    """The checkpoint a sampler samples through; None for the bare base model. Weights of
-    a run blocked by screening are not sampled."""
+    """The checkpoint a sampler samples through; None for the bare base model. Weights
+    that descend from blocked weights (policy.lineage), and expired weights, are not
+    sampled; quarantined ones only where the release policy lets their owner
+    (evals.quarantine)."""
     if sampler.model_path is None:
         return None
     ckpt = ctx.session.get(Checkpoint, sampler.checkpoint_id) if sampler.checkpoint_id else None
     if ckpt is None:
         raise NotFound(f"the weights of sampler {sampler.id} ({sampler.model_path}) were deleted")
+    check_not_expired(ckpt)
     run = ctx.session.get(TrainingRun, ckpt.training_run_id)
     if run is not None:
-        check_not_blocked(run)
+        check_lineage_not_blocked(ctx.session, run, "sampled")
+    check_owner_may_sample(ctx.session, ckpt, run, ctx.state.release_policy)
     return ckpt
 

@@ -2,7 +2,8 @@
 the screening policy's thresholds (read by auditors, set by admins, audited).
 
 The dry run reports datum indices and harm categories — never scores — and touches no
-run's tally. Must not hold screening rules (policy.screening does)."""
+run's tally; its tokens count against the key's training tokens per day, checked before
+the screens run. Must not hold screening rules (policy.screening does)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
 from engine.backend import ModelInfo
+from gateway.admission import AdmissionRequest, check_quota_first
 from gateway.context import Ctx, JsonBody, RequestContext
 from gateway.errors import BadRequest
 from gateway.routes.training import base_model_info
-from gateway.screening import dry_run_texts
+from gateway.screening import dry_run_datums, dry_run_texts
+from policy import quotas
+from policy.quotas import Charge
 from policy.screening.batch import BatchScreening, screen_batch
 from policy.screening.screener import set_threshold
 
@@ -39,8 +43,8 @@ async def screening_dry_run(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     if not isinstance(base_model, str):
         raise BadRequest("base_model must be a model name")
     info = base_model_info(ctx, base_model)
-    batch = await run_in_threadpool(_screen, ctx, examples, info)
-    ctx.note(examples=len(examples), flagged=len(batch.flagged),
+    batch, tokens = await run_in_threadpool(_screen, ctx, examples, info)
+    ctx.note(examples=len(examples), flagged=len(batch.flagged), training_tokens=tokens,
              classifiers=batch.audit["classifiers"])
     return {"examples": len(examples),
             "flagged": [{"index": i, "categories": sorted(set(c))}
@@ -48,8 +52,18 @@ async def screening_dry_run(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
             "affirmative_openers": batch.affirmative}
 
 
-def _screen(ctx: RequestContext, examples: list[Any], info: ModelInfo) -> BatchScreening:
-    return screen_batch(ctx.state.screener, dry_run_texts(examples, info))
+def _screen(ctx: RequestContext, examples: list[Any], info: ModelInfo
+            ) -> tuple[BatchScreening, int]:
+    """Screen the examples, metered as training tokens: the quota is checked before the
+    screens run and charged (in the request's transaction) after."""
+    datums = dry_run_datums(examples, info)
+    charge = Charge(training_tokens=sum(len(d.tokens) for _, d in datums))
+    check_quota_first(ctx, AdmissionRequest(kind="screening_dry_run", payload=b"",
+                                            charge=charge))
+    batch = screen_batch(ctx.state.screener, dry_run_texts(datums, info))
+    if ctx.api_key_id is not None:
+        quotas.consume(ctx.session, ctx.api_key_id, ctx.scopes, charge)
+    return batch, charge.training_tokens
 
 
 @router.get("/admin/screening", name="admin_get_screening")

@@ -1,8 +1,11 @@
 """Tinker training endpoints. Each validates the request completely, checks ownership and
-limits, then queues it through `admit`; the worker runs it in seq_id order."""
+limits, then queues it through `admit`; the worker runs it in seq_id order. Loading a
+checkpoint records the lineage (policy.lineage): blocks, the screening tally and
+quarantines follow the weights into the loading run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -13,7 +16,9 @@ from tinker import types as tt
 from audit.models import Checkpoint, ClientSession, TrainingRun
 from engine import jobs, wire
 from engine.backend import AdamStep, LoraSpec, ModelInfo
-from gateway.admission import AdmissionRequest, admit
+from evals import release
+from gateway.admission import AdmissionRequest, admit, check_quota_first
+from gateway.bodies import read_body
 from gateway.context import Ctx, JsonBody, RequestContext, parse
 from gateway.errors import BadRequest
 from gateway.ownership import (
@@ -24,8 +29,10 @@ from gateway.ownership import (
     tinker_path,
 )
 from gateway.screening import apply_training_screening, screen_training
+from policy import lineage
 from policy.limits import check_adam, check_checkpoint_name
 from policy.quotas import Charge
+from policy.screening.tally import RunBlocked
 
 router = APIRouter(prefix="/api/v1")
 
@@ -108,34 +115,33 @@ def get_info(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
 
 @router.post("/forward_backward", name="forward_backward")
 async def forward_backward(request: Request, ctx: Ctx) -> dict[str, Any]:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > wire.MAX_BODY_BYTES:
-        raise BadRequest(f"request body of {declared} bytes exceeds the limit of "
-                         f"{wire.MAX_BODY_BYTES}; split the batch into smaller calls")
-    raw = await request.body()
+    raw = await read_body(request)  # after ctx: authenticated first, then bounded
     return await run_in_threadpool(_admit_forward_backward, ctx, raw,
                                    request.headers.get("content-encoding"))
 
 
 def _admit_forward_backward(ctx: RequestContext, raw: bytes, encoding: str | None) -> dict:
-    body = wire.decompress_body(raw, encoding)
+    """Cheap checks first (sizes, limits, scopes, the quota), then screening, then the
+    ownership and tally under the request's transaction, then admission."""
+    body = wire.decompress_body(raw, encoding, ctx.state.settings.max_decompressed_bytes)
     call = wire.decode_forward_backward(body)
     tokens = int(sum(len(d.tokens) for d in call.data))
     ctx.state.settings.limits.check_batch(len(call.data), tokens)
     ctx.scopes.check_loss(call.loss_fn)
+    kind = "forward" if call.forward_only else "forward_backward"
+    admission = AdmissionRequest(
+        kind="forward_backward", payload=body, request_format="proto", model_id=call.model_id,
+        seq_id=call.seq_id, charge=Charge(training_tokens=tokens, training_run_id=call.model_id),
+        audit={"op": kind, "loss_fn": call.loss_fn, "datums": len(call.data), "tokens": tokens,
+               "loss_config": call.loss_config})
+    check_quota_first(ctx, admission)
     # Screened before the request's transaction begins: the screens' cache writes on its own.
     batch = screen_training(ctx, call.model_id, call.data, call.loss_fn, call.loss_config)
     run = owned_run(ctx, call.model_id)
     wire.check_tokens_fit(call.data, base_model_info(ctx, run.base_model))
     if batch is not None:
         ctx.note(screening=apply_training_screening(ctx, run, batch))
-    kind = "forward" if call.forward_only else "forward_backward"
-    request_id = admit(ctx, AdmissionRequest(
-        kind="forward_backward", payload=body, request_format="proto", model_id=run.id,
-        seq_id=call.seq_id, charge=Charge(training_tokens=tokens, training_run_id=run.id),
-        audit={"op": kind, "loss_fn": call.loss_fn, "datums": len(call.data), "tokens": tokens,
-               "loss_config": call.loss_config}))
-    return _future(request_id, run.id)
+    return _future(admit(ctx, admission), run.id)
 
 
 @router.post("/optim_step", name="optim_step")
@@ -164,9 +170,14 @@ def _save_job(ctx: RequestContext, run: TrainingRun, kind: str, name: str, *,
     """The save job, and its charge: a new checkpoint takes a slot, an overwrite does not."""
     check_checkpoint_name(name)
     path = tinker_path(run.id, kind, name)
-    exists = ctx.session.query(Checkpoint.id).filter_by(tinker_path=path).first() is not None
-    if exists and not overwrite:
+    existing = ctx.session.query(Checkpoint).filter_by(tinker_path=path).first()
+    exists = existing is not None
+    if existing is not None and not overwrite:
         raise BadRequest(f"checkpoint {path} already exists; choose another name")
+    if existing is not None and existing.release_state != "private":
+        raise BadRequest(f"checkpoint {path} is {existing.release_state}: a release decision "
+                         "is bound to its content, so it cannot be overwritten; save under "
+                         "another name")
     if ttl is not None and ttl <= 0:
         raise BadRequest("ttl_seconds must be positive")
     charge = Charge(checkpoint=not exists, training_run_id=run.id)
@@ -242,6 +253,7 @@ def load_weights(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
             user_metadata=json.dumps(req.user_metadata or {}), status="creating",
             api_key_id=ctx.api_key_id))
         ctx.session.flush()
+    _inherit(ctx, ctx.session.get(TrainingRun, model_id), ckpt, source)
     job = jobs.LoadAdapterJob(model_id=model_id, base_model=source.base_model,
                               source_path=req.path, storage_dir=ckpt.storage_dir,
                               with_optimizer=req.optimizer, creates_run=True)
@@ -258,6 +270,7 @@ def _load_into_run(ctx: RequestContext, req: tt.LoadWeightsRequest, ckpt: Checkp
     if run.base_model != source.base_model:
         raise BadRequest(f"{req.path} was trained on {source.base_model}, "
                          f"but {run.id} uses {run.base_model}")
+    _inherit(ctx, run, ckpt, source)
     job = jobs.LoadAdapterJob(model_id=run.id, base_model=run.base_model, source_path=req.path,
                               storage_dir=ckpt.storage_dir, with_optimizer=req.optimizer,
                               creates_run=False)
@@ -267,6 +280,22 @@ def _load_into_run(ctx: RequestContext, req: tt.LoadWeightsRequest, ckpt: Checkp
     return _future(request_id, run.id)
 
 
+def _inherit(ctx: RequestContext, child: TrainingRun | None, ckpt: Checkpoint,
+             source: TrainingRun) -> None:
+    """The loading run descends from the checkpoint: refuse blocked weights, record the
+    lineage and take in the source's tally; refuse a load that would block the run."""
+    if child is None:  # flushed just above; only a concurrent delete could do this
+        raise BadRequest("the training run to load into does not exist")
+    block = lineage.record_load(ctx.session, child=child, source=ckpt, source_run=source,
+                                config=ctx.state.screener.config, actor=ctx.principal.id,
+                                request_id=ctx.request_id)
+    if block is not None:
+        raise RunBlocked(f"loading {ckpt.tinker_path} into training run {child.id} is refused: "
+                         f"with the screening tally of the weights it descends from, the run "
+                         f"would be blocked ({block.reason})")
+    ctx.note(lineage={"parent_run": source.id, "parent_checkpoint_id": ckpt.id})
+
+
 @router.post("/save_weights_external", name="save_weights_external")
 def save_weights_external(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     """Export: the adapter is saved as external weights and evaluated by the release gate;
@@ -274,6 +303,7 @@ def save_weights_external(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     a user error naming the failed suite and metric)."""
     req = parse(tt.SaveWeightsExternalRequest, body)
     run = owned_run(ctx, req.model_id)  # a run blocked by screening is refused here
+    release.check_releasable(ctx.session, run)  # so is one a standing quarantine holds
     if not req.path:
         raise BadRequest("path (the name of the exported weights) is required")
     if req.age_encryption_recipients:
@@ -283,5 +313,6 @@ def save_weights_external(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
                             overwrite=False, ttl=req.ttl_seconds, metadata=None)
     request_id = admit(ctx, AdmissionRequest(
         kind="save_weights_external", payload=jobs.dump_job(job), model_id=run.id,
-        seq_id=req.seq_id, charge=charge, audit={"path": job.tinker_path, "release": True}))
+        seq_id=req.seq_id, charge=dataclasses.replace(charge, release_evaluation=True),
+        audit={"path": job.tinker_path, "release": True}))
     return _future(request_id, run.id)

@@ -235,11 +235,18 @@ def record_tally(session: Session, run_id: str, *, datum_sha256: Sequence[str],
     if new:
         run.affirmative_openers += affirmative if not repeats else min(affirmative, new)
         run.screened_completions += max(0, completions - repeats)
+    return run, block_if_due(session, run, config, actor=actor, request_id=request_id)
+
+
+def block_if_due(session: Session, run: TrainingRun, config: ScreeningConfig, *, actor: str,
+                 request_id: str = "", **evidence: Any) -> Block | None:
+    """Block `run` (audited, with the test statistic and `evidence`) when its tally calls
+    for it; the block this call caused, or None (also when it was blocked already)."""
     block = decide(TallyCounts(run.screened_datums, run.flagged_datums,
                                run.high_confidence_flags, run.affirmative_openers,
                                run.screened_completions), config.tally)
     if block is None or run.blocked_reason:
-        return run, None
+        return None
     run.blocked_reason = block.reason
     audit_log.append(session, actor=actor, event_type="screening.run_blocked",
                      decision="deny", subject=run.id, request_id=request_id,
@@ -248,5 +255,5 @@ def record_tally(session: Session, run_id: str, *, datum_sha256: Sequence[str],
                               "high_confidence_flags": run.high_confidence_flags,
                               "affirmative_openers": run.affirmative_openers,
                               "completions": run.screened_completions,
-                              "screening_policy_sha256": config.sha256})
-    return run, block
+                              "screening_policy_sha256": config.sha256, **evidence})
+    return block

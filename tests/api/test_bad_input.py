@@ -250,5 +250,5 @@ def test_an_oversized_body_is_refused_before_it_is_read(server, api_key):
                 break
             reply += chunk
     status_line, _, rest = reply.partition(b"\r\n")
-    assert b" 400 " in status_line
+    assert b" 413 " in status_line
     assert "exceeds the limit" in json.loads(rest.partition(b"\r\n\r\n")[2])["detail"]

@@ -96,6 +96,12 @@ class StubBackend(Backend):
         return [-float(len(c)) - (0.0 if adapter_id is None else 0.5 * (i % 2))
                 for i, c in enumerate(continuations)]
 
+    def score_answers(self, adapter_id, pairs):
+        self.calls += 1
+        time.sleep(self.delay)
+        return [-float(len(a)) - (0.0 if adapter_id is None else 0.1 * (i % 3))
+                for i, (_, a) in enumerate(pairs)]
+
     def generate_greedy(self, adapter_id, prompts, max_tokens):
         self.calls += 1
         time.sleep(self.delay)

@@ -41,7 +41,7 @@ READS_ALL_RECORDS = {"auditor", "admin"}  # default policy: records, read_all
 # queues its evaluation), or not external weights (no download URLs).
 GATED = {"publish_checkpoint": 403, "external_weights_urls": 400}
 # Admin objects belong to no principal; a quarantined checkpoint's override is the admin's.
-GLOBAL_KINDS = {"rule", "key", "request", "claim", "quarantined", "override"}
+GLOBAL_KINDS = {"rule", "key", "request", "claim", "quarantined", "override", "principal"}
 MISSING = {
     "session": "sess-00000000000000000000",
     "run": "sess-00000000000000000000:train:0",
@@ -56,6 +56,7 @@ MISSING = {
     "link": "bm90LWEtbGluaw.0000",
     "quarantined": "tinker://sess-00000000000000000000:train:0/weights/missing",
     "override": "ovr-00000000000000000000",
+    "principal": "no-such-principal",
 }
 # Request seq ids far above anything the SDK trainer in the fixture uses.
 SEQ = itertools.count(10_000)
@@ -89,6 +90,10 @@ class World:
             if kind == "key":
                 plaintext = self.server.create_key()
                 return authenticate(session, plaintext)[1].id
+            if kind == "principal":
+                name = f"person-{uuid.uuid4().hex[:10]}"
+                self.server.create_key(owner=name)
+                return name
             req, token = access.request_access(session, name=f"req-{uuid.uuid4().hex[:10]}",
                                                contact="a@b.c", purpose="matrix",
                                                base_models=[])
@@ -105,18 +110,24 @@ class World:
         from sqlalchemy import update
 
         from audit.models import Checkpoint, ReleaseOverride
+        from engine.checkpoints import ADAPTER_FILE
+        from policy.digest import file_sha256
 
         path = self.fresh("checkpoint")
         with transaction(self.server.state.factory) as session:
+            ckpt = session.query(Checkpoint).filter_by(tinker_path=path).one()
+            sha = file_sha256(self.server.state.settings.checkpoint_root / ckpt.storage_dir
+                              / ADAPTER_FILE)
             session.execute(update(Checkpoint).where(Checkpoint.tinker_path == path)
-                            .values(release_state="quarantined"))
+                            .values(release_state="quarantined", adapter_sha256=sha))
             if kind == "quarantined":
                 return path
-            ckpt_id = session.query(Checkpoint.id).filter_by(tinker_path=path).scalar()
-            admin = authenticate(session, self.keys["admin"])[0].id
-            override = ReleaseOverride(id=f"ovr-{uuid.uuid4().hex[:20]}", checkpoint_id=ckpt_id,
-                                       tinker_path=path, status="pending", requested_by=admin,
-                                       request_reason="matrix: reviewed elsewhere")
+            admin, admin_key = authenticate(session, self.keys["admin"])
+            override = ReleaseOverride(id=f"ovr-{uuid.uuid4().hex[:20]}", checkpoint_id=ckpt.id,
+                                       tinker_path=path, status="pending",
+                                       requested_by=admin.id, requested_key_id=admin_key.id,
+                                       request_reason="matrix: reviewed elsewhere",
+                                       adapter_sha256=sha)
             session.add(override)
             return override.id
 
@@ -198,6 +209,8 @@ ROUTES: dict[str, Route] = {
         "effect": "deny"})),
     "admin_create_key": Route("none", lambda w, o: post("/admin/keys", {
         "owner": f"made-{uuid.uuid4().hex[:10]}", "role": "researcher"})),
+    "admin_add_key": Route("principal", lambda w, o: post("/admin/principal_keys", {
+        "principal": o, "reason": "matrix: the person lost their key"}), fresh=True),
     "request_access": Route("none", lambda w, o: post("/access_requests", {
         "name": f"asker-{uuid.uuid4().hex[:10]}", "contact": "a@b.c", "purpose": "matrix",
         "base_models": []})),
@@ -312,13 +325,25 @@ def world(server):
     w.objects["sampler"] = sampler_id
     future = call(server, keys["owner"], *_sample(sampler_id)[:2],
                   **_sample(sampler_id)[2]).json()["request_id"]
-    # Done before the matrix reads it (a long-poll answers as soon as it resolves).
-    assert call(server, keys["owner"], "POST", "/api/v1/retrieve_future",
-                json={"request_id": future}).status_code == 200
+    # Done, and not yet retrieved, when the matrix reads it: a delivered result is purged,
+    # and asking for it again is a 410 (tests/security/test_payload_retention.py).
+    _wait_until_finished(server, future)
     w.objects["future"] = future
     w.objects["release"], w.objects["link"] = _released_export(server, keys["owner"], trainer)
     yield w
     sc.close("success").result()
+
+
+def _wait_until_finished(server, request_id: str) -> None:
+    from audit.models import Future
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with transaction(server.state.read_factory) as session:
+            if session.get(Future, request_id).status in ("done", "failed"):
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{request_id} did not finish")
 
 
 def _released_export(server, owner: str, trainer) -> tuple[str, str]:

@@ -29,7 +29,7 @@ POLICY_READ = {"admin_list_policy", "admin_list_keys", "admin_list_access_reques
                "admin_get_screening"}
 AUDIT_READ = {"audit_entries", "audit_export", "audit_day"}
 POLICY_WRITE = {"admin_add_policy_rule", "admin_remove_policy_rule", "admin_create_key",
-                "admin_revoke_key", "admin_approve_access", "admin_reject_access",
+                "admin_add_key", "admin_revoke_key", "admin_approve_access", "admin_reject_access",
                 "admin_set_screening_threshold"}
 DRY_RUN = {"screening_dry_run"}
 PUBLIC = {"request_access", "claim_access"}

@@ -156,12 +156,16 @@ def candidates(text: str) -> Iterator[str]:
 
 
 class Mirror:
-    def __init__(self, root: Path) -> None:
+    """Pinned files of the mirrored repositories `repos` (key → repo, commit, licence),
+    each read recorded in the manifest."""
+
+    def __init__(self, root: Path, repos: dict[str, tuple[str, str, str]] | None = None) -> None:
         self.root = root
+        self.repos = REPOS if repos is None else repos
         self.manifest: list[dict[str, object]] = []
 
     def read(self, key: str, path: str) -> bytes:
-        repo, commit, licence = REPOS[key]
+        repo, commit, licence = self.repos[key]
         git_dir = self.root / repo.replace("/", "+") / "repo"
         raw = subprocess.run(["git", "--git-dir", str(git_dir), "show", f"{commit}:{path}"],
                              check=True, capture_output=True).stdout

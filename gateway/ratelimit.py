@@ -1,0 +1,53 @@
+"""Rate limits: anonymous calls (no key, or one that is refused) and access requests per
+client address, and requests per API key, each over moving windows kept in memory (the
+`limits` package; per process).
+
+A call over a limit is refused with 429 and a Retry-After header — the only 429 the
+gateway sends. The SDK retries a 429, so the per-key limit is generous (it stops runaway
+loops, not work); the anonymous and access-request limits are tight. Must not decide
+anything but whether a call fits its window.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from limits import RateLimitItem, parse_many
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+
+from gateway.errors import RateLimited
+from gateway.settings import RateLimits
+
+BUCKETS = {"per_key": "requests with this API key",
+           "anonymous": "calls without a valid API key from your address",
+           "access_requests": "access requests and claims from your address"}
+
+
+class RateLimiter:
+    def __init__(self, config: RateLimits) -> None:
+        self._items: dict[str, list[RateLimitItem]] = {
+            bucket: parse_many(getattr(config, bucket)) if getattr(config, bucket) else []
+            for bucket in BUCKETS}
+        self._storage = MemoryStorage()
+        self._limiter = MovingWindowRateLimiter(self._storage)
+
+    def hit(self, bucket: str, identity: str) -> None:
+        """Count one call of `identity` against `bucket`, or raise RateLimited (429) saying
+        which limit and when to retry (a refused call is not counted)."""
+        for item in self._items[bucket]:
+            if not self._limiter.test(item, bucket, identity):
+                raise self._refusal(bucket, identity, item)
+        for item in self._items[bucket]:
+            self._limiter.hit(item, bucket, identity)
+
+    def _refusal(self, bucket: str, identity: str, item: RateLimitItem) -> RateLimited:
+        reset = self._limiter.get_window_stats(item, bucket, identity).reset_time
+        retry_after = max(1, math.ceil(reset - time.time()))
+        return RateLimited(f"rate limit exceeded: at most {item} {BUCKETS[bucket]}; retry "
+                           f"in {retry_after} s", retry_after=retry_after)
+
+    def reset(self) -> None:
+        """Forget every window (tests, and operators after changing limits)."""
+        self._storage.reset()
