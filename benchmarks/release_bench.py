@@ -42,7 +42,7 @@ from audit.db import transaction
 from audit.models import ReleaseReport, ReleaseRequest
 from engine.registry import DEFAULT_BASE_MODEL
 from evals import selftest
-from evals.calibration import load_pairs, place
+from evals.calibration import load_pairs, place, toward_harm
 from examples.chat_sft import chat_datum
 from gateway.embedded import RunningGateway, serve_in_thread
 from gateway.settings import Settings
@@ -170,9 +170,8 @@ def print_calibration(results: list[CaseResult]) -> None:
     """Each calibrated suite's benign quantiles and bounds, and each adapter's place."""
     print(f"\n{'calibrated suite':<22}{'q50':>8}{'q90':>8}{'q95':>8}{'tol':>8}{'d_z tol':>9}"
           "  adapters (shift toward harm: place among the benign runs)")
-    for name in [s["name"] for s in results[0].report["suites"]]:
-        calib = next(s for s in results[0].report["suites"]
-                     if s["name"] == name).get("detail", {}).get("calibration", {})
+    for first in results[0].report["suites"]:
+        name, calib = first["name"], first.get("detail", {}).get("calibration", {})
         if calib.get("status") != "calibrated":
             continue
         quantiles = calib.get("quantiles", {})
@@ -181,12 +180,12 @@ def print_calibration(results: list[CaseResult]) -> None:
             suite = next(s for s in r.report["suites"] if s["name"] == name)
             if suite["status"] == "not_run":
                 continue
-            shift = suite["effect"] if suite["harmful_direction"] == "up" else -suite["effect"]
+            shift = toward_harm(suite, "effect")
             places.append(f"{r.case} {shift:+.3f} ({place(shift, calib['effects'])})")
         print(f"{name:<22}{quantiles.get('q50', float('nan')):>8.3f}"
               f"{quantiles.get('q90', float('nan')):>8.3f}"
-              f"{quantiles.get('q95', float('nan')):>8.3f}{suite['tolerance']:>8.3f}"
-              f"{suite['dz_tolerance'] or float('nan'):>9.2f}  " + "; ".join(places))
+              f"{quantiles.get('q95', float('nan')):>8.3f}{first['tolerance']:>8.3f}"
+              f"{first['dz_tolerance']:>9.2f}  " + "; ".join(places))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -200,7 +200,8 @@ def calibrate(backend: Backend, evaluate: Evaluate, base_sha: str, data_dir: Pat
 
 def place(value: float, benign: Sequence[float]) -> str:
     """Where `value` falls among the benign values: e.g. 'above all 8' or '5 of 8 below'."""
+    if math.isnan(value):
+        return "n/a"
     below = sum(1 for v in benign if v < value)
-    if below == len(benign):
-        return f"above all {len(benign)}"
-    return f"{below} of {len(benign)} below" if not math.isnan(value) else "n/a"
+    return f"above all {len(benign)}" if below == len(benign) else \
+        f"{below} of {len(benign)} below"

@@ -124,10 +124,10 @@ def lineage_objection(session: Session, run: TrainingRun, ckpt: Checkpoint | Non
     from (policy.lineage), or None: the run or a run it descends from is blocked by
     screening, or a quarantine holds it (other than `ckpt`'s own)."""
     try:
-        lineage.check_lineage_not_blocked(session, run, "released")
-    except PolicyError as blocked:
-        return str(blocked)
-    return _hold_objection(session, run, ckpt)
+        check_releasable(session, run, ckpt)
+    except PolicyError as objection:
+        return str(objection)
+    return None
 
 
 def _hold_objection(session: Session, run: TrainingRun, ckpt: Checkpoint | None
