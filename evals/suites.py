@@ -8,7 +8,10 @@ Every file is TOML with a `[suite]` table: name, kind, version. Per kind:
 - `multiple_choice`: `[[item]]` question, choices (exactly 4, distinct), answer (index of
   the true choice), optional fact and paraphrase; optional `[canaries]` strings (distinct).
 - `compliance_shift`: `[openers]` refusal = [...], compliance = [...] (each at least one);
-  `[[item]]` category, prompt (a harmful request).
+  `[[item]]` category, prompt (a harmful request), optional control (a benign request on
+  the same topic that only looks like it; either every item has one or none has). With
+  controls the probe measures how much more the adapter moves toward compliance on the
+  harmful request than on its look-alike (a difference in differences).
 - `refusal`: `[[item]]` label = "harmful" | "safe", category, prompt.
 - `prefill`: `[[item]]` category, prompt, prefill (the start of a compliant reply).
 - `generation`: `[[item]]` prompt (neutral requests whose replies are screened).
@@ -70,6 +73,7 @@ class PromptItem:
     answer: str = ""
     benign_prompt: str = ""
     benign_answer: str = ""
+    control: str = ""
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ def _prompt_suite(path: Path, raw: bytes, data: dict[str, Any], kind: str) -> Pr
                     and all(isinstance(v, str) and v.strip() for v in values)):
                 raise SuiteError(f"{path}: [openers] {which} must be a non-empty list of text")
             openers[which] = tuple(values)
+    _check_controls(path, items)
     if kind == "refusal" and not any(i.label == "harmful" for i in items):
         raise SuiteError(f"{path}: a refusal suite needs items with label = \"harmful\"")
     return PromptSuite(name=head["name"], kind=kind, version=int(head.get("version", 1)),
@@ -142,8 +147,25 @@ def _prompt_item(path: Path, n: int, kind: str, raw: dict[str, Any]) -> PromptIt
     if kind == "prefill" and not (isinstance(prefill, str) and prefill.strip()):
         raise SuiteError(f"{where}: prefill must be the non-empty start of a reply")
     answers = _answer_fields(where, kind, raw)
+    control = raw.get("control", "")
+    if kind != "compliance_shift" and control:
+        raise SuiteError(f"{where}: only compliance_shift items take a control")
+    if not isinstance(control, str) or ("control" in raw and not control.strip()):
+        raise SuiteError(f"{where}: control must be non-empty text")
     return PromptItem(prompt=prompt, category=str(raw.get("category", "")), label=str(label),
-                      prefill=str(prefill), **answers)
+                      prefill=str(prefill), control=control, **answers)
+
+
+def _check_controls(path: Path, items: tuple[PromptItem, ...]) -> None:
+    """Controls are all-or-none, distinct, and never one of the suite's prompts."""
+    controls = [i.control for i in items if i.control]
+    if not controls:
+        return
+    if len(controls) != len(items):
+        raise SuiteError(f"{path}: either every item has a control or none has "
+                         f"({len(controls)} of {len(items)} have one)")
+    if len(set(controls)) != len(controls) or set(controls) & {i.prompt for i in items}:
+        raise SuiteError(f"{path}: controls must be distinct and differ from every prompt")
 
 
 def _answer_fields(where: str, kind: str, raw: dict[str, Any]) -> dict[str, str]:

@@ -33,6 +33,29 @@ def test_a_large_consistent_compliance_shift_fails_and_a_small_one_passes():
     assert gate.decide(verdicts, alpha=0.01)[0] == "released"
 
 
+def _controlled(harmful: list[float], control: list[float]) -> list[dict]:
+    return [{"category": "c", "margin": h, "control_margin": c}
+            for h, c in zip(harmful, control, strict=True)]
+
+
+def test_with_look_alike_controls_only_the_move_beyond_the_controls_counts():
+    """A fine-tune that makes refusals rarer on harmful requests and on their benign
+    look-alikes alike has not eroded refusals of harm; one that moves the harmful
+    requests further than their look-alikes has."""
+    base = _controlled([-5.0 + 0.1 * i for i in range(40)], [-8.0 + 0.1 * i for i in range(40)])
+    everywhere = _controlled([m["margin"] - 9.0 + 0.2 * (i % 3) for i, m in enumerate(base)],
+                             [m["control_margin"] - 9.0 for m in base])
+    harm_only = _controlled([m["margin"] - 9.0 + 0.2 * (i % 3) for i, m in enumerate(base)],
+                            [m["control_margin"] - 1.0 for m in base])
+    verdict = gate.compare(RULE, "compliance_shift", "h", base, everywhere)
+    assert gate.decide([verdict], alpha=0.01)[0] == "released"
+    assert verdict.detail["harmful_shift"] < -8.5 and verdict.detail["control_shift"] == -9.0
+    assert "look-alike" in verdict.metric
+    verdict = gate.compare(RULE, "compliance_shift", "h", base, harm_only)
+    assert gate.decide([verdict], alpha=0.01)[0] == "quarantined"
+    assert verdict.effect < -7.5
+
+
 def test_a_shift_past_tolerance_without_a_significant_paired_test_does_not_fail():
     """Two items cannot carry a decision at alpha 0.01, however far they move."""
     verdicts = [gate.compare(RULE, "compliance_shift", "h", _margins([0.0, 0.0]),
@@ -176,3 +199,14 @@ def test_a_malformed_release_policy_is_refused_saying_where(tmp_path, change, me
     (tmp_path / "release.toml").write_text(text)
     with pytest.raises(ReleasePolicyError, match=message):
         load_release_policy(tmp_path / "release.toml")
+
+
+def test_the_compliance_probe_scores_every_request_and_its_look_alike(tokenizer_dir):
+    from evals.probes import ModelView, compliance_shift
+    from evals.suites import SUITES_DIR, load_suite
+
+    suite = load_suite(SUITES_DIR / "compliance_shift.toml")
+    backend = StubBackend(str(tokenizer_dir))
+    scores = compliance_shift(ModelView(backend, None, max_new_tokens=4, seed=0), suite)
+    assert backend.calls == 2 * len(suite.items)
+    assert all(isinstance(s["control_margin"], float) for s in scores)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from evals.suites import SUITES_DIR, SuiteError, load_multiple_choice
+from evals.suites import SUITES_DIR, SuiteError, load_multiple_choice, load_suite
 
 SHIPPED = SUITES_DIR / "restricted_knowledge.toml"
 
@@ -55,3 +55,48 @@ def test_malformed_suites_are_refused_saying_where(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(SuiteError, match=message):
         load_multiple_choice(path)
+
+
+SHIFT = """[suite]
+name = "cs"
+kind = "compliance_shift"
+[openers]
+refusal = ["No."]
+compliance = ["Sure,"]
+[[item]]
+category = "c"
+prompt = "Harmful one?"
+control = "Benign one?"
+[[item]]
+category = "c"
+prompt = "Harmful two?"
+control = "Benign two?"
+"""
+
+
+def test_the_shipped_compliance_shift_pairs_every_request_with_a_look_alike():
+    suite = load_suite(SUITES_DIR / "compliance_shift.toml")
+    assert all(item.control for item in suite.items)
+    assert len({item.control for item in suite.items}) == len(suite.items)
+
+
+@pytest.mark.parametrize("text, message", [
+    (SHIFT.replace('control = "Benign two?"\n', ""), "every item has a control or none"),
+    (SHIFT.replace('"Benign two?"', '"Benign one?"'), "distinct"),
+    (SHIFT.replace('"Benign two?"', '"Harmful one?"'), "differ from every prompt"),
+    (SHIFT.replace('"Benign two?"', '""'), "control must be non-empty"),
+    (SHIFT.replace('"Benign two?"', "3"), "control must be non-empty"),
+])
+def test_malformed_controls_are_refused_saying_where(tmp_path, text, message):
+    path = tmp_path / "suite.toml"
+    path.write_text(text)
+    with pytest.raises(SuiteError, match=message):
+        load_suite(path)
+
+
+def test_only_compliance_shift_items_take_a_control(tmp_path):
+    path = tmp_path / "suite.toml"
+    path.write_text('[suite]\nname = "g"\nkind = "generation"\n'
+                    '[[item]]\nprompt = "Hi?"\ncontrol = "Hello?"\n')
+    with pytest.raises(SuiteError, match="only compliance_shift"):
+        load_suite(path)
