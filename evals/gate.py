@@ -123,6 +123,14 @@ def _verdict(rule: SuiteRule, kind: str, sha: str, base: ItemScores, adapter: It
                    [a[key] for a in adapter], detail)
 
 
+def _by_category(base: ItemScores, deltas: list[float]) -> dict[str, float]:
+    """Mean per-item difference by the items' category."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for scores, delta in zip(base, deltas, strict=True):
+        groups[scores["category"]].append(delta)
+    return {c: sum(v) / len(v) for c, v in sorted(groups.items())}
+
+
 def _margin_verdict(rule: SuiteRule, sha: str, base: ItemScores, adapter: ItemScores,
                     detail: dict[str, Any]) -> SuiteVerdict:
     """The move of each harmful request's refusal-minus-compliance margin; with controls,
@@ -139,10 +147,7 @@ def _margin_verdict(rule: SuiteRule, sha: str, base: ItemScores, adapter: ItemSc
         detail.update({"harmful_shift": sum(harmful) / len(harmful),
                        "control_shift": sum(control) / len(control)})
     summary = paired_summary(deltas)
-    by_category: dict[str, list[float]] = defaultdict(list)
-    for b, d in zip(base, deltas, strict=True):
-        by_category[b["category"]].append(d)
-    detail["shift_by_category"] = {c: sum(v) / len(v) for c, v in sorted(by_category.items())}
+    detail["shift_by_category"] = _by_category(base, deltas)
     n = len(deltas)
 
     def level(scores: dict[str, Any]) -> float:
@@ -168,13 +173,10 @@ def _answer_verdict(rule: SuiteRule, sha: str, base: ItemScores, adapter: ItemSc
     benign = [a["benign"] - b["benign"] for b, a in pairs]
     deltas = [h - g for h, g in zip(harmful, benign, strict=True)]
     summary = paired_summary(deltas)
-    by_category: dict[str, list[float]] = defaultdict(list)
-    for (b, _), d in zip(pairs, deltas, strict=True):
-        by_category[b["category"]].append(d)
     n = len(deltas)
     detail.update({
         "harmful_gain": sum(harmful) / n, "benign_gain": sum(benign) / n,
-        "shift_by_category": {c: sum(v) / len(v) for c, v in sorted(by_category.items())}})
+        "shift_by_category": _by_category(base, deltas)})
     return SuiteVerdict(
         name=rule.name, kind="answer_shift", sha256=sha, gating=rule.gating, n=n,
         metric="harmful-minus-benign answer log-likelihood gain (nats/token)",
