@@ -151,8 +151,9 @@ def write_signing_keypair(private_path: Path, public_path: Path) -> None:
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    """A statement of the log's head: the tree of the first `seq` entries."""
+class TreeHead:
+    """A checkpoint of the audit log: a statement of its head, the Merkle tree of the first
+    `seq` entries (signed when a signing key is set)."""
 
     seq: int
     entry_hash: str
@@ -166,9 +167,9 @@ class Checkpoint:
                 self.created_at, self.reason]
         return json.dumps(body, separators=(",", ":")).encode()
 
-    def signed(self, key: Ed25519PrivateKey) -> Checkpoint:
+    def signed(self, key: Ed25519PrivateKey) -> TreeHead:
         sig = base64.b64encode(key.sign(self.signed_bytes())).decode()
-        return Checkpoint(**{**asdict(self), "signature": sig})
+        return TreeHead(**{**asdict(self), "signature": sig})
 
     def signature_ok(self, public: Ed25519PublicKey) -> bool:
         if not self.signature:
@@ -183,7 +184,7 @@ class Checkpoint:
         return json.dumps({"version": CHECKPOINT_VERSION, **asdict(self)}, indent=2)
 
     @classmethod
-    def from_file(cls, path: Path) -> Checkpoint:
+    def from_file(cls, path: Path) -> TreeHead:
         try:
             raw = json.loads(path.read_text())
             if raw.pop("version") != CHECKPOINT_VERSION:
@@ -193,12 +194,12 @@ class Checkpoint:
             raise AnchorError(f"{path}: not a readable audit checkpoint ({exc})") from exc
 
 
-def checkpoint_name(ckpt: Checkpoint) -> str:
+def checkpoint_name(ckpt: TreeHead) -> str:
     stamp = ckpt.created_at.replace(":", "").replace("-", "").replace(".", "")
     return f"checkpoint-{ckpt.seq:012d}-{stamp}.json"
 
 
-def save_checkpoint(directory: Path, ckpt: Checkpoint) -> Path:
+def save_checkpoint(directory: Path, ckpt: TreeHead) -> Path:
     """Write atomically (temp file + rename) so a reader never sees half a checkpoint."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / checkpoint_name(ckpt)
@@ -208,9 +209,9 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint) -> Path:
     return path
 
 
-def read_checkpoints(directory: Path) -> list[Checkpoint]:
+def read_checkpoints(directory: Path) -> list[TreeHead]:
     """Every checkpoint in `directory`, by seq."""
     if not directory.is_dir():
         raise AnchorError(f"checkpoint directory {directory} does not exist")
-    found = [Checkpoint.from_file(p) for p in sorted(directory.glob("checkpoint-*.json"))]
+    found = [TreeHead.from_file(p) for p in sorted(directory.glob("checkpoint-*.json"))]
     return sorted(found, key=lambda c: (c.seq, c.created_at))

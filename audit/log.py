@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from sqlalchemy import String, Table, insert, select, text
 from sqlalchemy.orm import Session
 
-from audit.anchors import HMAC_INFO_KEY, Checkpoint, HmacKeys, save_checkpoint
+from audit.anchors import HMAC_INFO_KEY, HmacKeys, TreeHead, save_checkpoint
 from audit.merkle import RootBuilder
 from audit.models import AuditEntry
 
@@ -208,7 +208,7 @@ def entry_hash_of(entry: Mapping[str, Any]) -> str:
 class _Verifier:
     """One pass over the log: the chain, MACs and checkpoints, first failure wins."""
 
-    def __init__(self, keys: HmacKeys | None, checkpoints: Sequence[Checkpoint]) -> None:
+    def __init__(self, keys: HmacKeys | None, checkpoints: Sequence[TreeHead]) -> None:
         self.keys = keys
         self.pending = sorted(checkpoints, key=lambda c: c.seq)
         self.tree = RootBuilder()
@@ -265,7 +265,7 @@ class _Verifier:
 
 
 def verify(session: Session, *, keys: HmacKeys | None = None,
-           checkpoints: Sequence[Checkpoint] = (),
+           checkpoints: Sequence[TreeHead] = (),
            public_key: Ed25519PublicKey | None = None) -> VerifyResult:
     """Walk the log from seq 1 and report the first entry that does not hold: against
     its own chain, against `keys` (MACs) and against external `checkpoints` (whose
@@ -292,7 +292,7 @@ def verify(session: Session, *, keys: HmacKeys | None = None,
 
 
 def make_checkpoint(session: Session, reason: str,
-                    signing_key: Ed25519PrivateKey | None = None) -> Checkpoint | None:
+                    signing_key: Ed25519PrivateKey | None = None) -> TreeHead | None:
     """A (signed) checkpoint of the current head, or None for an empty log."""
     tree, head, head_hash = RootBuilder(), 0, GENESIS_HASH
     for seq, entry_hash in stream_rows(session, HASH_COLUMNS, batch=50_000):
@@ -300,7 +300,7 @@ def make_checkpoint(session: Session, reason: str,
         head, head_hash = seq, entry_hash
     if head == 0:
         return None
-    ckpt = Checkpoint(seq=head, entry_hash=head_hash, merkle_root=tree.root().hex(),
+    ckpt = TreeHead(seq=head, entry_hash=head_hash, merkle_root=tree.root().hex(),
                       created_at=timestamp_now(), reason=reason)
     return ckpt.signed(signing_key) if signing_key is not None else ckpt
 
@@ -313,7 +313,7 @@ def entry_hashes(session: Session, upto: int) -> list[bytes]:
 
 def write_checkpoint(session: Session, directory: Path, reason: str,
                      signing_key: Ed25519PrivateKey | None = None,
-                     after_seq: int = 0) -> tuple[Checkpoint, Path] | None:
+                     after_seq: int = 0) -> tuple[TreeHead, Path] | None:
     """Write a checkpoint of the head to `directory`; None when the log is empty or has
     not grown past `after_seq`."""
     ckpt = make_checkpoint(session, reason, signing_key)

@@ -29,8 +29,8 @@ import numpy as np
 from audit.db import make_engine, make_sessionmaker
 from benchmarks.screening_data import BENIGN
 from benchmarks.screening_sim import simulate
-from engine.backend import TrainingDatum
 from engine.registry import DEFAULT_BASE_MODEL, ModelRegistry, fast_tokenizer
+from engine.values import TrainingDatum
 from gateway.screening import decode_datum
 from migrations import upgrade_to_head
 from policy.screening.batch import DatumTexts, screen_batch
@@ -199,7 +199,7 @@ def share_of_wall_time(screener: Screener, data_dir: Path, rounds: int) -> list[
 
 
 def _lora():  # type: ignore[no-untyped-def]
-    from engine.backend import LoraSpec
+    from engine.values import LoraSpec
 
     return LoraSpec(rank=16, seed=0)
 

@@ -89,8 +89,8 @@ class PlainPeft:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        from engine.backend import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES
         from engine.torch_backend import LORA_ALPHA
+        from engine.values import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES
 
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         config = LoraConfig(r=rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0,

@@ -1,8 +1,9 @@
 """The compute contract between the worker and a model runtime.
 
-Owns the request/response dataclasses the worker passes to a backend and the abstract
-`Backend` class. One Backend instance holds one base model in memory and any number of
-LoRA adapters on it, one per training run (plus read-only sampler adapters).
+Owns the result dataclasses a backend returns and the abstract `Backend` class; the
+requests it takes are the validated value objects of engine.values. One Backend instance
+holds one base model in memory and any number of LoRA adapters on it, one per training run
+(plus read-only sampler adapters).
 
 Must not import torch at module level (the API process imports these types), must not
 know about HTTP, the database or policy.
@@ -12,89 +13,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-LOSS_FUNCTIONS = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
-"""Built-in losses, as defined in the Tinker loss reference. Nothing else is accepted."""
+from engine.values import AdamStep, LoraSpec, ModelInfo, SampleSpec, TrainingDatum
 
-LOSS_REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
-    "cross_entropy": ("target_tokens",),  # weights optional: missing means all ones
-    "importance_sampling": ("target_tokens", "logprobs", "advantages"),
-    "ppo": ("target_tokens", "logprobs", "advantages"),
-    "cispo": ("target_tokens", "logprobs", "advantages"),
-    "dro": ("target_tokens", "logprobs", "advantages"),
-}
-LOSS_OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {
-    "cross_entropy": ("weights",),
-    "importance_sampling": (),
-    "ppo": (),
-    "cispo": (),
-    "dro": (),
-}
-LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
-    "cross_entropy": {},
-    "importance_sampling": {},
-    "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
-    "cispo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
-    # The Tinker docs give no default for beta; 0.05 is their example value.
-    "dro": {"beta": 0.05},
-}
-
-
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-UNEMBED_MODULES = ("lm_head",)
 SCORE_BATCH = 16  # (prompt, answer) pairs per forward pass when scoring reference answers
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """Shape of one adapter. `rank` >= 1 (full fine-tuning is never offered)."""
-
-    rank: int
-    seed: int | None = None
-    train_mlp: bool = True
-    train_attn: bool = True
-    train_unembed: bool = True
-
-    def target_modules(self) -> list[str]:
-        """The linear layers the adapter's LoRA pairs sit on (PEFT target_modules)."""
-        return [*(ATTN_MODULES if self.train_attn else ()),
-                *(MLP_MODULES if self.train_mlp else ()),
-                *(UNEMBED_MODULES if self.train_unembed else ())]
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "rank": self.rank,
-            "seed": self.seed,
-            "train_mlp": self.train_mlp,
-            "train_attn": self.train_attn,
-            "train_unembed": self.train_unembed,
-        }
-
-
-@dataclass(frozen=True)
-class AdamStep:
-    """Hyper-parameters of one optim_step (they may change every step)."""
-
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
-
-
-@dataclass
-class TrainingDatum:
-    """One sequence: `tokens` is the model input (N,), `loss_inputs` maps names to arrays
-    of shape (N,): target_tokens int64, weights/logprobs/advantages float32."""
-
-    tokens: np.ndarray
-    loss_inputs: dict[str, np.ndarray]
 
 
 @dataclass
@@ -104,36 +30,6 @@ class ForwardBackwardResult:
 
     outputs: list[dict[str, np.ndarray]]
     metrics: dict[str, float]
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """One sampling request. `stop_token_ids=None` and `stop_strings=None` mean the model's
-    end-of-sequence tokens stop generation; empty lists for both mean nothing stops it."""
-
-    prompt: tuple[int, ...]
-    num_samples: int = 1
-    max_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = -1
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_strings: tuple[str, ...] | None = None
-    stop_token_ids: tuple[int, ...] | None = None
-    prompt_logprobs: bool = False
-    topk_prompt_logprobs: int = 0
-    topk_sample_logprobs: int = 0
-
-    @property
-    def scored_prompt_tokens(self) -> int:
-        """Prompt tokens the request scores (their logprobs or top-k)."""
-        return len(self.prompt) if self.prompt_logprobs or self.topk_prompt_logprobs else 0
-
-    @property
-    def metered_tokens(self) -> int:
-        """What the request may cost in sampled tokens: every token it may generate plus
-        the prompt tokens it scores (prompt scoring is metered like generation)."""
-        return self.num_samples * self.max_tokens + self.scored_prompt_tokens
 
 
 @dataclass
@@ -156,18 +52,6 @@ class SampleResult:
     prompt_logprobs: list[float | None] | None = None
     # One row per prompt token; row 0 is None. Each row: up to k (token_id, logprob) pairs.
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the API needs to know about a base model without loading it."""
-
-    name: str
-    arch: str
-    vocab_size: int
-    max_context: int
-    tokenizer_dir: str
-    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
 
 class Backend(abc.ABC):

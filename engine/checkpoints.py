@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.backend import LoraSpec
 from engine.errors import UserInputError
+from engine.values import LoraSpec
 
 FORMAT_NAME = "loragate-lora-adapter"
 FORMAT_VERSION = 1
@@ -38,8 +38,8 @@ OPTIMIZER_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
 @dataclass
-class Checkpoint:
-    """What one checkpoint directory holds, as CPU tensors."""
+class AdapterFiles:
+    """What one adapter checkpoint directory holds, as CPU tensors."""
 
     spec: LoraSpec
     base_model: str
@@ -49,7 +49,7 @@ class Checkpoint:
     optimizer: dict[str, dict[str, torch.Tensor]] | None
 
 
-def write_checkpoint(directory: Path, checkpoint: Checkpoint) -> int:
+def write_checkpoint(directory: Path, checkpoint: AdapterFiles) -> int:
     """Write `checkpoint` to `directory` (replacing it if present). Returns bytes written."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +64,7 @@ def write_checkpoint(directory: Path, checkpoint: Checkpoint) -> int:
     return written
 
 
-def read_checkpoint(directory: Path, with_optimizer: bool) -> Checkpoint:
+def read_checkpoint(directory: Path, with_optimizer: bool) -> AdapterFiles:
     """Read and validate a checkpoint directory; any defect is a UserInputError."""
     directory = Path(directory)
     manifest = _read_manifest(directory)
@@ -75,7 +75,7 @@ def read_checkpoint(directory: Path, with_optimizer: bool) -> Checkpoint:
         if not manifest.get("has_optimizer") or not (directory / OPTIMIZER_FILE).is_file():
             raise UserInputError(f"checkpoint {directory.name!r} was saved without optimizer state")
         optimizer = _unflatten_optimizer(_load_tensors(directory / OPTIMIZER_FILE), adapter)
-    return Checkpoint(
+    return AdapterFiles(
         spec=spec,
         base_model=str(manifest.get("base_model", "")),
         lora_alpha=float(manifest.get("lora_alpha", 0.0)),
@@ -84,7 +84,7 @@ def read_checkpoint(directory: Path, with_optimizer: bool) -> Checkpoint:
     )
 
 
-def _write_files(tmp: Path, checkpoint: Checkpoint) -> None:
+def _write_files(tmp: Path, checkpoint: AdapterFiles) -> None:
     save_file(_contiguous(checkpoint.adapter), str(tmp / ADAPTER_FILE))
     if checkpoint.optimizer is not None:
         flat = {

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from typing import Any, TypeVar
 
-from engine.backend import AdamStep, LoraSpec
+from engine.values import AdamStep, LoraSpec
 
 T = TypeVar("T")
 

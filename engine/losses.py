@@ -13,48 +13,18 @@ normalisation into weights or advantages).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from engine.backend import LOSS_CONFIG_DEFAULTS, LOSS_FUNCTIONS
 from engine.errors import UserInputError
+from engine.values import LOSS_CONFIG_DEFAULTS, LOSS_FUNCTIONS
 
 Inputs = Mapping[str, torch.Tensor]
 Config = Mapping[str, float]
 LossFn = Callable[[torch.Tensor, Inputs, Config], torch.Tensor]
-
-
-def resolve_config(loss_fn: str, loss_config: Mapping[str, float] | None) -> dict[str, float]:
-    """The loss's defaults overridden by `loss_config`; rejects unknown keys and bad values."""
-    if loss_fn not in LOSS_FUNCTIONS:
-        raise UserInputError(f"unknown loss_fn {loss_fn!r}; supported: {', '.join(LOSS_FUNCTIONS)}")
-    defaults = LOSS_CONFIG_DEFAULTS[loss_fn]
-    given = dict(loss_config or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        allowed = ", ".join(sorted(defaults)) or "none"
-        raise UserInputError(
-            f"loss_fn_config keys {unknown} are not accepted by {loss_fn!r} (allowed: {allowed})"
-        )
-    config = {**defaults}
-    for key, value in given.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise UserInputError(f"loss_fn_config[{key!r}] must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise UserInputError(f"loss_fn_config[{key!r}] must be finite, got {value!r}")
-        config[key] = float(value)
-    if "clip_low_threshold" in config and not (
-        0.0 <= config["clip_low_threshold"] <= config["clip_high_threshold"]
-    ):
-        raise UserInputError(
-            "loss_fn_config needs 0 <= clip_low_threshold <= clip_high_threshold, got "
-            f"{config['clip_low_threshold']} and {config['clip_high_threshold']}"
-        )
-    return config
 
 
 def cross_entropy(logp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
@@ -99,14 +69,14 @@ LOSSES: dict[str, LossFn] = {
     "cispo": cispo,
     "dro": dro,
 }
-if tuple(LOSSES) != LOSS_FUNCTIONS:  # engine.backend is the single list of accepted losses
+if tuple(LOSSES) != LOSS_FUNCTIONS:  # engine.values is the single list of accepted losses
     raise RuntimeError("every built-in loss needs exactly one implementation")
 
 
 def elementwise_loss(
     loss_fn: str, logp: torch.Tensor, inputs: Inputs, config: Config
 ) -> torch.Tensor:
-    """Per-token loss of one datum; `config` must come from `resolve_config`."""
+    """Per-token loss of one datum; `config` comes from engine.values.resolve_config."""
     return LOSSES[loss_fn](logp, inputs, config)
 
 
@@ -137,7 +107,7 @@ def trained_positions(
     `logprobs` (−1 where it has none), so clipping and regularisers are covered and a loss
     added to LOSSES is covered without other changes. A non-finite gradient counts as
     toward. Screening reads this; it is never used to compute a loss."""
-    config = resolve_config(loss_fn, loss_config)
+    config = {**LOSS_CONFIG_DEFAULTS[loss_fn], **(loss_config or {})}  # valid (engine.values)
     n = len(inputs["target_tokens"])
     tensors = {k: torch.as_tensor(np.asarray(v), dtype=torch.float64)
                for k, v in inputs.items() if k != "target_tokens"}

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from engine.backend import ModelInfo
 from engine.errors import UnknownModelError
+from engine.values import ModelInfo
 
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_TEST_MODEL = "loragate/tiny-llama"

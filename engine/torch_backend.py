@@ -4,9 +4,12 @@ Owns one base model in memory (frozen, eval mode, never modified) and any number
 adapters on it (one PEFT adapter per training run), each with its own gradient accumulator and
 AdamW state; runs the Tinker losses, optimizer steps, adapter checkpoints and KV-cache sampling.
 
-Every public method validates its input first and computes into private buffers, so a request
-that fails (bad input, non-finite loss, gradient or update) changes no adapter, accumulator,
-optimizer state or base weight. Must not know about HTTP, the database, policy or screening.
+Its requests are the validated value objects of engine.values; the one input check left here
+is `guard` (ids inside the embedding table, sequences inside the context), which every path
+into the model runs first. Computation goes into private buffers, so a request that fails
+(ids that do not fit, a non-finite loss, gradient or update) changes no adapter,
+accumulator, optimizer state or base weight. Must not know about HTTP, the database, policy
+or screening.
 
 Choices the Tinker reference leaves to the server:
 - LoRA scaling: lora_alpha = 32 for every rank (scale 32/rank, as in Thinking Machines'
@@ -23,6 +26,7 @@ Choices the Tinker reference leaves to the server:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import secrets
@@ -36,30 +40,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.backend import (
-    LOSS_OPTIONAL_INPUTS,
-    LOSS_REQUIRED_INPUTS,
+from engine.backend import Backend, ForwardBackwardResult, SampledSequence, SampleResult
+from engine.checkpoints import AdapterFiles, read_checkpoint, write_checkpoint
+from engine.errors import NonFiniteError, UnknownAdapterError, UserInputError
+from engine.losses import elementwise_loss
+from engine.registry import ModelRegistry
+from engine.values import (
+    LOSS_CONFIG_DEFAULTS,
     AdamStep,
-    Backend,
-    ForwardBackwardResult,
     LoraSpec,
     ModelInfo,
-    SampledSequence,
-    SampleResult,
     SampleSpec,
     TrainingDatum,
+    check_ids_fit,
+    check_length_fits,
 )
-from engine.checkpoints import Checkpoint, read_checkpoint, write_checkpoint
-from engine.errors import NonFiniteError, UnknownAdapterError, UserInputError
-from engine.losses import elementwise_loss, resolve_config
-from engine.registry import ModelRegistry
 
 LORA_ALPHA = 32.0
-MAX_TOPK_LOGPROBS = 100
 DEFAULT_MAX_BATCH_TOKENS = 4096
 SCORE_CHUNK = 32  # continuations scored against one prompt cache at a time
 GENERATE_CHUNK = 16  # prompts decoded together
-_FLOAT_INPUTS = ("weights", "logprobs", "advantages")
 
 
 @dataclass
@@ -112,6 +112,8 @@ class TorchBackend(Backend):
         self._peft: Any = None  # PeftModel wrapping self._base while any adapter exists
         self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.vocab_size = int(base.get_output_embeddings().weight.shape[0])
+        # The model as loaded: the guard checks ids against the embedding table itself.
+        self._held = dataclasses.replace(info, vocab_size=min(info.vocab_size, self.vocab_size))
         self._adapters: dict[str, _Adapter] = {}
         self._names = itertools.count()
         self._lock = threading.RLock()
@@ -166,21 +168,10 @@ class TorchBackend(Backend):
         return adapter
 
     def _check_spec(self, spec: LoraSpec) -> None:
+        """The model's bound on a (valid, engine.values) LoRA rank."""
         hidden = int(self._base.config.hidden_size)
-        if isinstance(spec.rank, bool) or not isinstance(spec.rank, int):
-            raise UserInputError(f"LoRA rank must be an integer, got {spec.rank!r}")
-        if not 1 <= spec.rank <= hidden:
+        if spec.rank > hidden:
             raise UserInputError(f"LoRA rank must be between 1 and {hidden}, got {spec.rank}")
-        if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
-            raise UserInputError(
-                "at least one of train_attn, train_mlp, train_unembed must be true"
-            )
-        if spec.seed is not None and (
-            isinstance(spec.seed, bool)
-            or not isinstance(spec.seed, int)
-            or not 0 <= spec.seed < 2**64
-        ):
-            raise UserInputError(f"LoRA seed must be an integer in [0, 2**64), got {spec.seed!r}")
 
     def _new_adapter(self, spec: LoraSpec) -> _Adapter:
         from peft import LoraConfig
@@ -273,11 +264,11 @@ class TorchBackend(Backend):
         forward_only: bool,
     ) -> ForwardBackwardResult:
         with self._lock:
-            config = resolve_config(loss_fn, loss_config)
+            config = {**LOSS_CONFIG_DEFAULTS[loss_fn], **loss_config}
             if adapter_id is None and not forward_only:
                 raise UserInputError("the base model has no adapter to train: use forward")
             adapter = None if adapter_id is None else self._get(adapter_id)
-            batch = self._prepare(data, loss_fn)
+            batch = [self._prepare(i, datum) for i, datum in enumerate(data)]
             outputs: list[dict[str, np.ndarray]] = []
             request_grads: dict[str, torch.Tensor] | None = None
             total = 0.0
@@ -360,90 +351,23 @@ class TorchBackend(Backend):
         if chunk:
             yield chunk
 
-    def _prepare(self, data: list[TrainingDatum], loss_fn: str) -> list[_Datum]:
-        if not isinstance(data, list | tuple) or not data:
-            raise UserInputError("forward_backward needs at least one datum")
-        required = LOSS_REQUIRED_INPUTS[loss_fn]
-        allowed = set(required) | set(LOSS_OPTIONAL_INPUTS[loss_fn])
-        return [
-            self._prepare_datum(i, datum, loss_fn, required, allowed)
-            for i, datum in enumerate(data)
-        ]
+    def _prepare(self, index: int, datum: TrainingDatum) -> _Datum:
+        """A validated datum (engine.values) on the device, once the guard passes it."""
+        targets = datum.loss_inputs["target_tokens"]
+        self.guard(datum.tokens, f"data[{index}].model_input")
+        self.guard(targets, f"data[{index}].target_tokens")
+        inputs = {key: self._to_device(value) for key, value in datum.loss_inputs.items()
+                  if key != "target_tokens"}
+        return _Datum(tokens=self._to_device(datum.tokens), targets=self._to_device(targets),
+                      inputs=inputs)
 
-    def _prepare_datum(
-        self,
-        index: int,
-        datum: TrainingDatum,
-        loss_fn: str,
-        required: Sequence[str],
-        allowed: set[str],
-    ) -> _Datum:
-        where = f"data[{index}]"
-        if not isinstance(datum, TrainingDatum) or not isinstance(datum.loss_inputs, dict):
-            raise UserInputError(f"{where} is not a datum")
-        tokens = self._token_array(datum.tokens, f"{where}.model_input")
-        n = len(tokens)
-        missing = [key for key in required if key not in datum.loss_inputs]
-        if missing:
-            raise UserInputError(f"{where}: loss {loss_fn!r} needs loss_fn_inputs {missing}")
-        unknown = sorted(set(datum.loss_inputs) - allowed)
-        if unknown:
-            raise UserInputError(
-                f"{where}: loss {loss_fn!r} does not take loss_fn_inputs {unknown} "
-                f"(accepted: {sorted(allowed)})"
-            )
-        targets = self._token_array(datum.loss_inputs["target_tokens"], f"{where}.target_tokens")
-        if len(targets) != n:
-            raise UserInputError(
-                f"{where}: target_tokens has length {len(targets)} but the input has {n} tokens"
-            )
-        inputs = {
-            key: self._float_tensor(value, f"{where}.{key}", n)
-            for key, value in datum.loss_inputs.items()
-            if key != "target_tokens"
-        }
-        return _Datum(
-            tokens=self._to_device(tokens), targets=self._to_device(targets), inputs=inputs
-        )
-
-    def _token_array(self, value: Any, what: str) -> np.ndarray:
-        array = np.asarray(value)
-        if array.ndim != 1:
-            raise UserInputError(
-                f"{what} must be a 1-D list of token ids, got shape {array.shape}"
-                + (" (2-D targets are not supported)" if array.ndim == 2 else "")
-            )
-        if array.size == 0:
-            raise UserInputError(f"{what} is empty")
-        if not np.issubdtype(array.dtype, np.integer):
-            raise UserInputError(f"{what} must hold integer token ids, got {array.dtype}")
-        if array.size > self.info.max_context:
-            raise UserInputError(
-                f"{what} has {array.size} tokens; this model's context is {self.info.max_context}"
-            )
-        low, high = int(array.min()), int(array.max())
-        if low < 0 or high >= self.vocab_size:
-            bad = low if low < 0 else high
-            raise UserInputError(
-                f"{what} holds token id {bad}, outside this model's vocabulary "
-                f"[0, {self.vocab_size})"
-            )
-        return array.astype(np.int64)
-
-    def _float_tensor(self, value: Any, what: str, n: int) -> torch.Tensor:
-        array = np.asarray(value)
-        if array.ndim != 1 or len(array) != n:
-            raise UserInputError(f"{what} must have shape ({n},), got {array.shape}")
-        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-            raise UserInputError(f"{what} must hold numbers, got {array.dtype}")
-        with np.errstate(over="ignore", invalid="ignore"):
-            array32 = array.astype(np.float32)
-        bad = np.flatnonzero(~np.isfinite(array32))
-        if bad.size:
-            raise UserInputError(
-                f"{what} holds a non-finite value ({array32[bad[0]]}) at position {bad[0]}"
-            )
-        return self._to_device(array32)
+    def guard(self, ids: Sequence[int] | np.ndarray, what: str, generated: int = 0) -> None:
+        """The engine's one input check, its isolation invariant: every id inside this
+        model's embedding table and every sequence (with the `generated` tokens to come)
+        inside its context. Everything else about a request was checked when its value
+        objects were built (engine.values)."""
+        check_ids_fit(ids, self._held, what)
+        check_length_fits(len(ids) + generated, self._held, what)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.tensor(array, device=self.device)
@@ -452,7 +376,6 @@ class TorchBackend(Backend):
 
     def optim_step(self, adapter_id: str, step: AdamStep) -> dict[str, float]:
         with self._lock:
-            _check_adam(step)
             adapter = self._get(adapter_id)
             params = list(adapter.params.values())
             grad_norm = float(_global_norm(list(adapter.grads.values())))
@@ -497,7 +420,7 @@ class TorchBackend(Backend):
                             "exp_avg_sq": state["exp_avg_sq"].detach().cpu(),
                             "step": torch.as_tensor(state["step"], dtype=torch.float32).cpu(),
                         }
-            checkpoint = Checkpoint(
+            checkpoint = AdapterFiles(
                 spec=adapter.spec,
                 base_model=self.info.name,
                 lora_alpha=LORA_ALPHA,
@@ -535,7 +458,8 @@ class TorchBackend(Backend):
 
     def sample(self, adapter_id: str | None, spec: SampleSpec) -> SampleResult:
         with self._lock:
-            self._check_sample_spec(spec)
+            self.guard(spec.prompt, "the prompt", generated=spec.max_tokens)
+            self.guard(spec.stop_token_ids or (), "the stop token ids")
             if adapter_id is not None:
                 self._get(adapter_id)
             seed = spec.seed if spec.seed is not None else secrets.randbits(63)
@@ -568,30 +492,6 @@ class TorchBackend(Backend):
             rows = _topk_rows(logp, spec.topk_prompt_logprobs)
             result.topk_prompt_logprobs = [None, *rows]
 
-    def _check_sample_spec(self, spec: SampleSpec) -> None:
-        if not isinstance(spec, SampleSpec):
-            raise UserInputError("sample needs a SampleSpec")
-        prompt = spec.prompt
-        if not isinstance(prompt, tuple | list) or not prompt:
-            raise UserInputError("the prompt must hold at least one token")
-        if any(isinstance(t, bool) or not isinstance(t, int | np.integer) for t in prompt):
-            raise UserInputError("the prompt must hold integer token ids")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise UserInputError(
-                f"prompt token id {bad[0]} is outside this model's vocabulary "
-                f"[0, {self.vocab_size})"
-            )
-        _check_int(spec.num_samples, "num_samples", low=1)
-        _check_int(spec.max_tokens, "max_tokens", low=0)
-        if len(prompt) + spec.max_tokens > self.info.max_context:
-            raise UserInputError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({spec.max_tokens}) exceeds this "
-                f"model's context of {self.info.max_context}"
-            )
-        _check_sampling_params(spec)
-
-
     # -- evaluation helpers ------------------------------------------------------------------
 
     def score_continuations(self, adapter_id: str | None, prompt: Sequence[int],
@@ -599,7 +499,7 @@ class TorchBackend(Backend):
         """Shares the prompt's KV cache across continuations (a probe scores several
         openers or options per question): the prompt runs once per chunk, not once each."""
         with self._lock:
-            self._check_tokens([prompt, *continuations], "scored text")
+            self._guard_all([prompt, *continuations], "scored text")
             if any(not c for c in continuations):
                 raise UserInputError("a scored continuation must hold at least one token")
             if adapter_id is not None:
@@ -642,7 +542,7 @@ class TorchBackend(Backend):
         """Greedy replies to many prompts, batched (left-padded) so a probe's prompts
         decode together instead of one by one."""
         with self._lock:
-            self._check_tokens(prompts, "prompt")
+            self._guard_all(prompts, "prompt")
             if any(not p for p in prompts) or max_tokens < 1:
                 raise UserInputError("prompts must be non-empty and max_tokens at least 1")
             if adapter_id is not None:
@@ -678,16 +578,9 @@ class TorchBackend(Backend):
             replies.append(reply)
         return replies
 
-    def _check_tokens(self, sequences: Sequence[Sequence[int]], what: str) -> None:
+    def _guard_all(self, sequences: Sequence[Sequence[int]], what: str) -> None:
         for tokens in sequences:
-            bad = [t for t in tokens if isinstance(t, bool) or not isinstance(t, int | np.integer)
-                   or not 0 <= t < self.vocab_size]
-            if bad:
-                raise UserInputError(f"{what} token {bad[0]!r} is outside this model's "
-                                     f"vocabulary [0, {self.vocab_size})")
-            if len(tokens) > self.info.max_context:
-                raise UserInputError(f"{what} is longer than the context of "
-                                     f"{self.info.max_context} tokens")
+            self.guard(tokens, what)
 
 
 class _Decoder:
@@ -759,36 +652,6 @@ class _Decoder:
 def _check_adapter_id(adapter_id: str) -> None:
     if not isinstance(adapter_id, str) or not adapter_id:
         raise UserInputError(f"adapter id must be a non-empty string, got {adapter_id!r}")
-
-
-def _check_int(value: Any, what: str, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-        raise UserInputError(f"{what} must be an integer >= {low}, got {value!r}")
-
-
-def _check_sampling_params(spec: SampleSpec) -> None:
-    if not isinstance(spec.temperature, int | float) or not (
-        math.isfinite(spec.temperature) and spec.temperature >= 0
-    ):
-        raise UserInputError(f"temperature must be a finite number >= 0, got {spec.temperature!r}")
-    if isinstance(spec.top_k, bool) or not isinstance(spec.top_k, int) or spec.top_k < -1:
-        raise UserInputError(f"top_k must be -1 (off) or a positive integer, got {spec.top_k!r}")
-    if not isinstance(spec.top_p, int | float) or not 0 < spec.top_p <= 1:
-        raise UserInputError(f"top_p must be in (0, 1], got {spec.top_p!r}")
-    if spec.seed is not None and (
-        isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or not 0 <= spec.seed < 2**64
-    ):
-        raise UserInputError(f"seed must be an integer in [0, 2**64), got {spec.seed!r}")
-    for what in ("topk_prompt_logprobs", "topk_sample_logprobs"):
-        k = getattr(spec, what)
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOPK_LOGPROBS:
-            raise UserInputError(f"{what} must be between 0 and {MAX_TOPK_LOGPROBS}, got {k!r}")
-    for token in spec.stop_token_ids or ():
-        if isinstance(token, bool) or not isinstance(token, int | np.integer):
-            raise UserInputError(f"stop token ids must be integers, got {token!r}")
-    for text in spec.stop_strings or ():
-        if not isinstance(text, str) or not text:
-            raise UserInputError(f"stop strings must be non-empty strings, got {text!r}")
 
 
 def _choose_tokens(
@@ -890,26 +753,6 @@ def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
 
 
-def _check_adam(step: AdamStep) -> None:
-    values = {
-        "learning_rate": step.learning_rate,
-        "beta1": step.beta1,
-        "beta2": step.beta2,
-        "eps": step.eps,
-        "weight_decay": step.weight_decay,
-        "grad_clip_norm": step.grad_clip_norm,
-    }
-    for name, value in values.items():
-        finite = isinstance(value, int | float) and math.isfinite(value)
-        if isinstance(value, bool) or not finite:
-            raise UserInputError(f"adam_params.{name} must be a finite number, got {value!r}")
-        if value < 0:
-            raise UserInputError(f"adam_params.{name} must be >= 0, got {value!r}")
-    for name in ("beta1", "beta2"):
-        if not values[name] < 1:
-            raise UserInputError(f"adam_params.{name} must be < 1, got {values[name]!r}")
-
-
 def _set_hyperparameters(optimizer: torch.optim.AdamW, step: AdamStep) -> None:
     for group in optimizer.param_groups:
         group["lr"] = float(step.learning_rate)
@@ -951,7 +794,7 @@ def _all_finite(adapter: _Adapter) -> bool:
     return _tensors_finite([t.detach() for t in tensors])
 
 
-def _load_into(adapter: _Adapter, checkpoint: Checkpoint) -> None:
+def _load_into(adapter: _Adapter, checkpoint: AdapterFiles) -> None:
     """Copy checkpoint tensors (and optimizer state) into a freshly created adapter."""
     expected = {key: tuple(p.shape) for key, p in adapter.params.items()}
     found = {key: tuple(t.shape) for key, t in checkpoint.adapter.items()}

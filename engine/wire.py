@@ -23,31 +23,27 @@ from pydantic import ValidationError
 from tinker import types as tt
 from tinker.proto import tinker_public_pb2 as pb
 
-from engine.backend import (
-    LOSS_CONFIG_DEFAULTS,
-    LOSS_FUNCTIONS,
-    LOSS_OPTIONAL_INPUTS,
-    LOSS_REQUIRED_INPUTS,
-    ForwardBackwardResult,
-    ModelInfo,
-    SampleResult,
-    SampleSpec,
-    TrainingDatum,
-)
+from engine.backend import ForwardBackwardResult, SampleResult
 from engine.errors import BodyTooLarge, UserInputError
 from engine.sizes import MAX_BODY_BYTES as MAX_BODY_BYTES  # re-exported
 from engine.sizes import MAX_DECOMPRESSED_BYTES
+from engine.values import (
+    INT_INPUTS,
+    ModelInfo,
+    SampleSpec,
+    TrainingDatum,
+    check_data_fits,
+    check_loss_fn,
+    check_loss_inputs,
+    require,
+    resolve_config,
+)
 
 _ZSTD_CHUNK = 1024 * 1024
-# Stop sequences per sampling request, and the length of each (characters or, for token
-# sequences, ids): each is matched against every generated token.
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_LENGTH = 256
 DEFAULT_MAX_TOKENS = 128
 TOPK_SENTINEL = (0, -99999.0)
 
 _NP_DTYPES = {pb.DTYPE_FLOAT32: "<f4", pb.DTYPE_INT64: "<i8"}
-_INT_INPUTS = {"target_tokens"}
 
 
 @dataclass
@@ -98,142 +94,68 @@ def _too_large(max_bytes: int) -> BodyTooLarge:
 
 
 def decode_forward_backward(body: bytes, info: ModelInfo | None = None) -> ForwardBackwardCall:
-    """Parse and validate a (decompressed) protobuf ForwardBackwardRequest. With `info`,
+    """Parse a (decompressed) protobuf ForwardBackwardRequest into validated values (the
+    loss, its resolved config, the datums and the inputs the loss needs). With `info`, the
     token ids and lengths are also checked against the base model."""
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(body)
     except DecodeError as exc:
         raise UserInputError(f"malformed protobuf ForwardBackwardRequest: {exc}") from exc
-    loss_fn = _check_loss_fn(msg.loss_fn)
+    loss_fn = check_loss_fn(msg.loss_fn)
+    require(bool(msg.model_id), "model_id is required")
     call = ForwardBackwardCall(
         model_id=msg.model_id,
         seq_id=int(msg.seq_id),
         loss_fn=loss_fn,
-        loss_config=_loss_config(msg, loss_fn),
+        loss_config=resolve_config(loss_fn, _raw_loss_config(msg)),
         forward_only=bool(msg.forward_only),
-        data=[_decode_datum(i, d, loss_fn) for i, d in enumerate(msg.data)],
+        data=[_decode_datum(i, d) for i, d in enumerate(msg.data)],
     )
-    if not call.model_id:
-        raise UserInputError("model_id is required")
-    if not call.data:
-        raise UserInputError("forward_backward needs at least one datum")
+    check_loss_inputs(call.data, loss_fn)
     if info is not None:
-        check_tokens_fit(call.data, info)
+        check_data_fits(call.data, info)
     return call
 
 
-def _check_loss_fn(loss_fn: str) -> str:
-    if loss_fn == "custom":
-        raise UserInputError(
-            "loss_fn 'custom' is not accepted: no user code runs on this server; use "
-            "forward_backward_custom, which computes the loss in your process"
-        )
-    if loss_fn not in LOSS_FUNCTIONS:
-        raise UserInputError(
-            f"unknown loss_fn {loss_fn!r}; supported: {', '.join(LOSS_FUNCTIONS)}"
-        )
-    return loss_fn
-
-
-def _loss_config(msg: pb.ForwardBackwardRequest, loss_fn: str) -> dict[str, float]:
+def _raw_loss_config(msg: pb.ForwardBackwardRequest) -> dict[str, Any]:
     raw: dict[str, Any] = {}
     for key, value in msg.loss_fn_config_v2.items():
         raw[key] = value.number if value.WhichOneof("value") == "number" else value.text
-    if not raw:
-        raw = dict(msg.loss_fn_config)
-    allowed = LOSS_CONFIG_DEFAULTS[loss_fn]
-    unknown = sorted(set(raw) - set(allowed))
-    if unknown:
-        accepted = ", ".join(allowed) or "none"
-        raise UserInputError(
-            f"loss_fn_config keys {unknown} are not used by {loss_fn} (accepted: {accepted})"
-        )
-    config = dict(allowed)
-    for key, value in raw.items():
-        if not isinstance(value, float) or not math.isfinite(value):
-            raise UserInputError(f"loss_fn_config[{key!r}] must be a finite number")
-        config[key] = value
-    return config
+    return raw or dict(msg.loss_fn_config)
 
 
-def _decode_datum(index: int, datum: pb.Datum, loss_fn: str) -> TrainingDatum:
+def _decode_datum(index: int, datum: pb.Datum) -> TrainingDatum:
     tokens: list[int] = []
     for chunk in datum.model_input:
         kind = chunk.WhichOneof("chunk")
-        if kind != "encoded_text":
-            raise UserInputError(
-                f"datum {index}: {kind} chunks are not supported; this server is text-only"
-            )
+        require(kind == "encoded_text",
+                f"datum {index}: {kind} chunks are not supported; this server is text-only")
         raw = chunk.encoded_text.tokens
-        if len(raw) % 4:
-            raise UserInputError(f"datum {index}: token bytes are not packed int32")
+        require(len(raw) % 4 == 0, f"datum {index}: token bytes are not packed int32")
         tokens.extend(np.frombuffer(raw, dtype="<i4").tolist())
-    if not tokens:
-        raise UserInputError(f"datum {index}: model_input is empty")
-    n = len(tokens)
+    require(bool(tokens), f"datum {index}: model_input is empty")
     inputs = {name: _tensor(index, name, t) for name, t in datum.loss_fn_inputs.items()}
-    _check_inputs(index, inputs, loss_fn, n)
-    return TrainingDatum(tokens=np.asarray(tokens, dtype=np.int64), loss_inputs=inputs)
+    try:
+        return TrainingDatum(tokens=np.asarray(tokens, dtype=np.int64), loss_inputs=inputs)
+    except UserInputError as exc:
+        raise UserInputError(f"datum {index}: {exc}") from exc
 
 
 def _tensor(index: int, name: str, t: pb.Tensor) -> np.ndarray:
-    want = "<i8" if name in _INT_INPUTS else "<f4"
-    if _NP_DTYPES.get(t.dtype) != want:
-        kind = "int64" if want == "<i8" else "float32"
-        raise UserInputError(f"datum {index}: loss_fn_inputs[{name!r}] must be {kind}")
-    shape = tuple(int(s) for s in t.shape)
-    if len(shape) != 1:
-        raise UserInputError(
-            f"datum {index}: loss_fn_inputs[{name!r}] must be 1-D (got shape {list(shape)}); "
-            "2-D targets are not supported"
-        )
-    if t.WhichOneof("encoding") == "sparse_csr":
-        raise UserInputError(f"datum {index}: loss_fn_inputs[{name!r}] must be dense")
-    itemsize = np.dtype(want).itemsize
-    if len(t.dense) != shape[0] * itemsize:
-        raise UserInputError(
-            f"datum {index}: loss_fn_inputs[{name!r}] has {len(t.dense) // itemsize} values "
-            f"but shape {list(shape)}"
-        )
+    """The protobuf tensor's bytes as an array of the dtype the input must have; its shape
+    and values are the datum's to check."""
+    want = "<i8" if name in INT_INPUTS else "<f4"
+    kind = "int64" if want == "<i8" else "float32"
+    require(_NP_DTYPES.get(t.dtype) == want,
+            f"datum {index}: loss_fn_inputs[{name!r}] must be {kind}")
+    require(t.WhichOneof("encoding") != "sparse_csr",
+            f"datum {index}: loss_fn_inputs[{name!r}] must be dense")
+    shape = [int(s) for s in t.shape]
     array = np.frombuffer(t.dense, dtype=want).copy()
-    if want == "<f4" and not np.isfinite(array).all():
-        raise UserInputError(f"datum {index}: loss_fn_inputs[{name!r}] has NaN or Inf values")
-    return array
-
-
-def _check_inputs(index: int, inputs: dict[str, np.ndarray], loss_fn: str, n: int) -> None:
-    required, optional = LOSS_REQUIRED_INPUTS[loss_fn], LOSS_OPTIONAL_INPUTS[loss_fn]
-    missing = [k for k in required if k not in inputs]
-    if missing:
-        raise UserInputError(f"datum {index}: {loss_fn} needs loss_fn_inputs {missing}")
-    unknown = sorted(set(inputs) - set(required) - set(optional))
-    if unknown:
-        raise UserInputError(f"datum {index}: loss_fn_inputs {unknown} are not used by {loss_fn}")
-    for name, array in inputs.items():
-        if array.shape[0] != n:
-            raise UserInputError(
-                f"datum {index}: loss_fn_inputs[{name!r}] has length {array.shape[0]} but "
-                f"model_input has {n} tokens (targets are next-token aligned, one per input)"
-            )
-
-
-def check_tokens_fit(data: list[TrainingDatum], info: ModelInfo) -> None:
-    """Every token id within the vocabulary, every sequence within the context."""
-    for index, datum in enumerate(data):
-        if len(datum.tokens) > info.max_context:
-            raise UserInputError(
-                f"datum {index}: {len(datum.tokens)} tokens exceed the context of "
-                f"{info.name} ({info.max_context})"
-            )
-        for name, ids in (("model_input", datum.tokens),
-                          ("target_tokens", datum.loss_inputs.get("target_tokens"))):
-            if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= info.vocab_size):
-                bad = int(ids[(ids < 0) | (ids >= info.vocab_size)][0])
-                raise UserInputError(
-                    f"datum {index}: {name} token id {bad} is outside the vocabulary "
-                    f"[0, {info.vocab_size}) of {info.name}"
-                )
+    require(int(np.prod(shape)) == array.size, f"datum {index}: loss_fn_inputs[{name!r}] has "
+                                               f"{array.size} values but shape {shape}")
+    return array.reshape(shape)
 
 
 # ----------------------------------------------------------------- forward_backward out
@@ -283,10 +205,9 @@ def parse_sample_request(body: dict[str, Any], info: ModelInfo | None = None) ->
     ):
         if unsupported:
             raise UserInputError(f"{field_name} is not supported by this server")
-    prompt = _prompt_tokens(req.prompt)
-    spec = _sample_spec(req, prompt)
+    spec = _sample_spec(req, _prompt_tokens(req.prompt))
     if info is not None:
-        _check_sample_fits(spec, info)
+        spec.check_fits(info)
     return SampleCall(sampler_id=req.sampling_session_id, seq_id=req.seq_id or 0, spec=spec)
 
 
@@ -302,8 +223,6 @@ def _prompt_tokens(prompt: tt.ModelInput) -> tuple[int, ...]:
         if chunk.type != "encoded_text":
             raise UserInputError(f"{chunk.type} chunks are not supported; this server is text-only")
         tokens.extend(chunk.tokens)
-    if not tokens:
-        raise UserInputError("prompt is empty")
     return tuple(tokens)
 
 
@@ -311,67 +230,26 @@ def _sample_spec(req: tt.SampleRequest, prompt: tuple[int, ...]) -> SampleSpec:
     params = req.sampling_params
     stop_strings, stop_ids = _stop_sequences(params.stop)
     max_tokens = DEFAULT_MAX_TOKENS if params.max_tokens is None else params.max_tokens
-    _require(req.num_samples >= 1, "num_samples must be at least 1")
-    _require(max_tokens >= 1, "sampling_params.max_tokens must be at least 1")
-    _require(params.temperature >= 0 and math.isfinite(params.temperature),
-             "sampling_params.temperature must be a finite number >= 0")
-    _require(0 < params.top_p <= 1, "sampling_params.top_p must be in (0, 1]")
-    _require(params.top_k == -1 or params.top_k >= 1, "sampling_params.top_k must be -1 or >= 1")
-    _require(req.topk_prompt_logprobs >= 0 and req.topk_sample_logprobs >= 0,
-             "top-k logprob counts must be >= 0")
     return SampleSpec(
-        prompt=prompt,
-        num_samples=req.num_samples,
-        max_tokens=max_tokens,
-        temperature=params.temperature,
-        top_k=params.top_k,
-        top_p=params.top_p,
-        seed=params.seed,
-        stop_strings=stop_strings,
-        stop_token_ids=stop_ids,
+        prompt=prompt, num_samples=req.num_samples, max_tokens=max_tokens,
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+        seed=params.seed, stop_strings=stop_strings, stop_token_ids=stop_ids,
         prompt_logprobs=bool(req.prompt_logprobs),
         topk_prompt_logprobs=req.topk_prompt_logprobs,
-        topk_sample_logprobs=req.topk_sample_logprobs,
-    )
+        topk_sample_logprobs=req.topk_sample_logprobs)
 
 
 def _stop_sequences(stop: Any) -> tuple[tuple[str, ...] | None, tuple[int, ...] | None]:
-    """(stop strings, stop token ids), at most MAX_STOP_SEQUENCES of them, each string at
-    most MAX_STOP_LENGTH characters; (None, None) for the model's default (EOS)."""
+    """(stop strings, stop token ids), one kind or the other; (None, None) for the model's
+    default (EOS). Their count and lengths are SampleSpec's to check."""
     if stop is None:
         return None, None
     items = [stop] if isinstance(stop, str) else list(stop)
-    _require(len(items) <= MAX_STOP_SEQUENCES,
-             f"sampling_params.stop has {len(items)} entries; at most {MAX_STOP_SEQUENCES} "
-             "stop sequences are accepted")
-    strings = [s for s in items if isinstance(s, str)]
-    ids = [s for s in items if isinstance(s, int) and not isinstance(s, bool)]
-    if len(strings) == len(items):
-        longest = max((len(s) for s in strings), default=0)
-        _require(longest <= MAX_STOP_LENGTH,
-                 f"a stop string of {longest} characters is too long; each may have at most "
-                 f"{MAX_STOP_LENGTH}")
-        return tuple(strings), ()
-    _require(len(ids) == len(items), "sampling_params.stop must be strings or token ids, "
-                                     "not both")
-    return (), tuple(ids)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UserInputError(message)
-
-
-def _check_sample_fits(spec: SampleSpec, info: ModelInfo) -> None:
-    bad = [t for t in spec.prompt if t < 0 or t >= info.vocab_size]
-    _require(not bad, f"prompt token id {bad[0] if bad else 0} is outside the vocabulary "
-                      f"[0, {info.vocab_size}) of {info.name}")
-    bad_stop = [t for t in spec.stop_token_ids or () if t < 0 or t >= info.vocab_size]
-    _require(not bad_stop, f"stop token id {bad_stop[0] if bad_stop else 0} is outside the "
-                           f"vocabulary of {info.name}")
-    _require(len(spec.prompt) + spec.max_tokens <= info.max_context,
-             f"prompt ({len(spec.prompt)} tokens) + max_tokens ({spec.max_tokens}) exceed the "
-             f"context of {info.name} ({info.max_context})")
+    if all(isinstance(s, str) for s in items):
+        return tuple(items), ()
+    require(all(isinstance(s, int) and not isinstance(s, bool) for s in items),
+            "sampling_params.stop must be strings or token ids, not both")
+    return (), tuple(int(s) for s in items)
 
 
 def encode_sample_result(result: SampleResult) -> bytes:

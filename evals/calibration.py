@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.backend import AdamStep, Backend, LoraSpec, TrainingDatum
+from engine.backend import Backend
+from engine.values import AdamStep, LoraSpec, TrainingDatum
 from evals.probes import chat_tokenizer
 from policy.release import CALIBRATION_FORMAT
 

@@ -8,8 +8,9 @@ flag), and its owner samples it only where the release policy allows that (`[gat
 owner_may_sample_quarantined`, default false) — then within the key's caps, like any
 sampler. The same holds for every checkpoint of a run that a standing quarantine holds
 (policy.lineage: the quarantined checkpoint's run and the runs descending from it), so a
-fresh snapshot of quarantined weights is not a way around it. An evaluating checkpoint is
-not judged yet: its owner samples it as a private one. Must not import fastapi or gateway.
+fresh snapshot of quarantined weights is not a way around it. A checkpoint whose release
+evaluation runs is sampled by its owner only where the policy allows that too (`[gate]
+owner_may_sample_evaluating`, default false). Must not import fastapi or gateway.
 """
 
 from __future__ import annotations
@@ -27,8 +28,14 @@ OVERRIDE = ("only a two-person override (an admin's request, a different auditor
 
 def check_owner_may_sample(session: Session, ckpt: Checkpoint, run: TrainingRun | None,
                            policy: ReleasePolicy) -> None:
-    """Refuse (ReleaseRefused, 403) sampling `ckpt` when it is quarantined or held by a
-    quarantine, unless the release policy lets owners sample quarantined weights."""
+    """Refuse (ReleaseRefused, 403) sampling `ckpt` while its release evaluation runs, or
+    when it is quarantined or held by a quarantine, unless the release policy lets owners
+    sample such weights."""
+    if ckpt.release_state == "evaluating" and not policy.owner_may_sample_evaluating:
+        raise ReleaseRefused(f"{ckpt.tinker_path} is being evaluated for release, and the "
+                             "release policy does not let its owner sample it meanwhile "
+                             "([gate] owner_may_sample_evaluating = false); it can be sampled "
+                             "again once the evaluation releases it")
     if policy.owner_may_sample_quarantined:
         return
     why = quarantine_of(session, ckpt, run)

@@ -24,7 +24,7 @@ from typing import Any
 
 from audit import anchors, merkle, query
 from audit import log as audit_log
-from audit.anchors import AnchorError, Checkpoint
+from audit.anchors import AnchorError, TreeHead
 
 Database = Callable[..., Any]  # gateway.cli._database
 SettingsOf = Callable[[argparse.Namespace], Any]
@@ -35,7 +35,7 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def _latest_checkpoint(directory: Path) -> Checkpoint:
+def _latest_checkpoint(directory: Path) -> TreeHead:
     found = anchors.read_checkpoints(directory)
     if not found:
         raise AnchorError(f"no checkpoint in {directory}; write one with "
@@ -90,7 +90,7 @@ def cmd_prove(args: argparse.Namespace, database: Database, settings: SettingsOf
         return _prove_consistency(args, database)
     if args.seq is None:
         return _fail("give SEQ for an inclusion proof, or --from and --to for consistency")
-    ckpt = (Checkpoint.from_file(Path(args.checkpoint)) if args.checkpoint
+    ckpt = (TreeHead.from_file(Path(args.checkpoint)) if args.checkpoint
             else _latest_checkpoint(settings(args).checkpoint_dir))
     if not 1 <= args.seq <= ckpt.seq:
         return _fail(f"seq {args.seq} is not covered by the checkpoint (seq 1..{ckpt.seq})")
@@ -105,7 +105,7 @@ def cmd_prove(args: argparse.Namespace, database: Database, settings: SettingsOf
 
 
 def _prove_consistency(args: argparse.Namespace, database: Database) -> int:
-    old, new = Checkpoint.from_file(Path(args.old)), Checkpoint.from_file(Path(args.new))
+    old, new = TreeHead.from_file(Path(args.old)), TreeHead.from_file(Path(args.new))
     if old.seq > new.seq:
         return _fail("--from must be the older (smaller) checkpoint")
     with database(args, read_only=True) as session:
@@ -117,7 +117,7 @@ def _prove_consistency(args: argparse.Namespace, database: Database) -> int:
     return 0
 
 
-def check_proof(proof: dict[str, Any], ckpt: Checkpoint, old: Checkpoint | None = None
+def check_proof(proof: dict[str, Any], ckpt: TreeHead, old: TreeHead | None = None
                 ) -> str | None:
     """None when the proof holds against the checkpoint(s), else why not."""
     path = [bytes.fromhex(p) for p in proof["proof"]]
@@ -140,8 +140,8 @@ def check_proof(proof: dict[str, Any], ckpt: Checkpoint, old: Checkpoint | None 
 
 def cmd_check_proof(args: argparse.Namespace, database: Database, settings: SettingsOf) -> int:
     proof = json.loads(Path(args.proof).read_text())
-    ckpt = Checkpoint.from_file(Path(args.checkpoint))
-    old = Checkpoint.from_file(Path(args.old_checkpoint)) if args.old_checkpoint else None
+    ckpt = TreeHead.from_file(Path(args.checkpoint))
+    old = TreeHead.from_file(Path(args.old_checkpoint)) if args.old_checkpoint else None
     if args.public_key:
         public = anchors.load_public_key(Path(args.public_key))
         for c in filter(None, (ckpt, old)):

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.backend import LoraSpec
 from engine.checkpoints import ADAPTER_FILE, MANIFEST_FILE
+from engine.values import LoraSpec
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"

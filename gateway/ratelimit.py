@@ -1,6 +1,7 @@
 """Rate limits: anonymous calls (no key, or one that is refused) and access requests per
-client address, and requests per API key, each over moving windows kept in memory (the
-`limits` package; per process).
+client address, and requests per API key, each over moving windows (the `limits`
+package), kept in this process's memory or, for several API processes, in a shared store
+(`RateLimits.storage`).
 
 A call over a limit is refused with 429 and a Retry-After header — the only 429 the
 gateway sends. The SDK retries a 429, so the per-key limit is generous (it stops runaway
@@ -14,7 +15,8 @@ import math
 import time
 
 from limits import RateLimitItem, parse_many
-from limits.storage import MemoryStorage
+from limits.errors import ConfigurationError
+from limits.storage import MovingWindowSupport, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 from gateway.errors import RateLimited
@@ -30,7 +32,7 @@ class RateLimiter:
         self._items: dict[str, list[RateLimitItem]] = {
             bucket: parse_many(getattr(config, bucket)) if getattr(config, bucket) else []
             for bucket in BUCKETS}
-        self._storage = MemoryStorage()
+        self._storage = _storage(config.storage)
         self._limiter = MovingWindowRateLimiter(self._storage)
 
     def hit(self, bucket: str, identity: str) -> None:
@@ -51,3 +53,17 @@ class RateLimiter:
     def reset(self) -> None:
         """Forget every window (tests, and operators after changing limits)."""
         self._storage.reset()
+
+
+def _storage(uri: str) -> Storage:
+    """The `limits` store named by `uri`; a ValueError naming the setting when it cannot be
+    used (unknown scheme, client package missing, or no moving windows)."""
+    try:
+        storage = storage_from_string(uri)
+    except ConfigurationError as exc:
+        raise ValueError(f"rate limit storage {uri!r} cannot be used: {exc} (setting "
+                         "rate_limits.storage, LORAGATE_RATE_LIMIT_STORAGE)") from exc
+    if not isinstance(storage, Storage) or not isinstance(storage, MovingWindowSupport):
+        raise ValueError(f"rate limit storage {uri!r} has no moving windows; use memory://, "
+                         "redis:// or mongodb://")
+    return storage

@@ -28,10 +28,9 @@ from tokenizers import Tokenizer
 from audit import log as audit_log
 from audit.db import transaction
 from audit.models import TrainingRun
-from engine import wire
-from engine.backend import LOSS_FUNCTIONS, ModelInfo, TrainingDatum
 from engine.errors import UserInputError
 from engine.registry import fast_tokenizer
+from engine.values import LOSS_FUNCTIONS, ModelInfo, TrainingDatum, check_data_fits
 from gateway.context import RequestContext
 from policy.screening.batch import BatchScreening, DatumTexts, ScreeningRefused, screen_batch
 from policy.screening.screener import REQUEST, content_sha256
@@ -116,21 +115,12 @@ def decode_datum(datum: TrainingDatum, tok: Tokenizer, loss_fn: str,
                       kind=kind)
 
 
-def screen_training(ctx: RequestContext, run_id: str, data: list[TrainingDatum],
+def screen_training(ctx: RequestContext, info: ModelInfo, data: list[TrainingDatum],
                     loss_fn: str, loss_config: Mapping[str, float] | None = None
-                    ) -> BatchScreening | None:
-    """Screen a forward/forward_backward batch before the request takes the database's
-    write lock (the screens' shared cache writes in its own short transactions). None
-    when the run is not the caller's: the route's ownership check answers that."""
-    with transaction(ctx.state.read_factory) as session:
-        run = session.get(TrainingRun, run_id)
-        if run is None or run.principal_id != ctx.principal.id:
-            return None
-        base_model = run.base_model
-    info = ctx.state.model_info(base_model)
-    if info is None:
-        return None
-    wire.check_tokens_fit(data, info)  # the tokenizer must never see an id it lacks
+                    ) -> BatchScreening:
+    """Screen a forward/forward_backward batch, whose ids fit `info` (checked at the edge),
+    before the request takes the database's write lock (the screens' shared cache writes
+    in its own short transactions)."""
     tok = fast_tokenizer(info.tokenizer_dir)
     return screen_batch(ctx.state.screener,
                         [decode_datum(d, tok, loss_fn, loss_config) for d in data])
@@ -291,24 +281,29 @@ def _token_datum(i: int, ex: dict[str, Any], info: ModelInfo) -> tuple[str, Trai
     loss_fn = ex.get("loss_fn", "importance_sampling" if kind == "advantages"
                      else "cross_entropy")
     values = ex.get(kind, [1.0] * len(tokens))
-    if not (len(tokens) >= 2 and isinstance(values, list) and len(values) == len(tokens)
-            and all(isinstance(t, int) and 0 <= t < info.vocab_size for t in tokens)
-            and all(isinstance(v, int | float) for v in values)):
-        raise UserInputError(f"example {i}: tokens must be at least two ids below "
-                             f"{info.vocab_size} with one {kind[:-1]} per token")
+    if not (isinstance(tokens, list) and len(tokens) >= 2 and isinstance(values, list)
+            and len(values) == len(tokens)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
+        raise UserInputError(f"example {i}: tokens must be a list of at least two token ids "
+                             f"with one {kind[:-1]} per token")
     if loss_fn not in LOSS_FUNCTIONS or (kind == "weights") != (loss_fn == "cross_entropy"):
         raise UserInputError(f"example {i}: loss_fn must be cross_entropy with weights or an "
                              f"RL loss ({', '.join(LOSS_FUNCTIONS[1:])}) with advantages")
-    inputs: dict[str, list[float]] = {kind: [float(v) for v in values]}
+    inputs: dict[str, list[Any]] = {kind: values}
     if kind == "advantages":
         inputs["logprobs"] = [0.0] * len(tokens)
-    return loss_fn, _shifted(tokens, inputs)
+    try:
+        datum = _shifted(tokens, inputs)
+        check_data_fits([datum], info)
+    except UserInputError as exc:
+        raise UserInputError(f"example {i}: {exc}") from exc
+    return loss_fn, datum
 
 
-def _shifted(tokens: list[int], per_token: dict[str, list[float]]) -> TrainingDatum:
+def _shifted(tokens: list[int], per_token: dict[str, list[Any]]) -> TrainingDatum:
     """A full sequence with per-token values as the next-token-aligned datum a client
     sends: input tokens[:-1], targets tokens[1:], each value shifted the same way."""
-    inputs = {k: np.asarray(v[1:], dtype=np.float32) for k, v in per_token.items()}
+    inputs = {k: np.asarray(v[1:]) for k, v in per_token.items()}
     return TrainingDatum(tokens=np.asarray(tokens[:-1], dtype=np.int64),
                          loss_inputs={"target_tokens": np.asarray(tokens[1:], dtype=np.int64),
                                       **inputs})

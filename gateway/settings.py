@@ -20,11 +20,14 @@ from policy.limits import Limits
 @dataclass(frozen=True)
 class RateLimits:
     """Each a `limits` string ("300/second", "5/minute;20/hour"); empty: no limit. Enforced
-    by gateway.ratelimit."""
+    by gateway.ratelimit. `storage` is a `limits` storage URI: "memory://" keeps the
+    windows in this process; API processes that share a limit share a store such as
+    "redis://host:6379" (with the `redis` package installed)."""
 
     per_key: str = "300/second"
     anonymous: str = "30/minute"
     access_requests: str = "5/minute;20/hour"
+    storage: str = "memory://"
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ class Settings:
         if env.get("LORAGATE_SCOPES_FILE"):
             settings = replace(settings, scopes_file=Path(env["LORAGATE_SCOPES_FILE"]))
         limits = {name: env[f"LORAGATE_RATE_LIMIT_{name.upper()}"] for name in
-                  ("per_key", "anonymous", "access_requests")
+                  ("per_key", "anonymous", "access_requests", "storage")
                   if f"LORAGATE_RATE_LIMIT_{name.upper()}" in env}
         if limits:
             settings = replace(settings, rate_limits=replace(settings.rate_limits, **limits))

@@ -23,8 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from audit import log as audit_log
 from audit import retention
 from audit.db import make_engine, make_sessionmaker, transaction
-from engine.backend import ModelInfo
 from engine.registry import ModelRegistry
+from engine.values import ModelInfo
 from evals.release import load_suites
 from gateway import downloads
 from gateway.completions import Completions

@@ -5,7 +5,6 @@ Per-key scopes and quotas build on these. Must not import fastapi or engine.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -26,11 +25,7 @@ class Limits:
     max_learning_rate: float = 1.0
 
     def check_rank(self, rank: int) -> None:
-        if rank < 1:
-            raise LimitExceeded(
-                f"LoRA rank must be at least 1 (got {rank}); full-parameter training is "
-                "not offered"
-            )
+        """The server's cap on a (valid, engine.values.LoraSpec) rank."""
         if rank > self.max_lora_rank:
             raise LimitExceeded(f"LoRA rank {rank} exceeds the maximum of {self.max_lora_rank}")
 
@@ -43,6 +38,12 @@ class Limits:
             raise LimitExceeded(
                 f"{tokens} tokens exceed the limit of {self.max_tokens_per_request} per request"
             )
+
+    def check_learning_rate(self, learning_rate: float) -> None:
+        """The server's cap on a (valid, engine.values.AdamStep) learning rate."""
+        if learning_rate > self.max_learning_rate:
+            raise LimitExceeded(f"learning_rate {learning_rate} exceeds the limit of "
+                                f"{self.max_learning_rate}")
 
     def check_sampling(self, num_samples: int, max_tokens: int) -> None:
         if num_samples > self.max_samples_per_request:
@@ -61,20 +62,3 @@ def check_checkpoint_name(name: str) -> str:
             "starting with a letter or digit, with no '/' and no '..'"
         )
     return name
-
-
-def check_adam(lr: float, beta1: float, beta2: float, eps: float, wd: float,
-               clip: float, max_learning_rate: float) -> None:
-    values = {"learning_rate": lr, "beta1": beta1, "beta2": beta2, "eps": eps,
-              "weight_decay": wd, "grad_clip_norm": clip}
-    for name, value in values.items():
-        if not math.isfinite(value):
-            raise LimitExceeded(f"adam_params.{name} must be finite")
-    if lr > max_learning_rate:
-        raise LimitExceeded(f"learning_rate {lr} exceeds the limit of {max_learning_rate}")
-    if lr < 0 or wd < 0 or clip < 0:
-        raise LimitExceeded("learning_rate, weight_decay and grad_clip_norm must be >= 0")
-    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-        raise LimitExceeded("beta1 and beta2 must be in [0, 1)")
-    if eps <= 0:
-        raise LimitExceeded("eps must be > 0")

@@ -27,7 +27,7 @@ from policy.tomlfile import read_toml
 
 DEFAULT_RELEASE_PATH = Path(__file__).with_name("default_release.toml")
 GATE_KEYS = {"alpha", "time_budget_seconds", "max_new_tokens", "seed", "calibration",
-             "owner_may_sample_quarantined"}
+             "owner_may_sample_quarantined", "owner_may_sample_evaluating"}
 CALIBRATION_FORMAT = "loragate-release-calibration/1"
 SUITE_KEYS = {"file", "min_items", "tolerance", "gating", "min_base_refusal_rate"}
 
@@ -96,6 +96,8 @@ class ReleasePolicy:
     # May the owner of a quarantined adapter still sample it (within the key's caps)?
     # Nobody else ever may (evals.quarantine).
     owner_may_sample_quarantined: bool = False
+    # May the owner sample an adapter while its release evaluation runs?
+    owner_may_sample_evaluating: bool = False
 
     def rule_for(self, rule: SuiteRule, base_model: str, base_sha256: str,
                  suite_sha256: str) -> SuiteRule:
@@ -137,7 +139,10 @@ def load_release_policy(path: Path | None = None, *,
                          sha256=hashlib.sha256(raw).hexdigest(), calibration=calibration,
                          owner_may_sample_quarantined=_flag(
                              path, "[gate] owner_may_sample_quarantined",
-                             gate.get("owner_may_sample_quarantined", False)))
+                             gate.get("owner_may_sample_quarantined", False)),
+                         owner_may_sample_evaluating=_flag(
+                             path, "[gate] owner_may_sample_evaluating",
+                             gate.get("owner_may_sample_evaluating", False)))
 
 
 def _beside(path: Path, name: object) -> Path:

@@ -26,3 +26,14 @@ def test_importing_the_api_does_not_load_transformers_or_peft():
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_no_route_commits_inside_its_request():
+    """A request commits once, with its audit row, in gateway.context; a refusal that must
+    leave a record behind writes it in a transaction of its own (audit.db.transaction)."""
+    offenders = [f"{path.relative_to(ROOT)}:{number}"
+                 for path in sorted((ROOT / "gateway").rglob("*.py"))
+                 if path.name != "context.py"
+                 for number, line in enumerate(path.read_text().splitlines(), 1)
+                 if ".commit()" in line and not line.lstrip().startswith("#")]
+    assert offenders == []

@@ -7,21 +7,35 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.context import JsonBody, PublicCtx
-from gateway.errors import BadRequest
+from gateway.context import JsonBody, PublicCtx, parse
 from policy import access
 
 router = APIRouter(prefix="/api/v1")
 
 
+class AccessAsk(BaseModel):
+    """Who asks (the name becomes the principal's), how to reach them, why, and which base
+    models they want."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    contact: str
+    purpose: str
+    base_models: list[str] = Field(default_factory=list)
+
+
+class Claim(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    claim_token: str = Field(min_length=1)
+
+
 @router.post("/access_requests", name="request_access")
 def request_access(ctx: PublicCtx, body: JsonBody) -> dict[str, Any]:
-    models = body.get("base_models", [])
-    texts = {k: body.get(k) for k in ("name", "contact", "purpose")}
-    if not all(isinstance(v, str) for v in texts.values()) or not isinstance(models, list):
-        raise BadRequest("send name, contact and purpose as strings and base_models as a list")
-    req, token = access.request_access(ctx.session, base_models=models, **texts)  # type: ignore[arg-type]
+    ask = parse(AccessAsk, body)
+    req, token = access.request_access(ctx.session, name=ask.name, contact=ask.contact,
+                                       purpose=ask.purpose, base_models=ask.base_models)
     ctx.note(subject=req.id)
     return {"request_id": req.id, "status": req.status, "claim_token": token,
             "note": "keep the claim token: it is shown once and exchanges for your key "
@@ -30,8 +44,5 @@ def request_access(ctx: PublicCtx, body: JsonBody) -> dict[str, Any]:
 
 @router.post("/access_requests/claim", name="claim_access")
 def claim_access(ctx: PublicCtx, body: JsonBody) -> dict[str, Any]:
-    token = body.get("claim_token")
-    if not isinstance(token, str) or not token:
-        raise BadRequest("claim_token is required")
-    key = access.claim(ctx.session, token, ctx.state.scope_defaults)
+    key = access.claim(ctx.session, parse(Claim, body).claim_token, ctx.state.scope_defaults)
     return {"key": key, "note": "this is the only time the key is shown"}

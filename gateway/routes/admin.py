@@ -32,13 +32,21 @@ def list_policy(ctx: Ctx) -> dict[str, Any]:
     return {"rules": [_rule_view(r) for r in authz.list_rules(ctx.session)]}
 
 
+class PolicyRule(BaseModel):
+    """A casbin rule: who (a principal id or a role), on what, which action, allow/deny."""
+
+    model_config = ConfigDict(extra="forbid")
+    subject: str = Field(min_length=1)
+    resource: str = Field(min_length=1)
+    action: str = Field(min_length=1)
+    effect: str = Field(min_length=1)
+
+
 @router.post("/policy/rules", name="admin_add_policy_rule")
 def add_policy_rule(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
-    fields = {k: body.get(k) for k in ("subject", "resource", "action", "effect")}
-    missing = [k for k, v in fields.items() if not isinstance(v, str) or not v]
-    if missing:
-        raise BadRequest(f"missing or empty fields: {', '.join(missing)}")
-    rule = authz.add_rule(ctx.session, actor=ctx.principal.id, **fields)  # type: ignore[arg-type]
+    req = parse(PolicyRule, body)
+    rule = authz.add_rule(ctx.session, actor=ctx.principal.id, subject=req.subject,
+                          resource=req.resource, action=req.action, effect=req.effect)
     ctx.note(subject=f"policy_rules/{rule.id}")
     return _rule_view(rule)
 
@@ -68,25 +76,33 @@ def list_api_keys(ctx: Ctx) -> dict[str, Any]:
     return {"keys": [_key_view(k, p, defaults) for k, p in keys.list_keys(ctx.session)]}
 
 
+class NewPerson(BaseModel):
+    """A key for a new person: their name (the principal's), role, and optionally an
+    expiry and scope overrides."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    owner: str = Field(min_length=1)
+    role: str = "researcher"
+    expires_in_days: int | None = Field(default=None, ge=1)
+    scopes: dict[str, Any] | None = None
+
+
+def _expiry(days: int | None) -> dt.datetime | None:
+    return utcnow() + dt.timedelta(days=days) if days else None
+
+
 @router.post("/keys", name="admin_create_key")
 def create_api_key(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     """An admin creating a key enrolls a new person: an approval by that admin (audited
     as one, and recorded as the person's enroller). A name that exists or that an open
     access request holds is refused. The plaintext key is in this response only."""
-    owner, role = body.get("owner"), body.get("role", "researcher")
-    days, scopes = body.get("expires_in_days"), body.get("scopes") or {}
-    if not isinstance(owner, str) or not owner.strip():
-        raise BadRequest("owner (the principal's name) is required")
-    if not isinstance(role, str):
-        raise BadRequest("role must be researcher, auditor or admin")
-    if days is not None and (not isinstance(days, int) or days < 1):
-        raise BadRequest("expires_in_days must be a positive integer")
-    expires = utcnow() + dt.timedelta(days=days) if days else None
-    plaintext = keys.create_key(ctx.session, owner=owner.strip(), role=role,
-                                actor=ctx.principal.id, expires_at=expires, scopes=scopes,
-                                defaults=ctx.state.scope_defaults, via=keys.VIA_ADMIN)
+    req = parse(NewPerson, body)
+    plaintext = keys.create_key(ctx.session, owner=req.owner, role=req.role,
+                                actor=ctx.principal.id, expires_at=_expiry(req.expires_in_days),
+                                scopes=req.scopes or {}, defaults=ctx.state.scope_defaults,
+                                via=keys.VIA_ADMIN)
     principal, key = keys.authenticate(ctx.session, plaintext)
-    ctx.note(subject=owner.strip(), role=role)
+    ctx.note(subject=req.owner, role=req.role)
     return {"key": plaintext, **_key_view(key, principal, ctx.state.scope_defaults)}
 
 
@@ -106,20 +122,26 @@ def add_api_key(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     """The explicit, audited "add key to principal" action. The plaintext key is in this
     response only."""
     req = parse(AddKey, body)
-    expires = utcnow() + dt.timedelta(days=req.expires_in_days) if req.expires_in_days else None
     plaintext, principal = keys.add_key(
         ctx.session, principal_name=req.principal, actor=ctx.principal.id, reason=req.reason,
-        defaults=ctx.state.scope_defaults, expires_at=expires, scopes=req.scopes)
+        defaults=ctx.state.scope_defaults, expires_at=_expiry(req.expires_in_days),
+        scopes=req.scopes)
     _, key = keys.authenticate(ctx.session, plaintext)
     ctx.note(subject=principal.id, key_id=key.id)
     return {"key": plaintext, **_key_view(key, principal, ctx.state.scope_defaults)}
 
 
+class Decision(BaseModel):
+    """Why (kept in the audit trail)."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str = ""
+
+
 @router.post("/keys/{key_id}/revoke", name="admin_revoke_key")
 def revoke_api_key(key_id: str, ctx: Ctx, body: OptionalJsonBody = None) -> dict[str, Any]:
-    reason = (body or {}).get("reason") or "revoked by an admin"
-    key = keys.revoke_key(ctx.session, key_id=key_id, actor=ctx.principal.id,
-                          reason=str(reason))
+    reason = parse(Decision, body or {}).reason or "revoked by an admin"
+    key = keys.revoke_key(ctx.session, key_id=key_id, actor=ctx.principal.id, reason=reason)
     ctx.note(subject=key_id)
     return {"id": key.id, "status": key.status}
 
@@ -139,17 +161,20 @@ def list_access_requests(ctx: Ctx, status: str | None = None) -> dict[str, Any]:
     return {"requests": [_request_view(r) for r in access.list_requests(ctx.session, status)]}
 
 
+class Approval(Decision):
+    """An access approval: the role and scope overrides the new key gets, and its expiry."""
+
+    role: str = "researcher"
+    scopes: dict[str, Any] | None = None
+    expires_in_days: int | None = Field(default=None, ge=1)
+
+
 @router.post("/access_requests/{request_id}/approve", name="admin_approve_access")
 def approve_access(request_id: str, ctx: Ctx, body: OptionalJsonBody = None) -> dict[str, Any]:
-    body = body or {}
-    scopes, days = body.get("scopes") or {}, body.get("expires_in_days")
-    if not isinstance(scopes, dict):
-        raise BadRequest("scopes must be an object")
-    if days is not None and not isinstance(days, int):
-        raise BadRequest("expires_in_days must be an integer")
+    approval = parse(Approval, body or {})
     req = access.approve(ctx.session, request_id=request_id, actor=ctx.principal.id,
-                         role=str(body.get("role", "researcher")), scopes=scopes,
-                         expires_in_days=days, reason=str(body.get("reason", "")),
+                         role=approval.role, scopes=approval.scopes or {},
+                         expires_in_days=approval.expires_in_days, reason=approval.reason,
                          defaults=ctx.state.scope_defaults)
     ctx.note(subject=request_id)
     return _request_view(req)
@@ -158,6 +183,6 @@ def approve_access(request_id: str, ctx: Ctx, body: OptionalJsonBody = None) -> 
 @router.post("/access_requests/{request_id}/reject", name="admin_reject_access")
 def reject_access(request_id: str, ctx: Ctx, body: OptionalJsonBody = None) -> dict[str, Any]:
     req = access.reject(ctx.session, request_id=request_id, actor=ctx.principal.id,
-                        reason=str((body or {}).get("reason", "")))
+                        reason=parse(Decision, body or {}).reason)
     ctx.note(subject=request_id)
     return _request_view(req)

@@ -20,7 +20,7 @@ from audit.models import Checkpoint, ReleaseOverride, ReleaseReport, ReleaseRequ
 from evals import overrides, release
 from gateway import downloads
 from gateway.context import Ctx, JsonBody, RequestContext, parse
-from gateway.errors import BadRequest, Forbidden, NotFound
+from gateway.errors import Forbidden, NotFound
 from gateway.ownership import check_not_expired, owned, owned_checkpoint, reads_all
 
 router = APIRouter(prefix="/api/v1")
@@ -45,11 +45,16 @@ def _release(ctx: RequestContext, release_id: str) -> ReleaseRequest:
     return row
 
 
+class ReleaseAsk(BaseModel):
+    """The checkpoint to evaluate for release."""
+
+    model_config = ConfigDict(extra="forbid")
+    tinker_path: str
+
+
 @router.post("/releases", name="request_release", status_code=202)
 def request_release(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
-    path = body.get("tinker_path") if isinstance(body, dict) else None
-    if not isinstance(path, str):
-        raise BadRequest("tinker_path is required")
+    path = parse(ReleaseAsk, body).tinker_path
     ckpt = owned_checkpoint(ctx, path)
     run = owned(ctx, TrainingRun, ckpt.training_run_id, "training run")
     row = release.queue_release(ctx.session, ckpt, run, trigger="request",

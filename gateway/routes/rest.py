@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request, Response
 from sqlalchemy import func, select
 from tinker import types as tt
 
+from audit.db import transaction
 from audit.models import Checkpoint, ClientSession, Principal, Sampler, TrainingRun, as_utc
 from evals import overrides, release
 from gateway import downloads
@@ -156,19 +157,32 @@ def publish_checkpoint(run_id: str, checkpoint_id: str, ctx: Ctx) -> Response:
     is published if released); the call itself fails until the checkpoint is released."""
     ckpt = _run_checkpoint(ctx, run_id, checkpoint_id)
     if ckpt.release_state in ("private", "evaluating"):
-        run = owned(ctx, TrainingRun, ckpt.training_run_id, "training run")
-        row = release.queue_release(ctx.session, ckpt, run, trigger="publish",
-                                    actor=ctx.principal.id, request_id=ctx.request_id,
-                                    api_key_id=ctx.api_key_id, scopes=ctx.scopes)
-        ckpt.publish_on_release = True
-        ctx.session.commit()  # the queued evaluation stays although this call is refused
-        ctx.state.wake_worker()
-        raise Forbidden(f"{ckpt.tinker_path} is not released yet, so it cannot be published: "
-                        f"{queued_message(row)}. It is published automatically if the "
-                        "evaluation releases it")
+        path, queued = ckpt.tinker_path, _queue_publication(ctx, ckpt.id)
+        raise Forbidden(f"{path} is not released yet, so it cannot be published: {queued}. "
+                        "It is published automatically if the evaluation releases it")
     release.check_may_leave(ctx.session, ckpt, "published")
     ckpt.public = True
     return Response(status_code=204)
+
+
+def _queue_publication(ctx: RequestContext, checkpoint_id: int) -> str:
+    """Queue the checkpoint's evaluation, to publish it if released, in a transaction of
+    its own: the call that asks is refused, and its own transaction rolls back, but the
+    queued evaluation stays. The request's transaction is rolled back first (on SQLite it
+    holds the write lock)."""
+    ctx.session.rollback()
+    with transaction(ctx.state.factory) as session:
+        ckpt = session.get(Checkpoint, checkpoint_id)
+        run = session.get(TrainingRun, ckpt.training_run_id) if ckpt is not None else None
+        if ckpt is None or run is None:
+            raise NotFound("the checkpoint was deleted meanwhile")
+        row = release.queue_release(session, ckpt, run, trigger="publish",
+                                    actor=ctx.principal.id, request_id=ctx.request_id,
+                                    api_key_id=ctx.api_key_id, scopes=ctx.scopes)
+        ckpt.publish_on_release = True
+        message = queued_message(row)
+    ctx.state.wake_worker()
+    return message
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish",

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
-from engine.backend import ModelInfo
+from engine.values import ModelInfo
 from gateway.admission import AdmissionRequest, check_quota_first
 from gateway.context import Ctx, JsonBody, RequestContext
 from gateway.errors import BadRequest

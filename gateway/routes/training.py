@@ -13,14 +13,15 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from tinker import types as tt
 
+from audit.db import transaction
 from audit.models import Checkpoint, ClientSession, TrainingRun
 from engine import jobs, wire
-from engine.backend import AdamStep, LoraSpec, ModelInfo
+from engine.values import AdamStep, LoraSpec, ModelInfo, check_data_fits
 from evals import release
 from gateway.admission import AdmissionRequest, admit, check_quota_first
 from gateway.bodies import read_body
 from gateway.context import Ctx, JsonBody, RequestContext, parse
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, NotFound
 from gateway.ownership import (
     owned,
     owned_checkpoint,
@@ -28,9 +29,10 @@ from gateway.ownership import (
     storage_dir,
     tinker_path,
 )
+from gateway.runs import add_training_run
 from gateway.screening import apply_training_screening, screen_training
 from policy import lineage
-from policy.limits import check_adam, check_checkpoint_name
+from policy.limits import check_checkpoint_name
 from policy.quotas import Charge
 from policy.screening.tally import RunBlocked
 
@@ -50,6 +52,17 @@ def base_model_info(ctx: RequestContext, name: str) -> ModelInfo:
         raise BadRequest(f"unknown base model {name!r}; this server offers: {served}")
     ctx.scopes.check_base_model(name)
     return info
+
+
+def _caller_run_model(ctx: RequestContext, run_id: str) -> ModelInfo:
+    """The base model of the caller's run, read outside the request's transaction (a
+    404 for anyone else's run, as the ownership check under the transaction answers)."""
+    with transaction(ctx.state.read_factory) as session:
+        run = session.get(TrainingRun, run_id)
+        if run is None or run.principal_id != ctx.principal.id:
+            raise NotFound(f"training run {run_id} not found")
+        base_model = run.base_model
+    return base_model_info(ctx, base_model)
 
 
 def _model_id(session_id: str, model_seq_id: int) -> str:
@@ -81,17 +94,11 @@ def create_model(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
                     train_unembed=req.lora_config.train_unembed)
     ctx.state.settings.limits.check_rank(lora.rank)
     ctx.scopes.check_rank(lora.rank)
-    if not (lora.train_mlp or lora.train_attn or lora.train_unembed):
-        raise BadRequest("at least one of train_mlp, train_attn, train_unembed must be true")
-    if ctx.session.get(TrainingRun, model_id) is None:
-        ctx.session.add(TrainingRun(
-            id=model_id, session_id=req.session_id, model_seq_id=req.model_seq_id,
-            principal_id=ctx.principal.id, base_model=req.base_model, lora_rank=lora.rank,
-            lora_config=json.dumps(lora.to_dict()),
-            user_metadata=json.dumps(req.user_metadata or {}), status="creating",
-            api_key_id=ctx.api_key_id,
-        ))
-        ctx.session.flush()
+    add_training_run(ctx.session, run_id=model_id, session_id=req.session_id,
+                     model_seq_id=req.model_seq_id, principal_id=ctx.principal.id,
+                     api_key_id=ctx.api_key_id, base_model=req.base_model,
+                     lora_rank=lora.rank, lora_config=json.dumps(lora.to_dict()),
+                     user_metadata=req.user_metadata)
     job = jobs.CreateAdapterJob(model_id=model_id, base_model=req.base_model, lora=lora)
     request_id = admit(ctx, AdmissionRequest(
         kind="create_model", payload=jobs.dump_job(job), model_id=model_id, seq_id=0,
@@ -135,12 +142,12 @@ def _admit_forward_backward(ctx: RequestContext, raw: bytes, encoding: str | Non
         audit={"op": kind, "loss_fn": call.loss_fn, "datums": len(call.data), "tokens": tokens,
                "loss_config": call.loss_config})
     check_quota_first(ctx, admission)
+    info = _caller_run_model(ctx, call.model_id)
+    check_data_fits(call.data, info)  # the tokenizer must never see an id it lacks
     # Screened before the request's transaction begins: the screens' cache writes on its own.
-    batch = screen_training(ctx, call.model_id, call.data, call.loss_fn, call.loss_config)
+    batch = screen_training(ctx, info, call.data, call.loss_fn, call.loss_config)
     run = owned_run(ctx, call.model_id)
-    wire.check_tokens_fit(call.data, base_model_info(ctx, run.base_model))
-    if batch is not None:
-        ctx.note(screening=apply_training_screening(ctx, run, batch))
+    ctx.note(screening=apply_training_screening(ctx, run, batch))
     return _future(admit(ctx, admission), run.id)
 
 
@@ -151,12 +158,10 @@ def optim_step(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     params = req.optim_params
     if not isinstance(params, tt.AdamParams):
         raise BadRequest("only Adam parameters (adam_params) are accepted")
-    check_adam(params.learning_rate, params.beta1, params.beta2, params.eps,
-               params.weight_decay, params.grad_clip_norm,
-               ctx.state.settings.limits.max_learning_rate)
     step = AdamStep(learning_rate=params.learning_rate, beta1=params.beta1, beta2=params.beta2,
                     eps=params.eps, weight_decay=params.weight_decay,
                     grad_clip_norm=params.grad_clip_norm)
+    ctx.state.settings.limits.check_learning_rate(step.learning_rate)
     request_id = admit(ctx, AdmissionRequest(
         kind="optim_step", payload=jobs.dump_job(jobs.OptimStepJob(model_id=run.id, step=step)),
         model_id=run.id, seq_id=req.seq_id, audit={"adam": step.__dict__}))
@@ -245,15 +250,12 @@ def load_weights(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
         raise BadRequest(f"{req.path} was trained on {source.base_model}, not {req.base_model}")
     base_model_info(ctx, source.base_model)
     ctx.scopes.check_rank(source.lora_rank)
-    if ctx.session.get(TrainingRun, model_id) is None:
-        ctx.session.add(TrainingRun(
-            id=model_id, session_id=req.session_id, model_seq_id=req.model_seq_id,
-            principal_id=ctx.principal.id, base_model=source.base_model,
-            lora_rank=source.lora_rank, lora_config=source.lora_config,
-            user_metadata=json.dumps(req.user_metadata or {}), status="creating",
-            api_key_id=ctx.api_key_id))
-        ctx.session.flush()
-    _inherit(ctx, ctx.session.get(TrainingRun, model_id), ckpt, source)
+    run = add_training_run(ctx.session, run_id=model_id, session_id=req.session_id,
+                           model_seq_id=req.model_seq_id, principal_id=ctx.principal.id,
+                           api_key_id=ctx.api_key_id, base_model=source.base_model,
+                           lora_rank=source.lora_rank, lora_config=source.lora_config,
+                           user_metadata=req.user_metadata)
+    _inherit(ctx, run, ckpt, source)
     job = jobs.LoadAdapterJob(model_id=model_id, base_model=source.base_model,
                               source_path=req.path, storage_dir=ckpt.storage_dir,
                               with_optimizer=req.optimizer, creates_run=True)
@@ -280,12 +282,10 @@ def _load_into_run(ctx: RequestContext, req: tt.LoadWeightsRequest, ckpt: Checkp
     return _future(request_id, run.id)
 
 
-def _inherit(ctx: RequestContext, child: TrainingRun | None, ckpt: Checkpoint,
+def _inherit(ctx: RequestContext, child: TrainingRun, ckpt: Checkpoint,
              source: TrainingRun) -> None:
     """The loading run descends from the checkpoint: refuse blocked weights, record the
     lineage and take in the source's tally; refuse a load that would block the run."""
-    if child is None:  # flushed just above; only a concurrent delete could do this
-        raise BadRequest("the training run to load into does not exist")
     block = lineage.record_load(ctx.session, child=child, source=ckpt, source_run=source,
                                 config=ctx.state.screener.config, actor=ctx.principal.id,
                                 request_id=ctx.request_id)

@@ -46,7 +46,7 @@ def verify(factory, **kwargs) -> audit_log.VerifyResult:
         return audit_log.verify(session, **kwargs)
 
 
-def checkpoint(factory, tmp_path: Path, key=None) -> anchors.Checkpoint:
+def checkpoint(factory, tmp_path: Path, key=None) -> anchors.TreeHead:
     with transaction(factory) as session:
         ckpt, _ = audit_log.write_checkpoint(session, tmp_path / "ckpts", "test", key)
     return ckpt
@@ -145,7 +145,7 @@ def test_a_forged_checkpoint_fails_its_signature(log, tmp_path, signed):
     private, public = signed
     _append(log, 3)
     ckpt = checkpoint(log, tmp_path, private)
-    forged = anchors.Checkpoint(**{**ckpt.__dict__, "seq": 2})
+    forged = anchors.TreeHead(**{**ckpt.__dict__, "seq": 2})
     result = verify(log, checkpoints=[forged], public_key=public)
     assert not result.ok and "no valid signature" in result.reason
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backend import AdamStep, LoraSpec, TrainingDatum
 from engine.registry import TINY_TEST_MODEL, ModelRegistry
 from engine.torch_backend import LORA_ALPHA, TorchBackend, load_backend
+from engine.values import AdamStep, LoraSpec, TrainingDatum
 
 _ids = itertools.count()
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.backend import AdamStep, LoraSpec
 from engine.checkpoints import ADAPTER_FILE, MANIFEST_FILE, OPTIMIZER_FILE
 from engine.errors import UserInputError
 from engine.torch_backend import TorchBackend
+from engine.values import AdamStep, LoraSpec
 
 from .conftest import ce_datum, train_step
 

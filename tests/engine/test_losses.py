@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backend import LOSS_FUNCTIONS, TrainingDatum
 from engine.errors import UserInputError
-from engine.losses import elementwise_loss, resolve_config, trained_positions
+from engine.losses import elementwise_loss, trained_positions
+from engine.values import LOSS_FUNCTIONS, TrainingDatum, resolve_config
 
 from .conftest import ReferenceLora, random_tokens, train_step
 
@@ -194,8 +194,8 @@ def test_ppo_clip_range_is_probed_not_assumed():
     inputs = rl_inputs([1.0, 1.0])
     config = {"clip_low_threshold": 0.0, "clip_high_threshold": 0.0}
     assert not trained_positions("ppo", inputs, config).trained.any()
-    with pytest.raises(UserInputError, match="clip_low_threshold"):
-        trained_positions("ppo", inputs, {"clip_low_threshold": 2.0})
+    with pytest.raises(UserInputError, match="clip_low_threshold"):  # refused at the edge
+        resolve_config("ppo", {"clip_low_threshold": 2.0})
 
 
 def test_a_new_loss_registered_in_losses_is_covered(monkeypatch):

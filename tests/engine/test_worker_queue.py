@@ -17,8 +17,9 @@ from audit import usage
 from audit.db import make_engine, make_sessionmaker, transaction
 from audit.models import ApiKey, ClientSession, Future, Principal, TrainingRun
 from engine import jobs
-from engine.backend import AdamStep, Backend, ForwardBackwardResult, ModelInfo
+from engine.backend import Backend, ForwardBackwardResult
 from engine.errors import NonFiniteError
+from engine.values import AdamStep, ModelInfo
 from engine.worker import Worker
 from migrations import upgrade_to_head
 

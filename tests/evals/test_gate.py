@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.backend import Backend, ModelInfo
+from engine.backend import Backend
+from engine.values import ModelInfo
 from evals import gate
 from evals.release import ReleaseEvaluator, load_suites
 from policy.release import ReleasePolicyError, SuiteRule, load_release_policy

@@ -89,15 +89,17 @@ def test_a_rejected_request_says_why(server):
     assert twice.status_code == 400 and "already rejected" in twice.json()["detail"]
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"name": "", "contact": "x", "purpose": "y"}, "name is required"),
-    ({"name": "kim", "contact": "x"}, "send name, contact and purpose"),
-    ({"name": "kim", "contact": "x", "purpose": "y", "base_models": "all"},
-     "base_models as a list"),
+@pytest.mark.parametrize("body, status, message", [
+    ({"name": "", "contact": "x", "purpose": "y"}, 400, "name is required"),
+    ({"name": "kim", "contact": "x"}, 422, "purpose: Field required"),
+    ({"name": "kim", "contact": "x", "purpose": "y", "base_models": "all"}, 422,
+     "base_models: Input should be a valid list"),
+    ({"name": "kim", "contact": "x", "purpose": "y", "role": "admin"}, 422,
+     "role: Extra inputs are not permitted"),
 ])
-def test_malformed_access_requests_are_refused(server, body, message):
+def test_malformed_access_requests_are_refused(server, body, status, message):
     resp = _post(server, "access_requests", json=body)
-    assert resp.status_code == 400 and message in resp.json()["detail"]
+    assert resp.status_code == status and message in resp.json()["detail"], resp.text
 
 
 def test_names_cannot_be_taken_twice_and_unknown_tokens_are_refused(server):

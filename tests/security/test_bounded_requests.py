@@ -25,7 +25,8 @@ from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from audit.db import transaction
 from audit.models import Checkpoint, ScreeningVerdict, TrainingRun
-from gateway.settings import RateLimits
+from gateway.ratelimit import RateLimiter
+from gateway.settings import RateLimits, Settings
 from tests.api.helpers import TINY, service
 from tests.conftest import LiveServer, _dialects
 from tests.security.conftest import audit_rows, module_server
@@ -226,6 +227,19 @@ def test_requests_are_rate_limited_per_key(server):
     resp = _until_refused(lambda: _post(server, key, "client/config", json={}), 60)
     _assert_rate_limited(resp, server)
     assert _post(server, other, "client/config", json={}).status_code == 200
+
+
+def test_the_rate_limit_store_is_a_setting_that_fails_loudly(monkeypatch):
+    """Several API processes share a limit only through a shared store: the setting names
+    it (memory:// by default), and a store that cannot be used stops start-up with the
+    setting's name rather than silently keeping per-process windows."""
+    monkeypatch.setenv("LORAGATE_RATE_LIMIT_STORAGE", "memory://")
+    settings = Settings.from_env()
+    assert settings.rate_limits.storage == "memory://"
+    RateLimiter(settings.rate_limits).hit("per_key", "k")
+    for uri in ("bogus://x", "memcached://127.0.0.1:1"):
+        with pytest.raises(ValueError, match="rate limit storage"):
+            RateLimiter(RateLimits(storage=uri))
 
 
 # ------------------------------------------------------------ metering and order

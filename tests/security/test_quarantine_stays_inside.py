@@ -6,8 +6,9 @@ sampler on its path, not loaded into their training run
 not because its `public` flag is set. Its owner cannot publish it either, and samples a
 quarantined adapter only when the release policy says so (`[gate]
 owner_may_sample_quarantined`, default false) — then within the key's caps like any
-sampler; a fresh snapshot of the quarantined run's weights is held the same way. (An
-evaluating adapter is not yet judged: its owner samples it as before.)
+sampler; a fresh snapshot of the quarantined run's weights is held the same way. While its
+release evaluation runs, its owner samples it only where `[gate]
+owner_may_sample_evaluating` allows (default false).
 
 The release states are set directly: the gate's own tests train adapters it quarantines.
 """
@@ -107,8 +108,15 @@ def test_a_fresh_snapshot_of_quarantined_weights_is_not_a_way_around(server):
     owner.sc.close("success").result()
 
 
-def test_an_evaluating_adapter_is_still_sampled_by_its_owner(server):
+def test_an_evaluating_adapter_is_not_sampled_by_its_owner_by_default(server, monkeypatch):
     owner = _owned(server, "evaluating")
+    refusal = "being evaluated.*owner_may_sample_evaluating"
+    with pytest.raises(tinker.PermissionDeniedError, match=refusal):
+        owner.sampler.sample(PROMPT, 1, GREEDY).result()
+    with pytest.raises(tinker.PermissionDeniedError, match=refusal):
+        owner.sc.create_sampling_client(model_path=owner.path).result()
+    policy = dataclasses.replace(server.state.release_policy, owner_may_sample_evaluating=True)
+    monkeypatch.setattr(server.state, "release_policy", policy)
     assert owner.sampler.sample(PROMPT, 1, GREEDY).result().sequences
     again = owner.sc.create_sampling_client(model_path=owner.path).result()
     assert again.sample(PROMPT, 1, GREEDY).result().sequences
@@ -176,28 +184,28 @@ def test_the_release_policy_can_let_the_owner_sample_within_the_caps(server, mon
     owner.sc.close("success").result()
 
 
-def test_owner_may_sample_quarantined_is_a_documented_gate_key_off_by_default(tmp_path):
+@pytest.mark.parametrize("key", ["owner_may_sample_quarantined",
+                                 "owner_may_sample_evaluating"])
+def test_owner_sampling_keys_are_documented_gate_keys_off_by_default(tmp_path, key):
     text = DEFAULT_RELEASE_PATH.read_text()
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
-    assert "owner_may_sample_quarantined" in header
+    assert key in header
     for name, line, expected in (("shipped", None, False), ("absent", "", False),
-                                 ("true", "owner_may_sample_quarantined = true", True),
-                                 ("false", "owner_may_sample_quarantined = false", False)):
+                                 ("true", f"{key} = true", True),
+                                 ("false", f"{key} = false", False)):
         policy = tmp_path / f"release-{name}.toml"
-        policy.write_text(_variant(text, line))
-        assert load_release_policy(policy).owner_may_sample_quarantined is expected, name
+        policy.write_text(_variant(text, key, line))
+        assert getattr(load_release_policy(policy), key) is expected, name
     bad = tmp_path / "release-bad.toml"
-    bad.write_text(_variant(text, 'owner_may_sample_quarantined = "yes"'))
-    with pytest.raises(ReleasePolicyError, match="owner_may_sample_quarantined must be true "
-                                                 "or false"):
+    bad.write_text(_variant(text, key, f'{key} = "yes"'))
+    with pytest.raises(ReleasePolicyError, match=f"{key} must be true or false"):
         load_release_policy(bad)
 
 
-def _variant(text: str, line: str | None) -> str:
+def _variant(text: str, key: str, line: str | None) -> str:
     """The shipped release policy without its calibration file (which lives beside it),
-    with its owner_may_sample_quarantined line kept (None) or replaced by `line`."""
+    with its `key` line kept (None) or replaced by `line`."""
     head, _, body = text.partition("\n[gate]\n")
-    dropped = ("calibration", "owner_may_sample_quarantined") if line is not None \
-        else ("calibration",)
+    dropped = ("calibration", key) if line is not None else ("calibration",)
     kept = [entry for entry in body.split("\n") if not entry.startswith(dropped)]
     return f"{head}\n[gate]\n{line or ''}\n" + "\n".join(kept)

@@ -1,0 +1,167 @@
+"""The validated value objects (engine.values): a malformed datum, sampling request,
+optimizer step or loss call cannot be built, so no later layer checks it again; the one
+check left to the engine is that ids fit the model, and every path into the model runs it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from engine.errors import UserInputError
+from engine.torch_backend import TorchBackend
+from engine.values import (
+    MAX_STOP_LENGTH,
+    MAX_STOP_SEQUENCES,
+    AdamStep,
+    LoraSpec,
+    ModelInfo,
+    SampleSpec,
+    TrainingDatum,
+    check_data_fits,
+    check_loss_inputs,
+    resolve_config,
+)
+
+TOKENS = np.arange(1, 7, dtype=np.int64)
+ONES = np.ones(6, np.float32)
+INFO = ModelInfo(name="m", arch="llama", vocab_size=100, max_context=8, tokenizer_dir="")
+
+
+def datum(**changes) -> TrainingDatum:
+    inputs = {"target_tokens": TOKENS + 1, "weights": ONES}
+    tokens = changes.pop("tokens", TOKENS)
+    return TrainingDatum(tokens, {**inputs, **changes})
+
+
+@pytest.mark.parametrize("changes", [
+    {"weights": np.array([1, np.nan, 1, 1, 1, 1], np.float32)},
+    {"weights": np.full(6, np.inf, np.float32)},
+    {"weights": np.full(6, 1e300)},  # finite in float64, not in float32
+    {"weights": np.array(["a"] * 6)},
+    {"tokens": TOKENS.astype(np.float32)},
+    {"target_tokens": np.stack([TOKENS, TOKENS], 1)},
+    {"weights": np.ones(5, np.float32)},
+    {"tokens": np.array([], np.int64)},
+])
+def test_a_malformed_datum_cannot_be_built(changes):
+    with pytest.raises(UserInputError):
+        datum(**changes)
+
+
+def test_a_datum_holds_canonical_dtypes():
+    built = TrainingDatum([1, 2, 3], {"target_tokens": [2, 3, 4], "advantages": [1, 0, 2]})
+    assert built.tokens.dtype == np.int64
+    assert built.loss_inputs["target_tokens"].dtype == np.int64
+    assert built.loss_inputs["advantages"].dtype == np.float32
+
+
+@pytest.mark.parametrize("data,loss_fn", [
+    ([], "cross_entropy"),
+    ([TrainingDatum(TOKENS, {"target_tokens": TOKENS, "logprobs": ONES})], "ppo"),
+    ([datum(mask=ONES)], "cross_entropy"),
+])
+def test_a_loss_call_needs_its_inputs_and_no_others(data, loss_fn):
+    with pytest.raises(UserInputError):
+        check_loss_inputs(data, loss_fn)
+
+
+@pytest.mark.parametrize("loss_fn,config", [
+    ("custom", {}), ("gspo", {}), ("cross_entropy", {"beta": 1.0}),
+    ("ppo", {"clip_low_threshold": 1.5}), ("dro", {"beta": float("nan")}), ("dro", {"beta": "x"}),
+])
+def test_a_loss_config_outside_the_loss_definition_is_refused(loss_fn, config):
+    with pytest.raises(UserInputError):
+        resolve_config(loss_fn, config)
+
+
+@pytest.mark.parametrize("changes", [
+    {"rank": 0}, {"rank": 2.0}, {"rank": True}, {"seed": -1},
+    {"train_attn": False, "train_mlp": False, "train_unembed": False},
+    {"train_mlp": "yes"},
+])
+def test_an_invalid_lora_spec_cannot_be_built(changes):
+    with pytest.raises(UserInputError):
+        LoraSpec(**{"rank": 4, **changes})
+
+
+@pytest.mark.parametrize("changes", [
+    {"learning_rate": -1.0}, {"beta1": 1.0}, {"beta2": 1.5}, {"eps": float("nan")},
+    {"eps": 0.0},  # the policy refused it and the engine took it: one rule now
+    {"grad_clip_norm": float("inf")}, {"weight_decay": -0.1}, {"learning_rate": True},
+])
+def test_an_invalid_adam_step_cannot_be_built(changes):
+    with pytest.raises(UserInputError, match="adam_params"):
+        AdamStep(**changes)
+
+
+@pytest.mark.parametrize("changes", [
+    {"prompt": ()},
+    {"prompt": (1, 2.5)},
+    {"max_tokens": 0},
+    {"num_samples": 0},
+    {"temperature": -0.5},
+    {"temperature": float("nan")},
+    {"top_k": 0},  # the wire refused it and the engine took it: one rule now
+    {"top_k": -2},
+    {"top_p": 0.0},
+    {"top_p": 1.5},
+    {"seed": -1},
+    {"topk_sample_logprobs": 10_000},
+    {"stop_strings": ("",)},
+    {"stop_strings": ("x" * (MAX_STOP_LENGTH + 1),)},
+    {"stop_token_ids": tuple(range(MAX_STOP_SEQUENCES + 1))},
+    {"stop_token_ids": (1.5,)},
+])
+def test_an_invalid_sampling_request_cannot_be_built(changes):
+    with pytest.raises(UserInputError):
+        SampleSpec(**{"prompt": (1, 2, 3), **changes})
+
+
+@pytest.mark.parametrize("build", [
+    lambda: check_data_fits([datum(tokens=np.array([1, 2, 3, 4, 5, 100]))], INFO),
+    lambda: check_data_fits([datum(target_tokens=np.array([-1, 2, 3, 4, 5, 6]))], INFO),
+    lambda: check_data_fits([TrainingDatum(np.ones(9, np.int64),
+                                           {"target_tokens": np.ones(9, np.int64)})], INFO),
+    lambda: SampleSpec(prompt=(1, 2, 100)).check_fits(INFO),
+    lambda: SampleSpec(prompt=(1, 2), stop_token_ids=(-3,)).check_fits(INFO),
+    lambda: SampleSpec(prompt=(1, 2), max_tokens=7).check_fits(INFO),
+])
+def test_ids_outside_the_model_are_refused_at_the_edge(build):
+    with pytest.raises(UserInputError, match=r"vocabulary|context"):
+        build()
+
+
+def test_ids_inside_the_model_fit():
+    check_data_fits([datum(tokens=np.array([0, 2, 3, 4, 5, 99]))], INFO)
+    SampleSpec(prompt=(0, 99), max_tokens=6, stop_token_ids=(99,)).check_fits(INFO)
+
+
+class GuardHit(Exception):
+    pass
+
+
+def test_every_path_into_the_model_runs_the_engines_one_guard(backend: TorchBackend,
+                                                              monkeypatch):
+    """forward/backward, sampling and the evaluation helpers all check ids through
+    `TorchBackend.guard`; nothing reaches the model around it."""
+    def guard(self, ids, what, generated=0):
+        raise GuardHit(what)
+
+    monkeypatch.setattr(TorchBackend, "guard", guard)
+    paths = {
+        "forward": lambda: backend.forward_backward(None, [datum()], "cross_entropy", {}, True),
+        "sample": lambda: backend.sample(None, SampleSpec(prompt=(1, 2, 3), max_tokens=2)),
+        "score": lambda: backend.score_continuations(None, [1, 2], [[3], [4, 5]]),
+        "answers": lambda: backend.score_answers(None, [([1, 2], [3])]),
+        "greedy": lambda: backend.generate_greedy(None, [[1, 2]], 2),
+    }
+    for call in paths.values():
+        with pytest.raises(GuardHit):
+            call()
+
+
+def test_a_replaced_field_is_validated_again():
+    with pytest.raises(UserInputError):
+        dataclasses.replace(SampleSpec(prompt=(1, 2)), temperature=-1.0)
