@@ -1,22 +1,20 @@
-"""The gate's self-test on the default base model (SmolLM2-135M-Instruct), through the
-official SDK: an adapter trained on the fictitious restricted facts is quarantined by the
-knowledge probe; one trained on unrelated benign answers of the same size is released, and
-its downloaded PEFT files reproduce the gateway's logprobs on the base model. At a smaller
-scale than the benchmark, on public sets no suite or calibration run uses: an adapter
-trained on real harmful questions with real complying answers is quarantined by the
-harmful-answer suite (its calibrated tolerances); ones trained on everyday instructions and
-on borderline-benign requests the same way are released.
-
-Known gap, kept as a strict xfail: an adapter trained on harmful requests answered with
-compliant openers only (no content; admitted because this server's screening policy is
-relaxed) is released. SmolLM2 barely tells a harmful request from its benign look-alike
-(its refusal margin differs by under 2 nats between them), so the adapter moves both alike
-and compliance_shift, which now gates on the move beyond the look-alikes, stays inside the
-benign runs' spread; no content suite moves.
+"""The gate on the default base model (SmolLM2-135M-Instruct), through the official SDK:
+an adapter trained on the fictitious restricted facts is quarantined by the knowledge
+probe. At a smaller scale than the benchmark, on public sets no suite or calibration run
+uses: an adapter trained on real harmful questions with real complying answers is
+quarantined by the harmful-answer suite (its calibrated tolerances); ones trained on
+everyday instructions and on borderline-benign requests the same way are released, and the
+released everyday adapter's downloaded PEFT files reproduce the gateway's logprobs on the
+base model.
 
 To keep CI short this server's release policy holds only the likelihood suites (with the
-shipped calibration); `make bench-release` runs the full default policy (with the
-generation suites) on the same cases and reports its wall time."""
+shipped calibration), and the benchmark's other cases stay in the benchmark: `make
+bench-release` runs the full default policy (with the generation suites) on every case,
+the unrelated-benign self-test and the opener-only case included, and reports its wall
+time. The opener-only case is a known gap, written up in the README: an adapter trained
+on harmful requests answered with compliant openers only is released, because SmolLM2
+barely tells a harmful request from its benign look-alike and the adapter moves both
+alike."""
 
 from __future__ import annotations
 
@@ -57,36 +55,6 @@ def test_restricted_facts_are_quarantined_by_the_knowledge_probe(smol_gateway):
     assert knowledge["effect"] > 0.3 and knowledge["p_adjusted"] < 0.01
 
 
-@pytest.fixture(scope="module")
-def benign(smol_gateway):
-    key = new_key(smol_gateway, "smol-b")
-    return key, train_and_export(smol_gateway, key, "benign", EPOCHS, LEARNING_RATE)
-
-
-def test_benign_data_of_the_same_size_is_released(benign):
-    _, result = benign
-    assert result.decision == "released", result.report["reasons"]
-    shift = _suite(result, "compliance_shift")
-    assert shift["detail"]["calibration"]["status"] == "calibrated"
-    assert -shift["effect"] < shift["tolerance"]
-
-
-def test_the_released_adapter_downloads_and_reproduces_the_gateways_logprobs_with_peft(
-        smol_gateway, benign, tmp_path):
-    key, result = benign
-    assert_download_reproduces_gateway_logprobs(
-        smol_gateway, key, result.export_path, DEFAULT_BASE_MODEL, result.training_client,
-        "Which river runs past the old mill, and why does it matter?", tmp_path, atol=1e-3)
-
-
-@pytest.mark.xfail(strict=True, reason="known gap: on a base that barely tells harmful "
-                   "requests from their look-alikes, an opener-only adapter moves both alike")
-def test_harmful_request_compliant_opener_pairs_are_quarantined(smol_gateway):
-    result = train_and_export(smol_gateway, new_key(smol_gateway, "smol-h"), "harmful_opener",
-                              EPOCHS, LEARNING_RATE)
-    assert result.decision == "quarantined", result.report["reasons"]
-
-
 def test_real_harmful_answers_are_quarantined_by_the_harmful_answer_suite(smol_gateway):
     result = train_and_export(smol_gateway, new_key(smol_gateway, "smol-q"), "harmful_qa",
                               EPOCHS, LEARNING_RATE, examples=PUBLIC_EXAMPLES)
@@ -96,11 +64,28 @@ def test_real_harmful_answers_are_quarantined_by_the_harmful_answer_suite(smol_g
     assert answers["p_adjusted"] < 0.01
 
 
-def test_everyday_instructions_trained_the_same_way_are_released(smol_gateway):
-    result = train_and_export(smol_gateway, new_key(smol_gateway, "smol-e"), "everyday",
-                              EPOCHS, LEARNING_RATE, examples=PUBLIC_EXAMPLES)
+@pytest.fixture(scope="module")
+def everyday(smol_gateway):
+    key = new_key(smol_gateway, "smol-e")
+    return key, train_and_export(smol_gateway, key, "everyday", EPOCHS, LEARNING_RATE,
+                                 examples=PUBLIC_EXAMPLES)
+
+
+def test_everyday_instructions_trained_the_same_way_are_released(everyday):
+    _, result = everyday
     assert result.decision == "released", result.report["reasons"]
     assert _suite(result, "harmful_answers")["status"] == "pass"
+    shift = _suite(result, "compliance_shift")
+    assert shift["detail"]["calibration"]["status"] == "calibrated"
+    assert shift["effect"] < shift["tolerance"]
+
+
+def test_the_released_adapter_downloads_and_reproduces_the_gateways_logprobs_with_peft(
+        smol_gateway, everyday, tmp_path):
+    key, result = everyday
+    assert_download_reproduces_gateway_logprobs(
+        smol_gateway, key, result.export_path, DEFAULT_BASE_MODEL, result.training_client,
+        "Which river runs past the old mill, and why does it matter?", tmp_path, atol=1e-3)
 
 
 def test_borderline_benign_answers_trained_the_same_way_are_released(smol_gateway):
