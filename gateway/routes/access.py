@@ -15,7 +15,7 @@ from policy import access
 router = APIRouter(prefix="/api/v1")
 
 
-class AccessAsk(BaseModel):
+class AccessRequestForm(BaseModel):
     """Who asks (the name becomes the principal's), how to reach them, why, and which base
     models they want."""
 
@@ -33,7 +33,7 @@ class Claim(BaseModel):
 
 @router.post("/access_requests", name="request_access")
 def request_access(ctx: PublicCtx, body: JsonBody) -> dict[str, Any]:
-    ask = parse(AccessAsk, body)
+    ask = parse(AccessRequestForm, body)
     req, token = access.request_access(ctx.session, name=ask.name, contact=ask.contact,
                                        purpose=ask.purpose, base_models=ask.base_models)
     ctx.note(subject=req.id)

@@ -76,7 +76,7 @@ def list_api_keys(ctx: Ctx) -> dict[str, Any]:
     return {"keys": [_key_view(k, p, defaults) for k, p in keys.list_keys(ctx.session)]}
 
 
-class NewPerson(BaseModel):
+class NewKey(BaseModel):
     """A key for a new person: their name (the principal's), role, and optionally an
     expiry and scope overrides."""
 
@@ -96,7 +96,7 @@ def create_api_key(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     """An admin creating a key enrolls a new person: an approval by that admin (audited
     as one, and recorded as the person's enroller). A name that exists or that an open
     access request holds is refused. The plaintext key is in this response only."""
-    req = parse(NewPerson, body)
+    req = parse(NewKey, body)
     plaintext = keys.create_key(ctx.session, owner=req.owner, role=req.role,
                                 actor=ctx.principal.id, expires_at=_expiry(req.expires_in_days),
                                 scopes=req.scopes or {}, defaults=ctx.state.scope_defaults,
@@ -131,7 +131,7 @@ def add_api_key(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     return {"key": plaintext, **_key_view(key, principal, ctx.state.scope_defaults)}
 
 
-class Decision(BaseModel):
+class Reason(BaseModel):
     """Why (kept in the audit trail)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -140,7 +140,7 @@ class Decision(BaseModel):
 
 @router.post("/keys/{key_id}/revoke", name="admin_revoke_key")
 def revoke_api_key(key_id: str, ctx: Ctx, body: OptionalJsonBody = None) -> dict[str, Any]:
-    reason = parse(Decision, body or {}).reason or "revoked by an admin"
+    reason = parse(Reason, body or {}).reason or "revoked by an admin"
     key = keys.revoke_key(ctx.session, key_id=key_id, actor=ctx.principal.id, reason=reason)
     ctx.note(subject=key_id)
     return {"id": key.id, "status": key.status}
@@ -161,7 +161,7 @@ def list_access_requests(ctx: Ctx, status: str | None = None) -> dict[str, Any]:
     return {"requests": [_request_view(r) for r in access.list_requests(ctx.session, status)]}
 
 
-class Approval(Decision):
+class AccessApproval(Reason):
     """An access approval: the role and scope overrides the new key gets, and its expiry."""
 
     role: str = "researcher"
@@ -171,7 +171,7 @@ class Approval(Decision):
 
 @router.post("/access_requests/{request_id}/approve", name="admin_approve_access")
 def approve_access(request_id: str, ctx: Ctx, body: OptionalJsonBody = None) -> dict[str, Any]:
-    approval = parse(Approval, body or {})
+    approval = parse(AccessApproval, body or {})
     req = access.approve(ctx.session, request_id=request_id, actor=ctx.principal.id,
                          role=approval.role, scopes=approval.scopes or {},
                          expires_in_days=approval.expires_in_days, reason=approval.reason,
@@ -183,6 +183,6 @@ def approve_access(request_id: str, ctx: Ctx, body: OptionalJsonBody = None) -> 
 @router.post("/access_requests/{request_id}/reject", name="admin_reject_access")
 def reject_access(request_id: str, ctx: Ctx, body: OptionalJsonBody = None) -> dict[str, Any]:
     req = access.reject(ctx.session, request_id=request_id, actor=ctx.principal.id,
-                        reason=parse(Decision, body or {}).reason)
+                        reason=parse(Reason, body or {}).reason)
     ctx.note(subject=request_id)
     return _request_view(req)

@@ -45,7 +45,7 @@ def _release(ctx: RequestContext, release_id: str) -> ReleaseRequest:
     return row
 
 
-class ReleaseAsk(BaseModel):
+class EvaluationRequest(BaseModel):
     """The checkpoint to evaluate for release."""
 
     model_config = ConfigDict(extra="forbid")
@@ -54,7 +54,7 @@ class ReleaseAsk(BaseModel):
 
 @router.post("/releases", name="request_release", status_code=202)
 def request_release(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
-    path = parse(ReleaseAsk, body).tinker_path
+    path = parse(EvaluationRequest, body).tinker_path
     ckpt = owned_checkpoint(ctx, path)
     run = owned(ctx, TrainingRun, ckpt.training_run_id, "training run")
     row = release.queue_release(ctx.session, ckpt, run, trigger="request",

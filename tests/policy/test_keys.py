@@ -64,20 +64,25 @@ def test_only_admins_create_or_revoke_keys(server, role, can_list):
     assert admin_request(server, key, "POST", "keys/anything/revoke").status_code == 403
 
 
-@pytest.mark.parametrize("body, message", [
-    ({}, "owner"),
-    ({"owner": "frank", "role": "root"}, "unknown role"),
-    ({"owner": "frank", "expires_in_days": 0}, "expires_in_days"),
-    ({"owner": "frank", "scopes": {"max_rank": 4}}, "unknown scope 'max_rank'"),
-    ({"owner": "frank", "scopes": {"losses": ["custom"]}}, "unknown losses ['custom']"),
-    ({"owner": "frank", "scopes": {"max_lora_rank": -1}}, "max_lora_rank must be a whole"),
-    ({"owner": "frank", "scopes": {"base_models": "all"}}, "base_models must be a list"),
-    ({"owner": "frank", "scopes": ["max_lora_rank"]}, "scopes must be a JSON object"),
+@pytest.mark.parametrize("body, status, message", [
+    ({}, 422, "owner: Field required"),
+    ({"owner": "  "}, 422, "owner: String should have at least 1 character"),
+    ({"owner": "frank", "role": "root"}, 400, "unknown role"),
+    ({"owner": "frank", "expires_in_days": 0}, 422, "expires_in_days"),
+    ({"owner": "frank", "scopes": {"max_rank": 4}}, 400, "unknown scope 'max_rank'"),
+    ({"owner": "frank", "scopes": {"losses": ["custom"]}}, 400, "unknown losses ['custom']"),
+    ({"owner": "frank", "scopes": {"max_lora_rank": -1}}, 400, "max_lora_rank must be a whole"),
+    ({"owner": "frank", "scopes": {"base_models": "all"}}, 400, "base_models must be a list"),
+    ({"owner": "frank", "scopes": ["max_lora_rank"]}, 422, "scopes: Input should be a valid "
+                                                            "dictionary"),
+    ({"owner": "frank", "owner_name": "x"}, 422, "owner_name: Extra inputs are not permitted"),
 ])
-def test_bad_key_requests_are_refused(server, body, message):
+def test_bad_key_requests_are_refused(server, body, status, message):
+    """Schema errors (a field missing, of the wrong type or unknown) are 422s naming the
+    field; values the policy refuses are 400s."""
     admin = server.create_key(role="admin")
     resp = admin_request(server, admin, "POST", "keys", json=body)
-    assert resp.status_code == 400 and message in resp.json()["detail"]
+    assert resp.status_code == status and message in resp.json()["detail"], resp.text
 
 
 def test_a_key_gets_the_default_lifetime_and_scopes_unless_its_creator_overrides_them(server):
