@@ -187,7 +187,7 @@ class Sampler:
 
         self.types = tinker.types
         self.service = tinker.ServiceClient(base_url=url, api_key=key)
-        self.client = self.service.create_sampling_client(base_model=DEFAULT_BASE_MODEL)
+        self.client = self.service.create_sampling_client(base_model=DEFAULT_BASE_MODEL).result()
         self.prompt = self.types.ModelInput.from_ints(prompt)
 
     def sample(self, samples: int, tokens: int) -> int:
