@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +50,8 @@ from gateway.embedded import RunningGateway, serve_in_thread
 from gateway.settings import Settings
 from policy.screening.screener import DEFAULT_SCREENING_PATH
 
-RELEASE_DATA = Path(__file__).resolve().parents[1] / "training" / "release_data"
+ROOT = Path(__file__).resolve().parents[1]
+RELEASE_DATA = ROOT / "training" / "release_data"
 
 
 def _public(name: str, limit: int = 64, words: int = 72) -> Callable[[], list[tuple[str, str]]]:
@@ -94,11 +97,34 @@ def relaxed_screening(directory: Path) -> Path:
 
 @contextlib.contextmanager
 def gateway(data_dir: Path, release_file: Path | None = None) -> Iterator[RunningGateway]:
+    """The API in this process and the worker in a process of its own, as deployed for
+    speed (an embedded worker shares the API process's interpreter and cores, which costs
+    it about 40% of its speed on a small CPU: benchmarks/multi_tenant.py)."""
     settings = Settings(data_dir=data_dir, base_models=(DEFAULT_BASE_MODEL,),
                         screening_file=relaxed_screening(data_dir), release_file=release_file,
-                        audit_checkpoint_seconds=0)
-    with serve_in_thread(settings) as running:
+                        audit_checkpoint_seconds=0, run_worker=False, poll_interval_seconds=0.05)
+    with serve_in_thread(settings) as running, worker_process(settings):
         yield running
+
+
+@contextlib.contextmanager
+def worker_process(settings: Settings) -> Iterator[None]:
+    """`loragate worker` on the same database and policy files; its log is worker.log in
+    the data directory."""
+    env = {**os.environ, "LORAGATE_DATABASE_URL": settings.database,
+           "LORAGATE_BASE_MODELS": ",".join(settings.base_models),
+           "LORAGATE_SCREENING_FILE": str(settings.screening_file)}
+    if settings.release_file is not None:
+        env["LORAGATE_RELEASE_FILE"] = str(settings.release_file)
+    with open(settings.data_dir / "worker.log", "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker", "--data-dir",
+                                 str(settings.data_dir), "--worker-id", "bench-worker"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            yield
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
 
 
 def new_key(running: RunningGateway, owner: str) -> str:
