@@ -152,10 +152,13 @@ def _tensor(index: int, name: str, t: pb.Tensor) -> np.ndarray:
     require(t.WhichOneof("encoding") != "sparse_csr",
             f"datum {index}: loss_fn_inputs[{name!r}] must be dense")
     shape = [int(s) for s in t.shape]
-    array = np.frombuffer(t.dense, dtype=want).copy()
-    require(int(np.prod(shape)) == array.size, f"datum {index}: loss_fn_inputs[{name!r}] has "
-                                               f"{array.size} values but shape {shape}")
-    return array.reshape(shape)
+    itemsize = np.dtype(want).itemsize
+    count = len(t.dense) // itemsize
+    require(len(t.dense) % itemsize == 0 and all(d >= 0 for d in shape)
+            and int(np.prod(shape)) == count,
+            f"datum {index}: loss_fn_inputs[{name!r}] has {len(t.dense)} bytes of {kind}, "
+            f"which do not fill shape {shape}")
+    return np.frombuffer(t.dense, dtype=want).copy().reshape(shape)
 
 
 # ----------------------------------------------------------------- forward_backward out

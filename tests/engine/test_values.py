@@ -165,3 +165,26 @@ def test_every_path_into_the_model_runs_the_engines_one_guard(backend: TorchBack
 def test_a_replaced_field_is_validated_again():
     with pytest.raises(UserInputError):
         dataclasses.replace(SampleSpec(prompt=(1, 2)), temperature=-1.0)
+
+
+@pytest.mark.parametrize("shape, dense", [
+    ([-2, -3], np.ones(6, "<f4").tobytes()),  # a product that matches, of negative sizes
+    ([2], b"\x00" * 5),  # bytes that are not whole float32 values
+    ([3], np.ones(2, "<f4").tobytes()),
+])
+def test_a_tensor_whose_bytes_do_not_fill_its_shape_is_a_user_error(shape, dense):
+    from tinker.proto import tinker_public_pb2 as pb
+
+    from engine import wire
+
+    msg = pb.ForwardBackwardRequest(model_id="m", loss_fn="cross_entropy")
+    datum = msg.data.add()
+    datum.model_input.add().encoded_text.tokens = np.arange(1, 3, dtype="<i4").tobytes()
+    targets = datum.loss_fn_inputs["target_tokens"]
+    targets.dtype, targets.dense = pb.DTYPE_INT64, np.arange(2, 4, dtype="<i8").tobytes()
+    targets.shape.append(2)
+    weights = datum.loss_fn_inputs["weights"]
+    weights.dtype, weights.dense = pb.DTYPE_FLOAT32, dense
+    weights.shape.extend(shape)
+    with pytest.raises(UserInputError, match="weights"):
+        wire.decode_forward_backward(msg.SerializeToString())
