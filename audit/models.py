@@ -155,6 +155,11 @@ class TrainingRun(Base):
     # adapter created fresh. Every run its weights descend from is in `run_lineage`.
     parent_run_id: Mapped[str | None] = mapped_column(String(100))
     parent_checkpoint_id: Mapped[int | None] = mapped_column(Integer)
+    # Durable state (engine.run_state): the seq_id of the job after which the weights and
+    # AdamW state were snapshotted, and of the last job logged since (None: none). Written
+    # by the worker only.
+    durable_weights_seq: Mapped[int | None] = mapped_column(BigInteger)
+    durable_log_seq: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_request_time: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow

@@ -102,6 +102,11 @@ class Backend(abc.ABC):
         """Create (or replace) adapter `adapter_id` from a directory written by
         save_adapter. Without optimizer the AdamW state starts fresh."""
 
+    # True when save_adapter/load_adapter with the optimizer capture an adapter's whole
+    # trained state, and forward_backward/optim_step run again on it give the same numbers:
+    # the worker then keeps every run recoverable from disk (engine.run_state).
+    keeps_durable_state = False
+
     @abc.abstractmethod
     def sample(self, adapter_id: str | None, spec: SampleSpec) -> SampleResult:
         """Generate with a KV cache. adapter_id None samples the bare base model.

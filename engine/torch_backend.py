@@ -91,6 +91,8 @@ def load_backend(registry: ModelRegistry, name: str, device: str | None = None) 
 class TorchBackend(Backend):
     """One frozen base model plus many PEFT LoRA adapters; see the module docstring."""
 
+    keeps_durable_state = True
+
     def __init__(
         self,
         model_dir: Path,

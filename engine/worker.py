@@ -31,10 +31,11 @@ from audit import log as audit_log
 from audit import usage
 from audit.db import transaction
 from audit.models import Checkpoint, Future, Sampler, TrainingRun, utcnow
-from engine import jobs, wire
+from engine import jobs, run_state, wire
 from engine.backend import SampledSequence, SampleResult
 from engine.errors import UnknownAdapterError, UserInputError
 from engine.registry import fast_tokenizer
+from engine.run_state import DurableState
 from engine.sweeper import BeforeDelete, sweep_expired_checkpoints
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("loragate.worker")
 
 SAMPLER_ADAPTER_CACHE = 8
+# A run's weights and AdamW state are snapshotted every this many optimizer steps; the jobs
+# in between are logged and replayed on a restore (engine.run_state).
+SNAPSHOT_EVERY = 8
 # What a caller gets in place of a sampled sequence the output screen withheld: fixed, so
 # it is recognisable, and decoded from tokens like any sample.
 WITHHELD_NOTICE = "[loragate: this sample was withheld by output screening]"
@@ -56,6 +60,12 @@ JobHandler = Callable[["Worker", Future], "Outcome"]
 # screener): for each text, the categories it is flagged in (empty: fine) and the evidence
 # for the audit row (scores and thresholds).
 OutputScreen = Callable[[list[str]], list[tuple[list[str], dict[str, Any]]]]
+
+# The engine's own job kinds. Each can run again after a crash (runs restore from durable
+# state, engine.run_state), so a restarted worker puts them back in the queue.
+RERUNNABLE_KINDS = frozenset({"create_model", "load_weights_new", "load_weights",
+                              "forward_backward", "optim_step", "save_weights",
+                              "save_weights_for_sampler", "sample"})
 
 
 @dataclass
@@ -87,6 +97,7 @@ class Worker:
         checkpoint_root: Path,
         *,
         worker_id: str = "worker-0",
+        snapshot_every: int = SNAPSHOT_EVERY,
         device: str | None = None,
         on_finished: Callable[[str], None] | None = None,
         idle_poll_seconds: float = 0.1,
@@ -99,6 +110,7 @@ class Worker:
         self.registry = registry
         self.checkpoint_root = Path(checkpoint_root)
         self.worker_id = worker_id
+        self.snapshot_every = snapshot_every
         self.device = device
         self.on_finished = on_finished
         self.idle_poll_seconds = idle_poll_seconds
@@ -111,7 +123,9 @@ class Worker:
         self.wake = threading.Event()
         self._backends: dict[str, Backend] = {}
         self._sampler_adapters: OrderedDict[str, str] = OrderedDict()
-        self._run_models: dict[str, str] = {}
+        # The durable state each loaded run's adapter holds in memory (engine.run_state):
+        # a job whose run's row names another state restores the run first.
+        self._in_memory: dict[str, DurableState] = {}
 
     # ------------------------------------------------------------------ loop
 
@@ -149,14 +163,30 @@ class Worker:
         self._run(claimed)
         return True
 
-    def fail_interrupted(self) -> int:
-        """Resolve futures left `running` by a previous process (embedded mode only:
-        their in-memory state is gone)."""
+    def requeue_interrupted(self, *, any_worker: bool = False) -> int:
+        """Futures left `running` by a previous process of this worker (its worker id), or
+        with `any_worker` by any (embedded mode: the only worker), go back in the queue:
+        their runs restore from durable state, so running them again is idempotent. Jobs
+        the engine does not define (release evaluations) fail instead. Returns how many."""
         with transaction(self.factory) as session:
-            rows = session.scalars(select(Future).where(Future.status == "running")).all()
+            stmt = select(Future).where(Future.status == "running")
+            if not any_worker:
+                stmt = stmt.where(Future.worker_id == self.worker_id)
+            rows = session.scalars(stmt.order_by(Future.created_at)).all()
+            requeued = []
             for fut in rows:
-                self._mark_failed(session, fut, "the server restarted while this request was "
-                                  "running; submit it again", "server")
+                if fut.kind not in RERUNNABLE_KINDS:
+                    self._mark_failed(session, fut, "the server restarted while this request "
+                                      "was running; submit it again", "server")
+                    continue
+                fut.status, fut.worker_id, fut.claimed_at = "pending", None, None
+                requeued.append({"request_id": fut.request_id, "kind": fut.kind})
+            if requeued:
+                audit_log.append(session, actor=f"worker:{self.worker_id}",
+                                 event_type="engine.requeued", decision="info",
+                                 subject=f"{len(requeued)} futures",
+                                 payload={"reason": "interrupted by a worker restart",
+                                          "futures": requeued})
             return len(rows)
 
     def backend(self, base_model: str) -> Backend:
@@ -211,7 +241,8 @@ class Worker:
                                 f"{type(exc).__name__}", "server")
         else:
             outcome.audit["seconds"] = round(time.perf_counter() - started, 4)
-            self._finish_done(fut, outcome)
+            if not self._finish_done(fut, outcome):
+                outcome.after_commit.clear()
             for hook in outcome.after_commit:
                 try:
                     hook()
@@ -220,7 +251,9 @@ class Worker:
         if self.on_finished is not None:
             self.on_finished(fut.request_id)
 
-    def _finish_done(self, fut: Future, outcome: Outcome) -> None:
+    def _finish_done(self, fut: Future, outcome: Outcome) -> bool:
+        """Commit the outcome; False when the future was resolved elsewhere (nothing
+        committed)."""
         if outcome.error is None:
             values: dict[str, Any] = {"status": "done", "result_format": outcome.result_format,
                                       "result_payload": outcome.result}
@@ -236,7 +269,7 @@ class Worker:
             if resolved.rowcount != 1:  # type: ignore[attr-defined]
                 logger.warning("future %s was resolved elsewhere; dropping its result",
                                fut.request_id)
-                return
+                return False
             if outcome.apply is not None:
                 outcome.apply(session)
             # The run's row before its usage counter, the order admission locks them in
@@ -250,6 +283,7 @@ class Worker:
                 subject=fut.model_id or fut.sampler_id or "",
                 request_id=fut.request_id, payload={"seq_id": fut.seq_id, **outcome.audit},
             )
+        return True
 
     def _finish_failed(self, fut: Future, message: str, category: str) -> None:
         with transaction(self.factory) as session:
@@ -296,18 +330,24 @@ class Worker:
             raise UserInputError(f"this worker cannot run {fut.kind!r} jobs")
         return extra(self, fut)
 
-    def _run_base_model(self, model_id: str) -> str:
-        """A run's base model never changes: read it once."""
-        if model_id not in self._run_models:
-            with transaction(self.factory) as session:
-                run = session.get(TrainingRun, model_id)
-                if run is None:
-                    raise UserInputError(f"training run {model_id} does not exist")
-                self._run_models[model_id] = run.base_model
-        return self._run_models[model_id]
-
     def training_backend(self, model_id: str) -> Backend:
-        backend = self.backend(self._run_base_model(model_id))
+        """The backend holding the run's adapter as its last committed job left it: restored
+        from durable state when this worker holds another state of it, or none (it
+        restarted, or another worker ran the run's last job)."""
+        with transaction(self.factory) as session:
+            row = session.execute(select(
+                TrainingRun.base_model, TrainingRun.durable_weights_seq,
+                TrainingRun.durable_log_seq).where(TrainingRun.id == model_id)).first()
+        if row is None:
+            raise UserInputError(f"training run {model_id} does not exist")
+        backend = self.backend(row.base_model)
+        if backend.keeps_durable_state and row.durable_weights_seq is not None:
+            state = DurableState(row.durable_weights_seq, row.durable_log_seq)
+            if self._in_memory.get(model_id) != state or not backend.has_adapter(model_id):
+                self._in_memory.pop(model_id, None)
+                self._restore(backend, model_id, state)
+                self._in_memory[model_id] = state
+            return backend
         if not backend.has_adapter(model_id):
             raise UnknownAdapterError(
                 f"training run {model_id} is no longer loaded on this server (it restarted); "
@@ -315,24 +355,69 @@ class Worker:
             )
         return backend
 
+    def _durable(self, outcome: Outcome, model_id: str, state: DurableState) -> Outcome:
+        """Name `state` (its files written) on the run's row in the outcome's transaction;
+        once committed, memory holds it and older files go."""
+        outcome.apply = _then(outcome.apply, _record_durable(model_id, state))
+
+        def committed() -> None:
+            self._in_memory[model_id] = state
+            run_state.prune(self.checkpoint_root, model_id, state)
+
+        outcome.after_commit.append(committed)
+        return outcome
+
+    def _restore(self, backend: Backend, model_id: str, state: DurableState) -> None:
+        """Load the run's snapshot and replay the jobs logged after it."""
+        root = self.checkpoint_root
+        run_state.load_snapshot(backend, root, model_id, state)
+        for job in run_state.logged_jobs(root, model_id, state):
+            if job.kind == "forward_backward":
+                call = wire.decode_forward_backward(job.payload)
+                backend.forward_backward(model_id, call.data, call.loss_fn, call.loss_config,
+                                         False)
+            else:
+                backend.optim_step(model_id, jobs.load_job(jobs.OptimStepJob, job.payload).step)
+        logger.info("restored run %s from durable state %s", model_id, state)
+
+    def _weights_changed(self, backend: Backend, outcome: Outcome, model_id: str,
+                         seq: int) -> Outcome:
+        """After a job that set the run's weights (create, load, a due optim_step)."""
+        if not backend.keeps_durable_state:
+            return outcome
+        self._in_memory.pop(model_id, None)  # memory is ahead of the row until the commit
+        state = run_state.snapshot(backend, self.checkpoint_root, model_id, seq)
+        return self._durable(outcome, model_id, state)
+
+    def _logged(self, outcome: Outcome, fut: Future, model_id: str) -> Outcome:
+        """After a forward_backward or optim_step of a run that keeps durable state (its
+        state in memory `held`): log the job; an optim_step takes a snapshot when due."""
+        held = self._in_memory.pop(model_id)  # memory is ahead of the row until the commit
+        state = run_state.log_job(self.checkpoint_root, model_id, held, fut.seq_id or 0,
+                                  fut.kind, fut.request_payload)
+        return self._durable(outcome, model_id, state)
+
     def _create_model(self, fut: Future) -> Outcome:
         job = jobs.load_job(jobs.CreateAdapterJob, fut.request_payload)
-        self.backend(job.base_model).create_adapter(job.model_id, job.lora)
-        return Outcome("json", json_result({"model_id": job.model_id, "type": "create_model"}),
-                       audit={"lora": job.lora.to_dict()},
-                       apply=_set_run_status(job.model_id, "active"))
+        backend = self.backend(job.base_model)
+        backend.create_adapter(job.model_id, job.lora)
+        outcome = Outcome("json", json_result({"model_id": job.model_id, "type": "create_model"}),
+                          audit={"lora": job.lora.to_dict()},
+                          apply=_set_run_status(job.model_id, "active"))
+        return self._weights_changed(backend, outcome, job.model_id, fut.seq_id or 0)
 
     def _load_weights(self, fut: Future) -> Outcome:
         job = jobs.load_job(jobs.LoadAdapterJob, fut.request_payload)
         directory = self.checkpoint_root / job.storage_dir
-        spec = self.backend(job.base_model).load_adapter(job.model_id, directory,
-                                                         job.with_optimizer)
+        backend = self.backend(job.base_model)
+        spec = backend.load_adapter(job.model_id, directory, job.with_optimizer)
         apply = None
         if job.creates_run:
             apply = _set_run_status(job.model_id, "active", lora=spec)
         result = {"model_id": job.model_id, "path": job.source_path, "type": "load_weights"}
-        return Outcome("json", json_result(result), apply=apply,
-                       audit={"source": job.source_path, "optimizer": job.with_optimizer})
+        outcome = Outcome("json", json_result(result), apply=apply,
+                          audit={"source": job.source_path, "optimizer": job.with_optimizer})
+        return self._weights_changed(backend, outcome, job.model_id, fut.seq_id or 0)
 
     def _forward_backward(self, fut: Future) -> Outcome:
         call = wire.decode_forward_backward(fut.request_payload)
@@ -348,14 +433,25 @@ class Worker:
             "content_sha256": hashlib.sha256(fut.request_payload).hexdigest(),
             "loss_sum": result.metrics.get("loss:sum"),
         }
-        return Outcome("proto", wire.encode_forward_backward_result(result), audit=audit,
-                       used={"training_tokens": tokens})
+        outcome = Outcome("proto", wire.encode_forward_backward_result(result), audit=audit,
+                          used={"training_tokens": tokens})
+        if call.forward_only or call.model_id not in self._in_memory:
+            return outcome  # nothing changed, or a run that keeps no durable state
+        return self._logged(outcome, fut, call.model_id)
 
     def _optim_step(self, fut: Future) -> Outcome:
         job = jobs.load_job(jobs.OptimStepJob, fut.request_payload)
-        metrics = self.training_backend(job.model_id).optim_step(job.model_id, job.step)
-        return Outcome("json", json_result({"metrics": metrics, "type": "optim_step"}),
-                       audit={"adam": job.step.__dict__})
+        backend = self.training_backend(job.model_id)
+        metrics = backend.optim_step(job.model_id, job.step)
+        outcome = Outcome("json", json_result({"metrics": metrics, "type": "optim_step"}),
+                          audit={"adam": job.step.__dict__})
+        held = self._in_memory.get(job.model_id)
+        if held is None:  # a run that keeps no durable state
+            return outcome
+        if run_state.logged_steps(self.checkpoint_root, job.model_id, held) + 1 \
+                >= self.snapshot_every:
+            return self._weights_changed(backend, outcome, job.model_id, fut.seq_id or 0)
+        return self._logged(outcome, fut, job.model_id)
 
     def _save(self, fut: Future) -> Outcome:
         job = jobs.load_job(jobs.SaveAdapterJob, fut.request_payload)
@@ -428,6 +524,24 @@ def _set_run_status(model_id: str, status: str, lora: Any = None) -> Callable[[S
         if lora is not None:
             values.update(lora_rank=lora.rank, lora_config=json.dumps(lora.to_dict()))
         session.execute(update(TrainingRun).where(TrainingRun.id == model_id).values(**values))
+
+    return apply
+
+
+def _record_durable(model_id: str, state: DurableState) -> Callable[[Session], None]:
+    def apply(session: Session) -> None:
+        session.execute(update(TrainingRun).where(TrainingRun.id == model_id).values(
+            durable_weights_seq=state.weights_seq, durable_log_seq=state.log_seq))
+
+    return apply
+
+
+def _then(first: Callable[[Session], None] | None,
+          second: Callable[[Session], None]) -> Callable[[Session], None]:
+    def apply(session: Session) -> None:
+        if first is not None:
+            first(session)
+        second(session)
 
     return apply
 

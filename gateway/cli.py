@@ -85,6 +85,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
                          idle_poll_seconds=0.05)
     for name in settings.base_models:
         worker.backend(name)
+    # What this worker id was running when its last process died runs again.
+    worker.requeue_interrupted()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

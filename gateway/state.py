@@ -248,7 +248,7 @@ def _start_worker(state: AppState) -> None:
     worker = make_worker(state.settings, state.factory, state.registry, state.screener,
                          state.checkpoints, state.release_policy, worker_id="embedded",
                          on_finished=state.completions.notify)
-    worker.fail_interrupted()
+    worker.requeue_interrupted(any_worker=True)
     reset_stale_evaluations(state.factory, "worker:embedded")
     state.worker = worker
     state._thread = threading.Thread(target=worker.run_forever, args=(state._stop,),
