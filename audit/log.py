@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from sqlalchemy import String, Table, insert, select, text
 from sqlalchemy.orm import Session
 
+from audit import metrics
 from audit.anchors import HMAC_INFO_KEY, HmacKeys, TreeHead, save_checkpoint
 from audit.merkle import RootBuilder
 from audit.models import AuditEntry
@@ -127,7 +128,16 @@ def append(
     """Append one entry in the caller's transaction and return it (written, detached).
 
     Runs on the session's connection with Core statements: the ORM's unit of work would
-    cost more than the rest of the append, and entries are never changed afterwards."""
+    cost more than the rest of the append, and entries are never changed afterwards.
+    Timed, and counted when it raises (audit.metrics)."""
+    with metrics.timed_append():
+        return _write_entry(session, actor=actor, event_type=event_type, decision=decision,
+                            subject=subject, request_id=request_id, payload=payload)
+
+
+def _write_entry(session: Session, *, actor: str, event_type: str, decision: str,
+                 subject: str, request_id: str, payload: dict[str, Any] | None
+                 ) -> AuditEntry:
     conn = session.connection()
     _lock_head(session)
     head = conn.execute(_HEAD).first()

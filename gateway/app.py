@@ -24,11 +24,13 @@ from engine.errors import EngineError
 from gateway.context import route_event
 from gateway.counters import REFUSAL_AUDIT_FAILURES
 from gateway.errors import ApiError, NotFound, RateLimited, Unprocessable, to_api_error
+from gateway.metrics import HttpMetricsMiddleware
 from gateway.routes import (
     access,
     admin,
     audit,
     futures,
+    metrics,
     release,
     rest,
     sampling,
@@ -65,9 +67,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="loragate", version="0.1.0", lifespan=lifespan, openapi_url=None,
                   docs_url=None, redoc_url=None)
     for module in (service, training, sampling, futures, rest, release, usage, audit, screening,
-                   admin, access):
+                   admin, access, metrics):
         app.include_router(module.router)
     app.middleware("http")(_assign_request_id)
+    app.add_middleware(HttpMetricsMiddleware)  # outermost: times the whole request
     # User errors are handled inside the app; `Exception` (a bug) reaches Starlette's
     # server-error middleware, which logs the traceback.
     for exc_class in (ApiError, PolicyError, EngineError, RequestValidationError,

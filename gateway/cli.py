@@ -1,7 +1,8 @@
 """The `loragate` command line. Other tools drive these commands; keep them stable:
 
   loragate serve [--host H] [--port P] [--data-dir D] [--base-model NAME] [--no-worker]
-  loragate worker [--data-dir D] [--base-model NAME]
+                 [--metrics-bind HOST:PORT]
+  loragate worker [--data-dir D] [--base-model NAME] [--metrics-bind HOST:PORT]
   loragate keys create --role researcher|auditor|admin --owner NAME [--expires-in-days N]
                        [--scopes JSON]
   loragate keys add NAME --reason R [--expires-in-days N] [--scopes JSON]
@@ -57,7 +58,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
 
-    settings = _settings(args, run_worker=not args.no_worker, host=args.host, port=args.port)
+    settings = _settings(args, run_worker=not args.no_worker, host=args.host, port=args.port,
+                         metrics_bind=args.metrics_bind)
     # log_config=None keeps our JSON logging; requests are logged by the app (with the
     # request id its audit row carries), so uvicorn's access log is off.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
@@ -69,12 +71,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from audit.db import make_engine, make_sessionmaker
     from engine.registry import ModelRegistry
+    from gateway.metrics import serve_metrics
     from gateway.state import Checkpointer, make_worker
     from migrations import upgrade_to_head
     from policy.release import load_release_policy
     from policy.screening.screener import Screener, load_config
 
-    settings = _settings(args)
+    settings = _settings(args, metrics_bind=args.metrics_bind)
+    if settings.metrics_bind:  # this process's own metrics (gateway.metrics)
+        serve_metrics(settings.metrics_bind)
     upgrade_to_head(settings.database)
     factory = make_sessionmaker(make_engine(settings.database), settings.hmac_keys())
     screener = Screener.build(load_config(settings.screening_file), factory)
@@ -323,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--base-model", action="append",
                        help="base model to serve (repeatable; default SmolLM2-135M-Instruct)")
 
+    def metrics_bind(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--metrics-bind", metavar="HOST:PORT",
+                       help=f"also serve {what} in Prometheus text, without a key, on "
+                            "HOST:PORT (a private network only; default LORAGATE_METRICS_BIND)")
+
     serve = sub.add_parser("serve", help="run the API (and, by default, an embedded worker)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -330,12 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="API only; run `loragate worker` processes separately")
     data_dir(serve)
     base_model(serve)
+    metrics_bind(serve, "this process's metrics and the deployment's (as GET /metrics)")
     serve.set_defaults(func=_cmd_serve)
 
     worker = sub.add_parser("worker", help="run a worker process against the database")
     worker.add_argument("--worker-id", default="worker-0")
     data_dir(worker)
     base_model(worker)
+    metrics_bind(worker, "this worker process's own metrics (audit appends, withheld "
+                 "outputs, the Python process)")
     worker.set_defaults(func=_cmd_worker)
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_cmd",

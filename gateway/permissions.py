@@ -66,6 +66,8 @@ ROUTE_PERMISSIONS: dict[str, Permission] = {
     "audit_entries": ("audit", "read"),
     "audit_export": ("audit", "read"),
     "audit_day": ("audit", "read"),
+    # operational metrics: counts and timings, never request contents (auditors, admins)
+    "metrics": ("metrics", "read"),
     # administration
     "admin_list_policy": ("policy", "read"),
     "admin_add_policy_rule": ("policy", "write"),

@@ -32,6 +32,7 @@ from engine.errors import UserInputError
 from engine.registry import fast_tokenizer
 from engine.values import LOSS_FUNCTIONS, ModelInfo, TrainingDatum, check_data_fits
 from gateway.context import RequestContext
+from policy.screening import metrics as screening_metrics
 from policy.screening.batch import BatchScreening, DatumTexts, ScreeningRefused, screen_batch
 from policy.screening.screener import REQUEST, content_sha256
 from policy.screening.tally import Block, RunBlocked, lock_run, record_tally
@@ -157,6 +158,7 @@ def apply_training_screening(ctx: RequestContext, run: TrainingRun,
         counted, block = _record_tally(ctx, session, run_id, batch)
         blocked_reason = counted.blocked_reason
     if batch.flagged:
+        screening_metrics.count_flags(screening_metrics.TRAINING, batch.flagged.values())
         note = f" The run is now blocked: {block.reason}." if block else ""
         raise ScreeningRefused(batch.message() + note)
     if block is not None:
@@ -201,6 +203,8 @@ def screen_prompt(ctx: RequestContext, tokens: list[int], tokenizer_dir: str) ->
                                               for where, (text, v) in flagged.items()},
                                   "classifiers": {c.name: c.version
                                                   for c in ctx.state.screener.classifiers}})
+    screening_metrics.count_flags(screening_metrics.SAMPLING_PROMPT,
+                                  (v.flagged for _, v in flagged.values()))
     categories = sorted({c for _, v in flagged.values() for c in v.flagged})
     raise ScreeningRefused(f"the sampling prompt was refused by screening: {', '.join(categories)}")
 

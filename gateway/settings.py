@@ -79,6 +79,9 @@ class Settings:
     # it never is (audit.retention); the API server purges this often (0: never by itself).
     payload_retention_days: float = DEFAULT_RETENTION_DAYS
     payload_purge_seconds: float = 600.0
+    # "HOST:PORT" on which this process also serves its Prometheus metrics without a key
+    # (a private network only; gateway.metrics). None: only the API's keyed GET /metrics.
+    metrics_bind: str | None = None
 
     @property
     def database(self) -> str:
@@ -131,6 +134,8 @@ class Settings:
             if not days >= 0:
                 raise ValueError("LORAGATE_PAYLOAD_RETENTION_DAYS must be a number of days >= 0")
             settings = replace(settings, payload_retention_days=days)
+        if env.get("LORAGATE_METRICS_BIND"):
+            settings = replace(settings, metrics_bind=env["LORAGATE_METRICS_BIND"])
         if env.get("LORAGATE_DEVICE"):
             settings = replace(settings, device=env["LORAGATE_DEVICE"])
         clean = {k: v for k, v in overrides.items() if v is not None}

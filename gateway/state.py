@@ -1,8 +1,9 @@
 """The application's lifespan state: built once at start-up, torn down at shutdown.
 
 Owns wiring only — database engines, the model registry and its metadata, the
-completion notifier, (embedded mode) the worker thread, and the threads that write audit
-checkpoints and purge expired future payloads. Holds no request data.
+completion notifier, (embedded mode) the worker thread, the threads that write audit
+checkpoints and purge expired future payloads, and the metrics registry with its optional
+separate bind (gateway.metrics). Holds no request data.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,7 +29,7 @@ from audit.db import make_engine, make_sessionmaker, transaction
 from engine.registry import ModelRegistry
 from engine.values import ModelInfo
 from evals.release import load_suites
-from gateway import downloads
+from gateway import downloads, metrics
 from gateway.completions import Completions
 from gateway.ratelimit import RateLimiter
 from gateway.settings import Settings
@@ -34,6 +37,7 @@ from migrations import upgrade_to_head
 from policy.authz import Authorizer, seed_default_policy
 from policy.release import ReleasePolicy, load_release_policy
 from policy.scopes import Scopes, load_defaults
+from policy.screening import metrics as screening_metrics
 from policy.screening.screener import Screener
 from policy.screening.screener import load_config as load_screening
 
@@ -62,12 +66,14 @@ class AppState:
     release_policy: ReleasePolicy
     url_signing_secret: bytes  # signs the external-weights links (gateway.downloads)
     rate_limiter: RateLimiter
+    metrics_registry: CollectorRegistry  # what /metrics serves (gateway.metrics)
     admission_checks: list[AdmissionCheck] = field(default_factory=list)
     worker: Any = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _checkpoint_thread: threading.Thread | None = None
     _purge_thread: threading.Thread | None = None
+    _metrics_server: WSGIServer | None = None  # the separate metrics bind, if any
 
     def model_info(self, name: str) -> ModelInfo | None:
         return self.models.get(name)
@@ -94,6 +100,9 @@ class AppState:
             self._checkpoint_thread.join(timeout=60)
         if self._purge_thread is not None:
             self._purge_thread.join(timeout=60)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         self.engine.dispose()
         self.read_engine.dispose()
 
@@ -162,6 +171,7 @@ def build_state(settings: Settings) -> AppState:
         screener=screener, release_policy=release_policy,
         url_signing_secret=downloads.signing_secret(settings.url_signing_key_path),
         rate_limiter=RateLimiter(settings.rate_limits),
+        metrics_registry=metrics.scrape_registry(read_factory),
     )
     with transaction(state.factory) as session:
         audit_log.append(session, actor="system", event_type="gateway.start", decision="info",
@@ -172,7 +182,11 @@ def build_state(settings: Settings) -> AppState:
                                   "audit_checkpoints": str(settings.checkpoint_dir),
                                   "audit_checkpoints_signed": state.checkpoints.signed,
                                   "screening": screener.describe(),
-                                  "release_policy_sha256": release_policy.sha256})
+                                  "release_policy_sha256": release_policy.sha256,
+                                  "metrics_bind": settings.metrics_bind})
+    if settings.metrics_bind:
+        state._metrics_server = metrics.serve_metrics(settings.metrics_bind,
+                                                      state.metrics_registry)
     if settings.run_worker:
         _start_worker(state)
     if settings.audit_checkpoint_seconds > 0:
@@ -228,9 +242,20 @@ def make_worker(settings: Settings, factory: sessionmaker[Session], registry: Mo
     evaluator = release_evaluator(factory, release_policy, screener)
     jobs = ReleaseJobs(factory, evaluator, on_decision=checkpoints.write)
     return Worker(factory, registry, settings.checkpoint_root, worker_id=worker_id,
-                  device=settings.device, output_screen=screener.flag_outputs,
+                  device=settings.device, output_screen=counted_output_screen(screener),
                   extra_jobs=jobs.handlers(), sweep_seconds=settings.checkpoint_sweep_seconds,
                   before_sweep_delete=cancel_overrides_of_expired, **options)
+
+
+def counted_output_screen(screener: Screener) -> Callable[[list[str]], Any]:
+    """The worker's output screen: the screener's, with each withheld output counted per
+    category (policy.screening.metrics)."""
+    def screen(texts: list[str]) -> list[tuple[list[str], dict[str, Any]]]:
+        results = screener.flag_outputs(texts)
+        screening_metrics.count_flags(screening_metrics.SAMPLED_OUTPUT,
+                                      (flagged for flagged, _ in results))
+        return results
+    return screen
 
 
 def cancel_overrides_of_expired(session: Session, ckpt: Any) -> None:

@@ -195,6 +195,7 @@ ROUTES: dict[str, Route] = {
     "audit_entries": Route("none", lambda w, o: get("/audit/entries?limit=5")),
     "audit_export": Route("none", lambda w, o: get(f"/audit/export?after_seq={10**9}")),
     "audit_day": Route("none", lambda w, o: get("/audit?event_type=checkpoints")),
+    "metrics": Route("none", lambda w, o: ("GET", "/metrics", {})),
     "screening_dry_run": Route("none", lambda w, o: post("/screening/dry_run", {
         "examples": [{"messages": [{"role": "user", "content": "Hello there"}]}]})),
     "admin_get_screening": Route("none", lambda w, o: get("/admin/screening")),

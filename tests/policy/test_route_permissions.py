@@ -28,6 +28,7 @@ TRAIN_AND_SAMPLE = {"create_model", "forward_backward", "optim_step", "save_weig
 POLICY_READ = {"admin_list_policy", "admin_list_keys", "admin_list_access_requests",
                "admin_get_screening"}
 AUDIT_READ = {"audit_entries", "audit_export", "audit_day"}
+METRICS = {"metrics"}
 POLICY_WRITE = {"admin_add_policy_rule", "admin_remove_policy_rule", "admin_create_key",
                 "admin_add_key", "admin_revoke_key", "admin_approve_access", "admin_reject_access",
                 "admin_set_screening_threshold"}
@@ -45,10 +46,10 @@ OVERRIDE_APPROVE = {"admin_approve_override"}
 ALLOWED = {
     "anonymous": PUBLIC,
     "researcher": SESSION | RECORDS | TRAIN_AND_SAMPLE | MANAGE | DRY_RUN | {"retrieve_future"},
-    "auditor": SESSION | RECORDS | POLICY_READ | AUDIT_READ | DRY_RUN | {"retrieve_future"}
-    | OVERRIDE_LIST | OVERRIDE_APPROVE,
-    "admin": SESSION | RECORDS | POLICY_READ | AUDIT_READ | POLICY_WRITE | OVERRIDE_LIST
-    | OVERRIDE_REQUEST,
+    "auditor": SESSION | RECORDS | POLICY_READ | AUDIT_READ | METRICS | DRY_RUN
+    | {"retrieve_future"} | OVERRIDE_LIST | OVERRIDE_APPROVE,
+    "admin": SESSION | RECORDS | POLICY_READ | AUDIT_READ | METRICS | POLICY_WRITE
+    | OVERRIDE_LIST | OVERRIDE_REQUEST,
 }
 
 
@@ -68,7 +69,8 @@ def test_every_route_declares_a_permission_and_no_entry_is_stale():
 
 def test_the_expectation_table_covers_every_route():
     every = (SESSION | RECORDS | TRAIN_AND_SAMPLE | MANAGE | POLICY_READ | POLICY_WRITE
-             | AUDIT_READ | DRY_RUN | OVERRIDE_LIST | OVERRIDE_REQUEST | OVERRIDE_APPROVE)
+             | AUDIT_READ | METRICS | DRY_RUN | OVERRIDE_LIST | OVERRIDE_REQUEST
+             | OVERRIDE_APPROVE)
     assert every | PUBLIC | {"retrieve_future", "create_custom_loss"} == _api_routes()
 
 
