@@ -160,6 +160,9 @@ class TrainingRun(Base):
     # by the worker only.
     durable_weights_seq: Mapped[int | None] = mapped_column(BigInteger)
     durable_log_seq: Mapped[int | None] = mapped_column(BigInteger)
+    # The worker whose jobs these are while its lease lasts (renewed by its heartbeat).
+    lease_worker_id: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_request_time: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow
@@ -296,6 +299,16 @@ class Future(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WorkerHeartbeat(Base):
+    """A worker process that is, or was, draining the queue, and when it last said it is
+    alive. Written by engine.worker only."""
+
+    __tablename__ = "worker_heartbeats"
+    worker_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class UsageCounter(Base):

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,7 @@ from audit import log as audit_log
 from audit import usage
 from audit.db import transaction
 from audit.models import Checkpoint, Future, Sampler, TrainingRun, utcnow
-from engine import jobs, run_state, wire
+from engine import jobs, leases, run_state, wire
 from engine.backend import SampledSequence, SampleResult
 from engine.errors import UnknownAdapterError, UserInputError
 from engine.registry import fast_tokenizer
@@ -98,6 +98,7 @@ class Worker:
         *,
         worker_id: str = "worker-0",
         snapshot_every: int = SNAPSHOT_EVERY,
+        lease_seconds: float = leases.LEASE_SECONDS,
         device: str | None = None,
         on_finished: Callable[[str], None] | None = None,
         idle_poll_seconds: float = 0.1,
@@ -111,6 +112,7 @@ class Worker:
         self.checkpoint_root = Path(checkpoint_root)
         self.worker_id = worker_id
         self.snapshot_every = snapshot_every
+        self.lease_seconds = lease_seconds
         self.device = device
         self.on_finished = on_finished
         self.idle_poll_seconds = idle_poll_seconds
@@ -131,6 +133,8 @@ class Worker:
 
     def run_forever(self, stop: threading.Event) -> None:
         logger.info("worker %s started", self.worker_id)
+        self.heartbeat()
+        leases.heartbeat_thread(self.heartbeat, self.lease_seconds, stop)
         while not stop.is_set():
             self._maybe_sweep()
             try:
@@ -163,6 +167,20 @@ class Worker:
         self._run(claimed)
         return True
 
+    def heartbeat(self) -> None:
+        """Say this worker is alive (renewing its runs' leases, engine.leases) and requeue
+        what dead workers were running. Errors are logged: the next beat tries again."""
+        try:
+            now = utcnow()
+            with transaction(self.factory) as session:
+                leases.beat(session, self.worker_id, self.lease_seconds, now)
+            with transaction(self.factory) as session:
+                orphans = leases.orphaned_futures(session, self.worker_id, self.lease_seconds,
+                                                  now)
+                self._requeue(session, orphans, "its worker stopped sending heartbeats")
+        except Exception:
+            logger.exception("worker heartbeat failed")
+
     def requeue_interrupted(self, *, any_worker: bool = False) -> int:
         """Futures left `running` by a previous process of this worker (its worker id), or
         with `any_worker` by any (embedded mode: the only worker), go back in the queue:
@@ -173,21 +191,26 @@ class Worker:
             if not any_worker:
                 stmt = stmt.where(Future.worker_id == self.worker_id)
             rows = session.scalars(stmt.order_by(Future.created_at)).all()
-            requeued = []
-            for fut in rows:
-                if fut.kind not in RERUNNABLE_KINDS:
-                    self._mark_failed(session, fut, "the server restarted while this request "
-                                      "was running; submit it again", "server")
-                    continue
-                fut.status, fut.worker_id, fut.claimed_at = "pending", None, None
-                requeued.append({"request_id": fut.request_id, "kind": fut.kind})
-            if requeued:
-                audit_log.append(session, actor=f"worker:{self.worker_id}",
-                                 event_type="engine.requeued", decision="info",
-                                 subject=f"{len(requeued)} futures",
-                                 payload={"reason": "interrupted by a worker restart",
-                                          "futures": requeued})
+            self._requeue(session, rows, "interrupted by a worker restart")
             return len(rows)
+
+    def _requeue(self, session: Session, rows: Sequence[Future], reason: str) -> None:
+        """Put running futures whose worker is gone back in the queue (one audit row);
+        those the engine cannot run again fail."""
+        requeued = []
+        for fut in rows:
+            if fut.kind not in RERUNNABLE_KINDS:
+                self._mark_failed(session, fut, "the server restarted while this request "
+                                  "was running; submit it again", "server")
+                continue
+            requeued.append({"request_id": fut.request_id, "kind": fut.kind,
+                             "worker_id": fut.worker_id})
+            fut.status, fut.worker_id, fut.claimed_at = "pending", None, None
+        if requeued:
+            audit_log.append(session, actor=f"worker:{self.worker_id}",
+                             event_type="engine.requeued", decision="info",
+                             subject=f"{len(requeued)} futures",
+                             payload={"reason": reason, "futures": requeued})
 
     def backend(self, base_model: str) -> Backend:
         if base_model not in self._backends:
@@ -213,9 +236,11 @@ class Worker:
                 )
                 .exists()
             )
+            now = utcnow()
             stmt = (
                 select(Future)
-                .where(Future.status == "pending", ~blocked)
+                .where(Future.status == "pending", ~blocked,
+                       leases.claimable_by(self.worker_id, now))
                 .order_by(Future.created_at, Future.seq_id)
                 .limit(1)
             )
@@ -224,7 +249,9 @@ class Worker:
             fut = session.scalars(stmt).first()
             if fut is None:
                 return None
-            fut.status, fut.worker_id, fut.claimed_at = "running", self.worker_id, utcnow()
+            fut.status, fut.worker_id, fut.claimed_at = "running", self.worker_id, now
+            if fut.model_id:
+                leases.take(session, fut.model_id, self.worker_id, self.lease_seconds, now)
             session.flush()
             session.expunge(fut)
             return fut

@@ -3,6 +3,7 @@
   loragate serve [--host H] [--port P] [--data-dir D] [--base-model NAME] [--no-worker]
                  [--metrics-bind HOST:PORT]
   loragate worker [--data-dir D] [--base-model NAME] [--metrics-bind HOST:PORT]
+                  [--worker-id ID] [--lease-seconds S]
   loragate keys create --role researcher|auditor|admin --owner NAME [--expires-in-days N]
                        [--scopes JSON]
   loragate keys add NAME --reason R [--expires-in-days N] [--scopes JSON]
@@ -87,7 +88,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     registry = ModelRegistry(settings.data_dir, settings.extra_models)
     worker = make_worker(settings, factory, registry, screener, checkpoints,
                          load_release_policy(settings.release_file), worker_id=args.worker_id,
-                         idle_poll_seconds=0.05)
+                         idle_poll_seconds=0.05, lease_seconds=args.lease_seconds)
     for name in settings.base_models:
         worker.backend(name)
     # What this worker id was running when its last process died runs again.
@@ -344,7 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_cmd_serve)
 
     worker = sub.add_parser("worker", help="run a worker process against the database")
-    worker.add_argument("--worker-id", default="worker-0")
+    worker.add_argument("--worker-id", default="worker-0",
+                        help="unique among live workers; restart a dead worker under its id")
+    worker.add_argument("--lease-seconds", type=float, default=30.0,
+                        help="how long this worker's runs stay its own after its last "
+                             "heartbeat; a worker silent that long is taken for dead")
     data_dir(worker)
     base_model(worker)
     metrics_bind(worker, "this worker process's own metrics (audit appends, withheld "

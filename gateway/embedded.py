@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
@@ -64,14 +64,14 @@ def serve_in_thread(settings: Settings, start_timeout: float = 300) -> Iterator[
 
 @contextlib.contextmanager
 def serve_in_subprocess(data_dir: Path, *, env: dict[str, str] | None = None,
-                        log: IO[str] | None = None,
-                        start_timeout: float = 600) -> Iterator[str]:
-    """`loragate serve` as its own process; yields its base URL, stops it afterwards.
-    Output goes to `log` (stdout and stderr together) or is discarded."""
+                        log: IO[str] | None = None, start_timeout: float = 600,
+                        args: Sequence[str] = ()) -> Iterator[str]:
+    """`loragate serve [args]` as its own process; yields its base URL, stops it
+    afterwards. Output goes to `log` (stdout and stderr together) or is discarded."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--data-dir",
-         str(data_dir)], env=env, stdout=log or subprocess.DEVNULL,
+         str(data_dir), *args], env=env, stdout=log or subprocess.DEVNULL,
         stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
     try:
         _wait_for_port(port, proc, start_timeout)

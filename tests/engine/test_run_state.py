@@ -1,11 +1,14 @@
 """Durable run state (engine.run_state): after every committed job a run's adapter, AdamW
 state and accumulated gradients are on disk, named on the run's row. A new worker process
 (here: a new Worker with a fresh backend, as after `kill -9`) restores the run and goes on
-bit for bit; a job left `running` goes back in the queue; a worker that did not run the
-run's last job restores it instead of using a stale copy."""
+bit for bit; a job left `running` goes back in the queue. Leases (engine.leases): a run's
+jobs go to the worker that holds it while its heartbeat lasts; then another takes the run
+over from disk, and a worker that did not run the run's last job restores it instead of
+using a stale copy."""
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 from pathlib import Path
@@ -17,7 +20,15 @@ from tinker import types as tt
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from audit.db import make_engine, make_sessionmaker, transaction
-from audit.models import AuditEntry, ClientSession, Future, Principal, TrainingRun
+from audit.models import (
+    AuditEntry,
+    ClientSession,
+    Future,
+    Principal,
+    TrainingRun,
+    WorkerHeartbeat,
+    utcnow,
+)
 from engine import jobs, run_state
 from engine.registry import TINY_TEST_MODEL, ModelRegistry
 from engine.values import AdamStep, LoraSpec
@@ -222,7 +233,13 @@ def test_a_job_left_running_by_a_dead_process_runs_again_and_never_twice(
     assert len(rows) == 1 and rows[0].payload.count(claimed.request_id) == 1
 
 
-def test_a_worker_that_missed_the_runs_last_job_restores_it_instead_of_using_its_copy(
+def expire_lease(factory) -> None:
+    """As if the lease holder's heartbeat had stopped long enough."""
+    with transaction(factory) as session:
+        session.get(TrainingRun, RUN).lease_expires_at = utcnow() - dt.timedelta(seconds=1)
+
+
+def test_a_run_is_leased_to_the_worker_that_runs_it_until_the_lease_lapses(
         factory, models_dir, tmp_path):
     a = new_worker(factory, models_dir, tmp_path, "wa")
     b = new_worker(factory, models_dir, tmp_path, "wb")
@@ -230,8 +247,38 @@ def test_a_worker_that_missed_the_runs_last_job_restores_it_instead_of_using_its
     forward_backward(factory, 1)
     drain(a)
     optim_step(factory, 2)
-    drain(b)  # b restores from disk, steps; a's copy is now one step behind
+    assert b.run_once() is False  # the run is a's while a's lease lasts
+    expire_lease(factory)
+    drain(b)  # b takes the run over: restores it from disk, steps; a's copy is now stale
+    assert statuses(factory) == ["done"] * 3
     forward_backward(factory, 3, forward_only=True)
-    drain(a)
+    expire_lease(factory)
+    drain(a)  # a notices that the run moved on and restores it instead of using its copy
     assert_same(a.backend(TINY_TEST_MODEL).adapter_snapshot(RUN),
                 b.backend(TINY_TEST_MODEL).adapter_snapshot(RUN))
+    with transaction(factory) as session:
+        by = [f.worker_id for f in session.scalars(select(Future).order_by(Future.seq_id))]
+    assert by == ["wa", "wa", "wb", "wa"]
+
+
+def test_what_a_dead_worker_was_running_is_requeued_by_a_live_one(factory, models_dir,
+                                                                   tmp_path):
+    dead = new_worker(factory, models_dir, tmp_path, "w-dead")
+    live = new_worker(factory, models_dir, tmp_path, "w-live")
+    dead.lease_seconds = live.lease_seconds = 5.0
+    dead.heartbeat()
+    create(factory)
+    drain(dead)
+    forward_backward(factory, 1)
+    assert dead._claim() is not None  # then the process dies
+    live.heartbeat()
+    assert statuses(factory) == ["done", "running"]  # its heartbeat is recent: alive
+    with transaction(factory) as session:
+        session.get(WorkerHeartbeat, "w-dead").heartbeat_at = utcnow() - dt.timedelta(
+            seconds=6)
+    expire_lease(factory)
+    live.heartbeat()
+    assert statuses(factory) == ["done", "pending"]
+    drain(live)
+    assert statuses(factory) == ["done", "done"]
+    assert row_state(factory) == run_state.DurableState(0, 1)

@@ -1,0 +1,88 @@
+"""Worker leases: which worker runs each training run's jobs, and noticing dead workers.
+
+Several workers may drain one queue (one per GPU node, on one PostgreSQL). A training run's
+adapter lives in the memory of the worker that ran its last job, so its jobs should go
+there: a worker that claims a run's job takes the run's lease, renews the leases of all the
+runs it holds with its heartbeat (every third of `lease_seconds`, from a thread of its own
+so that a long job does not stop it), and other workers do not claim a run's jobs while
+its lease lasts. A worker whose heartbeat has stopped for `lease_seconds` is dead: its
+leases have expired, so any worker may take its runs (restoring them from durable state,
+engine.run_state), and the futures it was running are put back in the queue by the first
+live worker that notices.
+
+Jobs that belong to no training run (sampling a saved checkpoint, release evaluations) go
+to whichever worker claims them first.
+
+Must not import fastapi, gateway or policy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable, Sequence
+
+from sqlalchemy import ColumnElement, and_, exists, or_, select, update
+from sqlalchemy.orm import Session
+
+from audit.models import Future, TrainingRun, WorkerHeartbeat
+
+LEASE_SECONDS = 30.0
+
+
+def beat(session: Session, worker_id: str, lease_seconds: float, now: dt.datetime) -> None:
+    """Record that `worker_id` is alive and extend the leases it holds."""
+    row = session.get(WorkerHeartbeat, worker_id)
+    if row is None:
+        session.add(WorkerHeartbeat(worker_id=worker_id, started_at=now, heartbeat_at=now))
+    else:
+        row.heartbeat_at = now
+    session.execute(update(TrainingRun).where(TrainingRun.lease_worker_id == worker_id)
+                    .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds)))
+
+
+def claimable_by(worker_id: str, now: dt.datetime) -> ColumnElement[bool]:
+    """The claim filter: the future belongs to no run, or its run is not leased to another
+    worker whose lease still lasts."""
+    held_elsewhere = exists(select(TrainingRun.id).where(
+        TrainingRun.id == Future.model_id,
+        TrainingRun.lease_worker_id.is_not(None),
+        TrainingRun.lease_worker_id != worker_id,
+        TrainingRun.lease_expires_at > now))
+    return or_(Future.model_id.is_(None), ~held_elsewhere)
+
+
+def take(session: Session, run_id: str, worker_id: str, lease_seconds: float,
+         now: dt.datetime) -> None:
+    """Lease the run to `worker_id` (it just claimed one of the run's jobs)."""
+    session.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(
+        lease_worker_id=worker_id,
+        lease_expires_at=now + dt.timedelta(seconds=lease_seconds)))
+
+
+def orphaned_futures(session: Session, worker_id: str, lease_seconds: float,
+                     now: dt.datetime) -> Sequence[Future]:
+    """Futures still `running` under a worker (not this one) whose heartbeat stopped
+    `lease_seconds` ago, locked (others that look at the same time skip them)."""
+    cutoff = now - dt.timedelta(seconds=lease_seconds)
+    dead = exists(select(WorkerHeartbeat.worker_id).where(
+        WorkerHeartbeat.worker_id == Future.worker_id,
+        WorkerHeartbeat.heartbeat_at < cutoff))
+    stmt = (select(Future)
+            .where(and_(Future.status == "running", Future.worker_id != worker_id, dead))
+            .order_by(Future.created_at))
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    return session.scalars(stmt).all()
+
+
+def heartbeat_thread(beat_once: Callable[[], None], lease_seconds: float,
+                     stop: threading.Event) -> threading.Thread:
+    """A daemon thread calling `beat_once` every third of the lease until `stop`."""
+    def loop() -> None:
+        while not stop.wait(lease_seconds / 3):
+            beat_once()
+
+    thread = threading.Thread(target=loop, name="loragate-worker-heartbeat", daemon=True)
+    thread.start()
+    return thread
