@@ -35,7 +35,7 @@ from policy.screening.harmful_requests import MiniLM, ScreenLoadError, max_per_t
 WEIGHTS = Path(__file__).with_name("weights") / "harm_classifier.safetensors"
 CARD = WEIGHTS.with_name("harm_classifier.json")
 # The SHA-256 of WEIGHTS as training/harm_classifier/train.py wrote it (also in the card).
-PINNED_SHA256 = "520adf57dca6b67cc057a7c59bfa777a5d4a66b88157124d9ad00530ac6420d1"
+PINNED_SHA256 = "6e20874e49fc8fa74cb2de6ca94ae7c0cf48e37e08fbcc50f8f78a9a89d566c0"
 FINE_TOKENS = 64  # the short windows long texts are also read in
 CATEGORIES = ("chemical_biological_weapons", "explosives_and_weapons", "cyber_attacks",
               "violence", "self_harm", "fraud_and_crime", "hate_and_harassment", "drugs")

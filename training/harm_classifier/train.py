@@ -351,7 +351,7 @@ def r_is_output(row: dict[str, Any]) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("head", "lora"), default="head")
-    parser.add_argument("--epochs", type=float, default=1.0, help="LoRA epochs")
+    parser.add_argument("--epochs", type=float, default=2.0, help="LoRA epochs")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1.5e-3, help="LoRA learning rate")
