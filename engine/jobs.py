@@ -15,6 +15,11 @@ from engine.values import AdamStep, LoraSpec
 
 T = TypeVar("T")
 
+# The kinds of job the engine runs itself (engine.worker); whoever builds a worker may add
+# its own (the release evaluations).
+ENGINE_JOB_KINDS = ("create_model", "load_weights_new", "load_weights", "forward_backward",
+                    "optim_step", "save_weights", "save_weights_for_sampler", "sample")
+
 
 @dataclasses.dataclass
 class CreateAdapterJob:

@@ -88,15 +88,13 @@ def log_job(root: Path, run_id: str, state: DurableState, seq: int, kind: str,
 
 def logged_jobs(root: Path, run_id: str, state: DurableState) -> Iterator[LoggedJob]:
     """The jobs `state` names after its snapshot, in seq order."""
-    for seq, kind, path in sorted(_log_files(root, run_id)):
-        if state.log_seq is not None and state.weights_seq < seq <= state.log_seq:
-            yield LoggedJob(seq, kind, path.read_bytes())
+    for seq, kind, path in _named_log(root, run_id, state):
+        yield LoggedJob(seq, kind, path.read_bytes())
 
 
 def logged_steps(root: Path, run_id: str, state: DurableState) -> int:
     """How many optimizer steps replaying `state` would take."""
-    return sum(1 for seq, kind, _ in _log_files(root, run_id) if kind == "optim_step"
-               and state.log_seq is not None and state.weights_seq < seq <= state.log_seq)
+    return sum(1 for _, kind, _ in _named_log(root, run_id, state) if kind == "optim_step")
 
 
 def load_snapshot(backend: Backend, root: Path, run_id: str, state: DurableState) -> None:
@@ -112,8 +110,7 @@ def prune(root: Path, run_id: str, keep: DurableState) -> None:
     if not directory.is_dir():
         return
     wanted = {weights_dir(root, run_id, keep.weights_seq).name}
-    wanted |= {path.name for seq, _, path in _log_files(root, run_id)
-               if keep.log_seq is not None and keep.weights_seq < seq <= keep.log_seq}
+    wanted |= {path.name for _, _, path in _named_log(root, run_id, keep)}
     for path in directory.iterdir():
         if path.name in wanted:
             continue
@@ -123,11 +120,16 @@ def prune(root: Path, run_id: str, keep: DurableState) -> None:
             logger.warning("could not prune durable state file %s", path)
 
 
-def _log_files(root: Path, run_id: str) -> Iterator[tuple[int, str, Path]]:
+def _named_log(root: Path, run_id: str, state: DurableState) -> list[tuple[int, str, Path]]:
+    """(seq, kind, path) of the log files `state` names (after its snapshot, up to its
+    last logged job), in seq order; files a crash left beyond it are not among them."""
     directory = run_dir(root, run_id)
-    if not directory.is_dir():
-        return
+    if state.log_seq is None or not directory.is_dir():
+        return []
+    named = []
     for path in directory.glob("log-*.*"):
         seq, _, kind = path.name[len("log-"):].partition(".")
-        if seq.isdigit() and kind in LOGGED_KINDS:
-            yield int(seq), kind, path
+        if seq.isdigit() and kind in LOGGED_KINDS \
+                and state.weights_seq < int(seq) <= state.log_seq:
+            named.append((int(seq), kind, path))
+    return sorted(named)

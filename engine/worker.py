@@ -61,11 +61,9 @@ JobHandler = Callable[["Worker", Future], "Outcome"]
 # for the audit row (scores and thresholds).
 OutputScreen = Callable[[list[str]], list[tuple[list[str], dict[str, Any]]]]
 
-# The engine's own job kinds. Each can run again after a crash (runs restore from durable
-# state, engine.run_state), so a restarted worker puts them back in the queue.
-RERUNNABLE_KINDS = frozenset({"create_model", "load_weights_new", "load_weights",
-                              "forward_backward", "optim_step", "save_weights",
-                              "save_weights_for_sampler", "sample"})
+# The engine's own job kinds can run again after a crash (runs restore from durable state,
+# engine.run_state), so a restarted worker puts them back in the queue.
+RERUNNABLE_KINDS = frozenset(jobs.ENGINE_JOB_KINDS)
 
 
 @dataclass

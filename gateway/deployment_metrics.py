@@ -26,14 +26,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from audit.db import transaction
 from audit.models import AuditEntry, Future, UsageCounter, utcnow
+from engine.jobs import ENGINE_JOB_KINDS
 from evals.release import EXPORT_JOB, RELEASE_JOB
 
 logger = logging.getLogger("loragate.metrics")
 
 # Every kind the gateway queues, reported even when none is queued (a zero, not a gap).
-JOB_KINDS = ("create_model", "load_weights_new", "load_weights", "forward_backward",
-             "optim_step", "save_weights", "save_weights_for_sampler", "sample", EXPORT_JOB,
-             RELEASE_JOB)
+JOB_KINDS = (*ENGINE_JOB_KINDS, EXPORT_JOB, RELEASE_JOB)
 QUEUED = ("pending", "running")
 FINISHED = ("done", "failed")
 # Job times are over the jobs queued this recently that have finished.
