@@ -132,7 +132,15 @@ class Worker:
     def run_forever(self, stop: threading.Event) -> None:
         logger.info("worker %s started", self.worker_id)
         self.heartbeat()
-        leases.heartbeat_thread(self.heartbeat, self.lease_seconds, stop)
+        beats = leases.heartbeat_thread(self.heartbeat, self.lease_seconds, stop)
+        try:
+            self._loop(stop)
+        finally:
+            # No thread of ours may still run while the interpreter tears down.
+            beats.join(timeout=self.lease_seconds)
+        logger.info("worker %s stopped", self.worker_id)
+
+    def _loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self._maybe_sweep()
             try:
@@ -143,7 +151,6 @@ class Worker:
             if not worked:
                 self.wake.wait(self.idle_poll_seconds)
                 self.wake.clear()
-        logger.info("worker %s stopped", self.worker_id)
 
     def _maybe_sweep(self) -> None:
         """Delete expired checkpoints when a sweep is due (engine.sweeper)."""

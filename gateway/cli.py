@@ -32,6 +32,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -97,7 +98,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     worker.run_forever(stop)
-    return 0
+    # Everything the worker did is committed and on disk. Leave without the interpreter's
+    # teardown, where torch's native thread pools can abort the process (SIGABRT,
+    # "terminate called without an active exception") and turn a clean stop into a crash
+    # that a service manager reports and restarts.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @contextlib.contextmanager
