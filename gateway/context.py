@@ -136,14 +136,23 @@ def public_request_context(request: Request) -> Iterator[RequestContext]:
     a key): the caller is the anonymous principal, and casbin still decides."""
     state = app_state(request)
     state.rate_limiter.hit("access_requests", client_address(request))
+    ctx = anonymous_context(request, lambda anonymous: _authorize(state, request, anonymous))
+    yield from _unit_of_work(ctx)
+
+
+def anonymous_context(request: Request,
+                      authorize: Callable[[Principal], None]) -> RequestContext:
+    """The anonymous principal's context, once `authorize` (a casbin decision on the current
+    policy) has let it through."""
+    state = app_state(request)
     anonymous = Principal(id=ANONYMOUS, name=ANONYMOUS, role=ANONYMOUS)
     with transaction(state.read_factory) as session:
         state.authorizer.ensure_current(session)
-    _authorize(state, request, anonymous)
+    authorize(anonymous)
     setattr(request.state, CALLER_CHECKED, True)
-    ctx = RequestContext(state=state, request_id=request.state.request_id, principal=anonymous,
-                         event_type=route_event(request), scopes=state.scope_defaults)
-    yield from _unit_of_work(ctx)
+    return RequestContext(state=state, request_id=request.state.request_id,
+                          principal=anonymous, event_type=route_event(request),
+                          scopes=state.scope_defaults)
 
 
 def check_path(request: Request) -> None:
