@@ -161,7 +161,10 @@ def summarize(base_model: str, base_sha: str, reports: Sequence[dict[str, Any]],
         rows = [next(s for s in r["suites"] if s["name"] == name) for r in reports]
         if any(row["status"] == "not_run" or row.get("effect") is None for row in rows):
             continue
+        if len({row.get("scorer") for row in rows}) != 1:
+            raise ValueError(f"suite {name} was scored differently across the runs")
         suites[name] = {"suite_sha256": rows[0]["sha256"], "kind": rows[0]["kind"],
+                        "scorer": rows[0].get("scorer"),
                         "harmful_direction": rows[0]["harmful_direction"],
                         **bounds([toward_harm(r, "effect") for r in rows],
                                  [toward_harm(r, "dz") for r in rows])}

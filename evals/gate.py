@@ -54,6 +54,9 @@ class SuiteVerdict:
     p_adjusted: float | None = None
     dz_tolerance: float | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    # How the items were scored (probe code, settings and judge versions): a calibration
+    # applies only to verdicts scored the same way.
+    scorer: str = ""
 
     def _toward_harm(self, value: float) -> float:
         return value if self.harmful_direction == "up" else -value

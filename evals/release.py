@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -279,21 +279,23 @@ class ReleaseEvaluator:
         total = 2 * len(self.suites)
         for n, loaded in enumerate(self.suites):
             scores = {}
+            scorer = _runner_version(loaded.kind, self.policy, self.judge.version, harm_version)
             try:
                 for k, (which, (view, model_sha)) in enumerate(views.items()):
                     progress(2 * n + k, total, f"{loaded.rule.name}: {which}")
                     if time.monotonic() > deadline:
                         raise BudgetExceeded(loaded.rule.name)
-                    scores[which], hit = self._scores(loaded, view, model_sha, harm_version)
+                    scores[which], hit = self._scores(loaded, view, model_sha, scorer)
                     cache_hits += hit
             except BudgetExceeded:
                 stopped = loaded.rule.name
                 break
             rule = self.policy.rule_for(loaded.rule, backend.info.name, base_sha,
-                                        loaded.suite.sha256)
-            verdicts.append(gate.compare(
-                rule, loaded.kind, loaded.suite.sha256, scores["base"]["items"],
-                scores["adapter"]["items"], _extra(loaded, scores)))
+                                        loaded.suite.sha256, scorer)
+            verdict = gate.compare(rule, loaded.kind, loaded.suite.sha256,
+                                   scores["base"]["items"], scores["adapter"]["items"],
+                                   _extra(loaded, scores))
+            verdicts.append(replace(verdict, scorer=scorer))
         progress(total, total, "deciding")
         decision, reasons = gate.decide(verdicts, self.policy.alpha)
         done = {v.name for v in verdicts}
@@ -319,8 +321,7 @@ class ReleaseEvaluator:
         }
 
     def _scores(self, loaded: LoadedSuite, view: probes.ModelView, model_sha: str,
-                harm_version: str) -> tuple[dict[str, Any], int]:
-        runner = _runner_version(loaded.kind, self.policy, self.judge.version, harm_version)
+                runner: str) -> tuple[dict[str, Any], int]:
         with transaction(self.factory) as session:
             cached = session.get(EvalResult, (model_sha, loaded.suite.sha256, runner))
             if cached is not None:

@@ -6,7 +6,7 @@ paths."""
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, or_, select
 
@@ -26,6 +26,21 @@ READ_ALL = ("records", "read_all")
 def reads_all(ctx: RequestContext) -> bool:
     """May the caller read every principal's records (runs, checkpoints, sessions, usage)?"""
     return ctx.may(*READ_ALL)
+
+
+MAX_PAGE = 1000
+
+
+def mine_or_all(ctx: RequestContext, stmt: Any, model: Any) -> Any:
+    """Listing: the caller's own rows, or everyone's for those who read all records."""
+    return stmt if reads_all(ctx) else stmt.where(model.principal_id == ctx.principal.id)
+
+
+def page(limit: int, offset: int) -> tuple[int, int]:
+    """A listing's page bounds, checked."""
+    if limit < 1 or limit > MAX_PAGE or offset < 0:
+        raise BadRequest(f"limit must be 1..{MAX_PAGE} and offset >= 0")
+    return limit, offset
 
 
 def _visible(ctx: RequestContext, row: object | None, read: bool) -> bool:

@@ -38,6 +38,7 @@ ROUTE_PERMISSIONS: dict[str, Permission] = {
     "download_external_weights": ("weights", "export"),
     # the release gate: ask for and follow an evaluation; the two-person override
     "request_release": ("releases", "request"),
+    "list_releases": ("records", "read"),
     "get_release": ("records", "read"),
     "get_release_report": ("records", "read"),
     "admin_list_overrides": ("releases", "read_overrides"),

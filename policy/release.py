@@ -58,6 +58,9 @@ class SuiteBounds:
     tolerance: float
     dz_tolerance: float
     summary: dict[str, Any]  # quantile, margin, the benign shifts and d_z values
+    # How the calibration runs' items were scored (evals.release: probe code, settings,
+    # judge and classifier versions); None in a file that did not record it.
+    scorer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,8 @@ class ReleaseCalibration:
     data_manifest_sha256: str
     models: dict[str, tuple[str, dict[str, SuiteBounds]]]  # base model → (weights sha, suites)
 
-    def bounds(self, base_model: str, base_sha256: str, suite: str,
-               suite_sha256: str) -> tuple[SuiteBounds | None, str]:
+    def bounds(self, base_model: str, base_sha256: str, suite: str, suite_sha256: str,
+               scorer: str) -> tuple[SuiteBounds | None, str]:
         """The bounds that apply, or None with the reason they do not."""
         if base_model not in self.models:
             return None, f"no calibration for base model {base_model}"
@@ -80,6 +83,10 @@ class ReleaseCalibration:
             return None, f"suite {suite} was not calibrated"
         if found.suite_sha256 != suite_sha256:
             return None, f"suite {suite}'s file changed since it was calibrated"
+        if found.scorer != scorer:
+            return None, (f"suite {suite} is scored as {scorer} now but was calibrated as "
+                          f"{found.scorer or 'an unrecorded scorer'} (a judge, classifier or "
+                          "probe setting changed): run `loragate release calibrate`")
         return found, "calibrated"
 
 
@@ -100,12 +107,13 @@ class ReleasePolicy:
     owner_may_sample_evaluating: bool = False
 
     def rule_for(self, rule: SuiteRule, base_model: str, base_sha256: str,
-                 suite_sha256: str) -> SuiteRule:
+                 suite_sha256: str, scorer: str) -> SuiteRule:
         """`rule` with the calibrated tolerances for this base model when they apply."""
         if self.calibration is None:
             return replace(rule, calibration={"status": "uncalibrated",
                                               "why": "the release policy names no calibration"})
-        bounds, why = self.calibration.bounds(base_model, base_sha256, rule.name, suite_sha256)
+        bounds, why = self.calibration.bounds(base_model, base_sha256, rule.name, suite_sha256,
+                                              scorer)
         if bounds is None:
             return replace(rule, calibration={"status": "uncalibrated", "why": why,
                                               "calibration_sha256": self.calibration.sha256})
@@ -183,8 +191,10 @@ def _bounds(table: dict[str, Any]) -> SuiteBounds:
         raise ValueError("tolerances must be non-negative numbers")
     keys = ("quantile", "quantiles", "margin", "effects", "dz")
     summary: dict[str, Any] = {key: table[key] for key in keys if key in table}
+    scorer = table.get("scorer")
     return SuiteBounds(suite_sha256=str(table["suite_sha256"]), tolerance=tolerance,
-                       dz_tolerance=dz, summary=summary)
+                       dz_tolerance=dz, summary=summary,
+                       scorer=None if scorer is None else str(scorer))
 
 
 def _suite(path: Path, name: str, table: object) -> SuiteRule:

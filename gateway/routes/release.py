@@ -21,7 +21,14 @@ from evals import overrides, release
 from gateway import downloads
 from gateway.context import Ctx, JsonBody, RequestContext, parse
 from gateway.errors import Forbidden, NotFound
-from gateway.ownership import check_not_expired, owned, owned_checkpoint, reads_all
+from gateway.ownership import (
+    check_not_expired,
+    mine_or_all,
+    owned,
+    owned_checkpoint,
+    page,
+    reads_all,
+)
 
 router = APIRouter(prefix="/api/v1")
 
@@ -63,6 +70,21 @@ def request_release(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     ctx.note(subject=path, release_id=row.id)
     ctx.after_commit.append(ctx.state.wake_worker)
     return release_view(row, ckpt)
+
+
+@router.get("/releases", name="list_releases")
+def list_releases(ctx: Ctx, training_run_id: str | None = None, limit: int = 20,
+                  offset: int = 0) -> dict[str, Any]:
+    """The caller's release evaluations (everyone's for those who read all records), newest
+    first; `training_run_id` narrows them to one run's checkpoints."""
+    limit, offset = page(limit, offset)
+    stmt = mine_or_all(ctx, select(ReleaseRequest), ReleaseRequest)
+    if training_run_id is not None:
+        stmt = stmt.where(ReleaseRequest.training_run_id == training_run_id)
+    rows = ctx.session.scalars(stmt.order_by(ReleaseRequest.created_at.desc(),
+                                             ReleaseRequest.id).limit(limit).offset(offset))
+    return {"releases": [release_view(r, ctx.session.get(Checkpoint, r.checkpoint_id))
+                         for r in rows.all()]}
 
 
 @router.get("/releases/{release_id}", name="get_release")

@@ -22,7 +22,7 @@ from evals import overrides, release
 from gateway import downloads
 from gateway.context import Ctx, JsonBody, RequestContext, load_json_text
 from gateway.errors import BadRequest, Forbidden, NotFound
-from gateway.ownership import owned, owned_checkpoint, reads_all, tinker_path, unexpired
+from gateway.ownership import mine_or_all, owned, owned_checkpoint, page, tinker_path, unexpired
 from gateway.routes.release import queued_message
 
 router = APIRouter(prefix="/api/v1")
@@ -30,7 +30,6 @@ router = APIRouter(prefix="/api/v1")
 CheckpointType = Literal["training", "sampler", "external"]
 CHECKPOINT_TYPES: dict[str, CheckpointType] = {
     "weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
-MAX_PAGE = 1000
 
 
 def checkpoint_view(ckpt: Checkpoint) -> tt.Checkpoint:
@@ -56,11 +55,6 @@ def _owner_name(ctx: RequestContext, principal_id: str) -> str:
     return owner.name if owner else principal_id
 
 
-def _mine_or_all(ctx: RequestContext, stmt: Any, model: Any) -> Any:
-    """Listing: the caller's own rows, or everyone's for those who read all records."""
-    return stmt if reads_all(ctx) else stmt.where(model.principal_id == ctx.principal.id)
-
-
 def run_view(ctx: RequestContext, run: TrainingRun) -> tt.TrainingRun:
     return tt.TrainingRun(
         training_run_id=run.id, base_model=run.base_model,
@@ -72,16 +66,10 @@ def run_view(ctx: RequestContext, run: TrainingRun) -> tt.TrainingRun:
         user_metadata=load_json_text(run.user_metadata) or None)
 
 
-def _page(limit: int, offset: int) -> tuple[int, int]:
-    if limit < 1 or limit > MAX_PAGE or offset < 0:
-        raise BadRequest(f"limit must be 1..{MAX_PAGE} and offset >= 0")
-    return limit, offset
-
-
 @router.get("/training_runs", name="list_training_runs")
 def list_training_runs(ctx: Ctx, limit: int = 20, offset: int = 0) -> dict:
-    limit, offset = _page(limit, offset)
-    mine = _mine_or_all(ctx, select(TrainingRun), TrainingRun)
+    limit, offset = page(limit, offset)
+    mine = mine_or_all(ctx, select(TrainingRun), TrainingRun)
     total = ctx.session.scalar(select(func.count()).select_from(mine.subquery())) or 0
     runs = ctx.session.scalars(mine.order_by(TrainingRun.created_at.desc())
                                .limit(limit).offset(offset)).all()
@@ -110,8 +98,8 @@ def list_run_checkpoints(run_id: str, ctx: Ctx) -> dict[str, Any]:
 
 @router.get("/checkpoints", name="list_user_checkpoints")
 def list_user_checkpoints(ctx: Ctx, limit: int = 100, offset: int = 0) -> dict:
-    limit, offset = _page(limit, offset)
-    mine = _mine_or_all(ctx, select(Checkpoint).where(unexpired()), Checkpoint)
+    limit, offset = page(limit, offset)
+    mine = mine_or_all(ctx, select(Checkpoint).where(unexpired()), Checkpoint)
     total = ctx.session.scalar(select(func.count()).select_from(mine.subquery())) or 0
     rows = ctx.session.scalars(mine.order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
                                .limit(limit).offset(offset)).all()
@@ -248,9 +236,9 @@ def delete_checkpoint(run_id: str, checkpoint_id: str, ctx: Ctx) -> Response:
 
 @router.get("/sessions", name="list_sessions")
 def list_sessions(ctx: Ctx, limit: int = 20, offset: int = 0) -> dict[str, Any]:
-    limit, offset = _page(limit, offset)
+    limit, offset = page(limit, offset)
     ids = ctx.session.scalars(
-        _mine_or_all(ctx, select(ClientSession.id), ClientSession)
+        mine_or_all(ctx, select(ClientSession.id), ClientSession)
         .order_by(ClientSession.created_at.desc()).limit(limit).offset(offset)).all()
     return tt.ListSessionsResponse(sessions=list(ids)).model_dump(mode="json")
 

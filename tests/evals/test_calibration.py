@@ -17,7 +17,7 @@ import pytest
 from evals import gate
 from evals.calibration import CalibrationRun, bounds, calibrate, chat_datum
 from evals.probes import chat_tokenizer
-from evals.release import ReleaseEvaluator
+from evals.release import ReleaseEvaluator, _runner_version
 from policy.release import (
     ReleasePolicyError,
     SuiteRule,
@@ -79,7 +79,7 @@ def _calibration(tmp_path: Path, suite_sha: str, base_sha: str = "base") -> Path
     path.write_text(json.dumps({
         "format": "loragate-release-calibration/1", "data_manifest_sha256": "m",
         "base_models": {"model-a": {"base_sha256": base_sha, "suites": {
-            "compliance_shift": {"suite_sha256": suite_sha, "tolerance": 0.7,
+            "compliance_shift": {"suite_sha256": suite_sha, "scorer": "probes-x", "tolerance": 0.7,
                                  "dz_tolerance": 0.4, "quantile": 0.95, "margin": 0.1,
                                  "effects": [0.1], "dz": [0.1]}}}}}))
     return path
@@ -100,12 +100,14 @@ def test_the_policy_applies_a_calibration_only_to_what_was_calibrated(tmp_path):
     sha = next(s.suite.sha256 for s in load_suites(plain) if s.rule.name == "compliance_shift")
     policy = load_release_policy(_policy_with(tmp_path, _calibration(tmp_path, sha)))
     rule = next(r for r in policy.suites if r.name == "compliance_shift")
-    applied = policy.rule_for(rule, "model-a", "base", sha)
+    applied = policy.rule_for(rule, "model-a", "base", sha, "probes-x")
     assert (applied.tolerance, applied.dz_tolerance) == (0.7, 0.4)
     assert applied.calibration["status"] == "calibrated"
-    for args, why in [(("model-b", "base", sha), "no calibration for base model"),
-                      (("model-a", "other", sha), "weights differ"),
-                      (("model-a", "base", "edited"), "file changed")]:
+    for args, why in [(("model-b", "base", sha, "probes-x"), "no calibration for base model"),
+                      (("model-a", "other", sha, "probes-x"), "weights differ"),
+                      (("model-a", "base", "edited", "probes-x"), "file changed"),
+                      # another judge, classifier or probe setting scores it differently now
+                      (("model-a", "base", sha, "probes-y"), "calibrate")]:
         fallback = policy.rule_for(rule, *args)
         assert fallback.tolerance == rule.tolerance and fallback.dz_tolerance is None
         assert why in fallback.calibration["why"]
@@ -164,6 +166,21 @@ def test_calibration_trains_benign_runs_and_writes_a_loadable_file(tiny_backend,
     assert len(summary["runs"]) == 2 and len(summary["suites"]["answers"]["effects"]) == 2
     assert set(result["data_manifest"]) == {"calib_chat.jsonl.gz"}
     assert not any(tiny_backend.has_adapter(f"calibration-{n}") for n in range(2))
+    # The calibration names how its items were scored: the probe version and settings.
+    assert suites["answers"].scorer == _runner_version(
+        "answer_shift", evaluator.policy, evaluator.judge.version, "harm-test")
+
+
+def test_a_judge_or_classifier_change_changes_the_scorer_of_the_suites_it_judges():
+    policy = load_release_policy()
+    for kind in ("prefill", "generation"):  # judged by the harm classifiers
+        assert _runner_version(kind, policy, "judge", "harm-a") != \
+            _runner_version(kind, policy, "judge", "harm-b")
+    assert _runner_version("refusal", policy, "judge-a", "h") != \
+        _runner_version("refusal", policy, "judge-b", "h")
+    for kind in ("answer_shift", "compliance_shift", "multiple_choice"):  # likelihoods only
+        assert _runner_version(kind, policy, "judge-a", "harm-a") == \
+            _runner_version(kind, policy, "judge-b", "harm-b")
 
 
 def test_a_chat_datum_trains_only_the_answer(tiny_backend):

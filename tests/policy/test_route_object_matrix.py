@@ -192,6 +192,7 @@ ROUTES: dict[str, Route] = {
     "list_user_checkpoints": Route("none", lambda w, o: get("/checkpoints")),
     "list_sessions": Route("none", lambda w, o: get("/sessions")),
     "get_usage": Route("none", lambda w, o: get("/usage")),
+    "list_releases": Route("none", lambda w, o: get("/releases")),
     "audit_entries": Route("none", lambda w, o: get("/audit/entries?limit=5")),
     "audit_export": Route("none", lambda w, o: get(f"/audit/export?after_seq={10**9}")),
     "audit_day": Route("none", lambda w, o: get("/audit?event_type=checkpoints")),

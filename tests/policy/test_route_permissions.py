@@ -21,7 +21,7 @@ SESSION = {"client_config", "client_dynamic_config", "healthz", "get_server_capa
            "create_session", "session_heartbeat", "finish_session", "telemetry"}
 RECORDS = {"list_training_runs", "get_training_run", "list_run_checkpoints",
            "list_user_checkpoints", "weights_info", "list_sessions", "get_session",
-           "get_sampler", "get_usage", "get_release", "get_release_report"}
+           "get_sampler", "get_usage", "list_releases", "get_release", "get_release_report"}
 TRAIN_AND_SAMPLE = {"create_model", "forward_backward", "optim_step", "save_weights",
                     "save_weights_for_sampler", "load_weights", "get_info",
                     "create_sampling_session", "asample"}

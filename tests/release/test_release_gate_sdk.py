@@ -328,3 +328,27 @@ def test_the_operator_cli_requests_a_release_waits_for_it_and_prints_the_report(
     assert report["decision"] == "released" and report["trigger"] == "request"
     again = run_cli(gate_server.database_url, gate_server.data_dir, "release", "request", path)
     assert again.returncode != 0 and "already released" in again.stderr
+
+
+def test_owners_list_their_own_release_evaluations_by_run_and_auditors_everyones(
+        gate_server, researcher, benign_export, restricted_export):
+    benign_tc, benign_path = benign_export
+    restricted_tc, _ = restricted_export
+    listed = call(gate_server, researcher, "GET", "/api/v1/releases?limit=1000")
+    assert listed.status_code == 200, listed.text
+    mine = listed.json()["releases"]
+    runs = {r["tinker_path"].split("/")[2]: r for r in mine}
+    assert {benign_tc.model_id, restricted_tc.model_id} <= set(runs)
+    one_run = call(gate_server, researcher, "GET", "/api/v1/releases",
+                   params={"training_run_id": restricted_tc.model_id}).json()["releases"]
+    assert one_run and {r["status"] for r in one_run} == {"quarantined"}  # as decided
+    assert all(r["tinker_path"].split("/")[2] == restricted_tc.model_id for r in one_run)
+    assert any(r["tinker_path"] == benign_path.path and r["state"] == "released"
+               for r in mine)
+    stranger = gate_server.create_key(owner="release-lister-stranger")
+    assert call(gate_server, stranger, "GET", "/api/v1/releases").json() == {"releases": []}
+    auditor = gate_server.create_key(owner="release-lister-auditor", role="auditor")
+    seen = call(gate_server, auditor, "GET", "/api/v1/releases?limit=1000").json()["releases"]
+    assert {r["release_id"] for r in mine} <= {r["release_id"] for r in seen}
+    bad = call(gate_server, researcher, "GET", "/api/v1/releases?limit=0")
+    assert bad.status_code == 400 and "limit" in bad.text
