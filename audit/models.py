@@ -243,6 +243,9 @@ class Checkpoint(Base):
     user_metadata: Mapped[str] = mapped_column(Text, default="{}")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # External weights exported with `age_encryption_recipients`: the recipients (a JSON
+    # list) every download is encrypted to; None: served unencrypted.
+    age_recipients: Mapped[str | None] = mapped_column(Text)
 
 
 class Sampler(Base):

@@ -62,6 +62,8 @@ class SaveAdapterJob:
     user_metadata: dict[str, str] = dataclasses.field(default_factory=dict)
     sampler_id: str | None = None
     session_id: str | None = None
+    # save_weights_external: the age recipients its downloads are encrypted to.
+    age_recipients: list[str] | None = None
 
 
 @dataclasses.dataclass

@@ -1,9 +1,11 @@
 """The built-in Tinker losses as pure per-token torch functions.
 
 Owns the arithmetic of `cross_entropy`, `importance_sampling`, `ppo`, `cispo` and `dro` exactly as
-in the Tinker loss reference (§4): each takes the trained model's target log-probabilities (any
-shape, usually one datum's (N,)), that datum's input tensors and the loss config, and returns the
-per-token loss of the same shape. The scalar loss is the plain sum over tokens and datums.
+in the Tinker loss reference (§4), and of `gspo` as on Tinker's GSPO page (see `gspo`): each
+takes the trained model's target log-probabilities (one datum's (N,), or (N, K) for 2-D
+cross-entropy targets; a leading probe axis is allowed), that datum's input tensors and the loss
+config, and returns the per-token loss of the same shape. The scalar loss is the plain sum over
+tokens (and candidates) and datums.
 `trained_positions` derives from these same functions which target positions a datum can train,
 and in which direction, for screening: no loss term can train text that screening does not see.
 
@@ -28,7 +30,14 @@ LossFn = Callable[[torch.Tensor, Inputs, Config], torch.Tensor]
 
 
 def cross_entropy(logp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
-    """−w·logp. Missing `weights` means all ones (documented server choice)."""
+    """−w·logp. Missing `weights` means all ones (documented server choice).
+
+    With 2-D targets (N, K) — K candidate tokens per position, e.g. a teacher's top-k for
+    distillation — `logp` and `weights` are (N, K) and the loss is −w_ik·log p(t_ik) per
+    candidate, so position i contributes −Σ_k w_ik·log p(t_ik): the cross-entropy against
+    the weighted candidate distribution (tinker-losses.md §1, SDK `service_client.py:719-721`;
+    the tinker-cookbook 0.5.8 `distillation/sdft.py` and `train_off_policy.py` build these
+    datums and sum this way). With K = 1 and weight 1 this is the 1-D loss."""
     weights = inputs.get("weights")
     if weights is None:
         return -logp
@@ -62,12 +71,38 @@ def dro(logp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
     return -(logp * inputs["advantages"] - 0.5 * config["beta"] * drift.square())
 
 
+def gspo(logp: torch.Tensor, inputs: Inputs, config: Config) -> torch.Tensor:
+    """GSPO-token, as Tinker implements it (https://tinker-docs.thinkingmachines.ai/tinker/
+    losses/gspo/, after Zheng et al. 2025, arXiv:2507.18071):
+
+        s   = exp( (1/|M|) Σ_{t∈M} (sg(logp_t) − q_t) )       length-normalised sequence ratio
+        s_t = sg(s) · p_θ(x_t) / sg(p_θ(x_t))                  value s, gradient of its own logp_t
+        ℓ_t = −min(s_t·A_t, clip(s_t, lo, hi)·A_t)
+
+    M is the positions where `sequence_ratio_mask` != 0; without the mask, the positions with
+    a non-zero advantage (server choice: the sampled tokens; prompt positions carry
+    advantage 0 and sampler logprob 0, which must not enter the mean). An empty M gives
+    s = 1. lo and hi are `clip_low_threshold` and `clip_high_threshold` (0.8 and 1.2 unless
+    given, as for ppo). Positions with A_t = 0 get neither loss nor gradient."""
+    advantages = inputs["advantages"]
+    mask = inputs.get("sequence_ratio_mask")
+    in_ratio = (advantages != 0) if mask is None else (mask != 0)
+    in_ratio = in_ratio.to(logp.dtype).expand_as(logp)
+    token_log_ratio = logp.detach() - inputs["logprobs"]
+    count = in_ratio.sum(-1, keepdim=True)
+    log_ratio = (token_log_ratio * in_ratio).sum(-1, keepdim=True) / count.clamp(min=1)
+    ratio = torch.exp(log_ratio + logp - logp.detach())
+    clipped = ratio.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+    return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
 LOSSES: dict[str, LossFn] = {
     "cross_entropy": cross_entropy,
     "importance_sampling": importance_sampling,
     "ppo": ppo,
     "cispo": cispo,
     "dro": dro,
+    "gspo": gspo,
 }
 if tuple(LOSSES) != LOSS_FUNCTIONS:  # engine.values is the single list of accepted losses
     raise RuntimeError("every built-in loss needs exactly one implementation")
@@ -87,7 +122,9 @@ _AT_GIVEN = PROBE_OFFSETS.index(0.0)
 
 
 class TrainedPositions(NamedTuple):
-    """Per target position, derived from the loss itself (d loss / d logp at the probes)."""
+    """Per target position, derived from the loss itself (d loss / d logp at the probes);
+    each array has the shape of the datum's target_tokens, so for (N, K) targets it says
+    which candidate at which position is trained."""
 
     toward: np.ndarray  # bool: some probe lowers the loss by raising logp (negative gradient)
     against: np.ndarray  # bool: some probe lowers the loss by lowering logp (positive gradient)
@@ -108,18 +145,18 @@ def trained_positions(
     added to LOSSES is covered without other changes. A non-finite gradient counts as
     toward. Screening reads this; it is never used to compute a loss."""
     config = {**LOSS_CONFIG_DEFAULTS[loss_fn], **(loss_config or {})}  # valid (engine.values)
-    n = len(inputs["target_tokens"])
+    shape = tuple(np.shape(inputs["target_tokens"]))  # (N,) or (N, K)
     tensors = {k: torch.as_tensor(np.asarray(v), dtype=torch.float64)
                for k, v in inputs.items() if k != "target_tokens"}
-    given = tensors.get("logprobs", torch.full((n,), -1.0, dtype=torch.float64))
-    offsets = torch.tensor(PROBE_OFFSETS, dtype=torch.float64)[:, None]
-    logp = (given[None, :] + offsets).requires_grad_()
+    given = tensors.get("logprobs", torch.full(shape, -1.0, dtype=torch.float64))
+    offsets = torch.tensor(PROBE_OFFSETS, dtype=torch.float64).reshape(-1, *([1] * len(shape)))
+    logp = (given[None] + offsets).requires_grad_()
     try:
         loss = elementwise_loss(loss_fn, logp, tensors, config)
     except KeyError as exc:
         raise UserInputError(f"loss {loss_fn!r} needs loss_fn_inputs[{exc.args[0]!r}]") from exc
     (grad,) = torch.autograd.grad(loss.sum(), logp, allow_unused=True)
-    g = np.zeros((len(PROBE_OFFSETS), n)) if grad is None else grad.detach().numpy()
+    g = np.zeros((len(PROBE_OFFSETS), *shape)) if grad is None else grad.detach().numpy()
     bad = ~np.isfinite(g)
     return TrainedPositions(toward=np.any((g < 0) | bad, axis=0),
                             against=np.any(g > 0, axis=0),

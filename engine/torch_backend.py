@@ -322,21 +322,27 @@ class TorchBackend(Backend):
         return float(chunk_loss.detach().double()), outputs, grads
 
     def _target_logprobs(self, model: Any, chunk: list[_Datum]) -> list[torch.Tensor]:
-        """log p(target_i | tokens_0..i) per datum, fp32; no shift (the client did it)."""
+        """log p(target_i | tokens_0..i) per datum, fp32; no shift (the client did it).
+        (N,) for 1-D targets; (N, K) for 2-D targets, one logprob per candidate."""
         lengths = [len(d.tokens) for d in chunk]
         width = max(lengths)
         ids = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
-        targets = torch.zeros_like(ids)
+        columns = [1 if d.targets.dim() == 1 else int(d.targets.shape[1]) for d in chunk]
+        targets = torch.zeros((len(chunk), width, max(columns)), dtype=torch.long,
+                              device=self.device)
         for row, datum in enumerate(chunk):
-            n = lengths[row]
-            ids[row, :n], targets[row, :n] = datum.tokens, datum.targets
+            n, k = lengths[row], columns[row]
+            ids[row, :n] = datum.tokens
+            targets[row, :n, :k] = datum.targets.reshape(n, k)
         # Padding is on the right and attention is causal, so no real position ever attends
         # to a pad: no mask is needed, which keeps attention on the fast causal kernel.
         logits = model(input_ids=ids, use_cache=False).logits.float()
         # log_softmax + gather: measurably cheaper forward+backward here than
-        # gather - logsumexp on a (batch, length, vocab) tensor.
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return [logp[row, :n] for row, n in enumerate(lengths)]
+        # gather - logsumexp on a (batch, length, vocab) tensor. One gather for the whole
+        # chunk (padded candidate columns gather id 0 and are dropped below).
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets)
+        return [logp[row, :n, 0] if chunk[row].targets.dim() == 1 else logp[row, :n, :k]
+                for row, (n, k) in enumerate(zip(lengths, columns, strict=True))]
 
     def _chunks(self, batch: list[_Datum]) -> Iterator[list[_Datum]]:
         """Consecutive datums whose padded size stays within max_batch_tokens (bounds the

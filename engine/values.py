@@ -22,8 +22,19 @@ import numpy as np
 
 from engine.errors import UserInputError
 
-LOSS_FUNCTIONS = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
-"""Built-in losses, as defined in the Tinker loss reference. Nothing else is accepted."""
+LOSS_FUNCTIONS = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo")
+"""Built-in losses, as defined in the Tinker loss reference and docs (engine.losses says
+which formula and source each follows). Nothing else is accepted."""
+
+UNSUPPORTED_LOSSES: dict[str, str] = {
+    "custom": "no user code runs on this server; use forward_backward_custom, which "
+              "computes the loss in your process",
+    "stable_reinforce": "its objective needs the stability information that Tinker's "
+                        "samplers record (record_stability_info) and the datums' provenance "
+                        "spans, and Tinker has not published it; this server records neither. "
+                        "Use gspo, ppo or cispo for off-policy RL",
+}
+"""Losses the SDK names (tinker.types.LossFnType) that are refused, and why."""
 
 LOSS_REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "cross_entropy": ("target_tokens",),  # weights optional: missing means all ones
@@ -31,6 +42,7 @@ LOSS_REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "ppo": ("target_tokens", "logprobs", "advantages"),
     "cispo": ("target_tokens", "logprobs", "advantages"),
     "dro": ("target_tokens", "logprobs", "advantages"),
+    "gspo": ("target_tokens", "logprobs", "advantages"),
 }
 LOSS_OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {
     "cross_entropy": ("weights",),
@@ -38,6 +50,8 @@ LOSS_OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {
     "ppo": (),
     "cispo": (),
     "dro": (),
+    # Which positions form the sequence ratio; missing means those with advantage != 0.
+    "gspo": ("sequence_ratio_mask",),
 }
 LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
     "cross_entropy": {},
@@ -46,8 +60,16 @@ LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
     "cispo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
     # The Tinker docs give no default for beta; 0.05 is their example value.
     "dro": {"beta": 0.05},
+    # Server choice, as for ppo: the Tinker GSPO page writes the bounds as 1 - eps_low and
+    # 1 + eps_high without stating defaults.
+    "gspo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
 }
 INT_INPUTS = frozenset({"target_tokens"})
+TWO_D_INPUTS = frozenset({"target_tokens", "weights"})
+"""Inputs that may be (N, K): K candidate targets per position with one weight each (e.g.
+a teacher's top-k distribution for distillation); only cross_entropy accepts them."""
+MAX_TARGET_CANDIDATES = 100
+"""The most candidate targets (K) per position: the most top-k logprobs a sampler returns."""
 
 # Stop sequences per sampling request, and the length of each (characters or, for token
 # sequences, ids): each is matched against every generated token.
@@ -173,8 +195,11 @@ class AdamStep:
 @dataclass(frozen=True, eq=False)
 class TrainingDatum:
     """One sequence: `tokens` is the model input (N,) int64, `loss_inputs` maps names to
-    arrays of shape (N,): target_tokens int64, the others (weights, logprobs, advantages)
-    finite float32. Built from integer and numeric arrays of those shapes."""
+    arrays of shape (N,): target_tokens int64, the others (weights, logprobs, advantages,
+    sequence_ratio_mask) finite float32. target_tokens and weights may instead be (N, K),
+    1 <= K <= MAX_TARGET_CANDIDATES (K candidate targets per position, each with its
+    weight); weights then have the shape of target_tokens. Built from integer and numeric
+    arrays of those shapes."""
 
     tokens: np.ndarray
     loss_inputs: dict[str, np.ndarray]
@@ -185,40 +210,61 @@ class TrainingDatum:
         n = len(tokens)
         inputs = {}
         for name, value in self.loss_inputs.items():
-            array = (_id_array(value, name) if name in INT_INPUTS
-                     else _finite_array(value, f"loss_fn_inputs[{name!r}]"))
-            require(len(array) == n, f"loss_fn_inputs[{name!r}] has length {len(array)} but "
+            what = f"loss_fn_inputs[{name!r}]"
+            two_d = name in TWO_D_INPUTS
+            array = (_id_array(value, what, two_d) if name in INT_INPUTS
+                     else _finite_array(value, what, two_d))
+            require(len(array) == n, f"{what} has length {len(array)} but "
                                      f"model_input has {n} tokens (targets are next-token "
                                      "aligned, one per input)")
             inputs[name] = array
+        targets, weights = inputs.get("target_tokens"), inputs.get("weights")
+        if targets is not None and weights is not None:
+            require(weights.shape == targets.shape,
+                    f"loss_fn_inputs['weights'] has shape {list(weights.shape)} but "
+                    f"loss_fn_inputs['target_tokens'] has {list(targets.shape)}; one weight per "
+                    "target (for (N, K) targets, (N, K) weights)")
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "loss_inputs", inputs)
 
+    @property
+    def candidates(self) -> int:
+        """K, the candidate targets per position: 0 for 1-D targets."""
+        targets = self.loss_inputs.get("target_tokens")
+        return 0 if targets is None or targets.ndim == 1 else int(targets.shape[1])
 
-def _one_d(value: Any, what: str) -> np.ndarray:
+
+def _shaped(value: Any, what: str, two_d: bool = False) -> np.ndarray:
     array = np.asarray(value)
-    require(array.ndim == 1, f"{what} must be 1-D, got shape {list(array.shape)}"
-            + ("; 2-D targets are not supported" if array.ndim == 2 else ""))
+    if two_d and array.ndim == 2:
+        k = array.shape[1]
+        require(1 <= k <= MAX_TARGET_CANDIDATES,
+                f"{what} has shape {list(array.shape)}: 2-D targets need between 1 and "
+                f"{MAX_TARGET_CANDIDATES} candidates (K) per position")
+    else:
+        require(array.ndim == 1, f"{what} must be 1-D"
+                + (" or 2-D (N, K)" if two_d else "") + f", got shape {list(array.shape)}")
     require(array.size > 0, f"{what} is empty")
     return array
 
 
-def _id_array(value: Any, what: str) -> np.ndarray:
-    array = _one_d(value, what)
+def _id_array(value: Any, what: str, two_d: bool = False) -> np.ndarray:
+    array = _shaped(value, what, two_d)
     require(np.issubdtype(array.dtype, np.integer),
             f"{what} must hold integer token ids, got {array.dtype}")
     return array.astype(np.int64)
 
 
-def _finite_array(value: Any, what: str) -> np.ndarray:
-    array = _one_d(value, what)
+def _finite_array(value: Any, what: str, two_d: bool = False) -> np.ndarray:
+    array = _shaped(value, what, two_d)
     require(np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer),
             f"{what} must hold numbers, got {array.dtype}")
     with np.errstate(over="ignore", invalid="ignore"):
         array32 = array.astype(np.float32)
-    bad = np.flatnonzero(~np.isfinite(array32))
+    bad = np.argwhere(~np.isfinite(array32))
     require(not bad.size, f"{what} holds a non-finite value at position "
-                          f"{int(bad[0]) if bad.size else 0} (NaN, Inf or beyond float32)")
+                          f"{[int(i) for i in bad[0]] if bad.size else 0} "
+                          "(NaN, Inf or beyond float32)")
     return array32
 
 
@@ -237,9 +283,9 @@ def check_data_fits(data: Sequence[TrainingDatum], info: ModelInfo) -> None:
 
 
 def check_loss_fn(loss_fn: str) -> str:
-    require(loss_fn != "custom", "loss_fn 'custom' is not accepted: no user code runs on this "
-                                 "server; use forward_backward_custom, which computes the loss "
-                                 "in your process")
+    require(loss_fn not in UNSUPPORTED_LOSSES,
+            f"loss_fn {loss_fn!r} is not supported by this server: "
+            f"{UNSUPPORTED_LOSSES.get(loss_fn, '')}")
     require(loss_fn in LOSS_FUNCTIONS,
             f"unknown loss_fn {loss_fn!r}; supported: {', '.join(LOSS_FUNCTIONS)}")
     return loss_fn
@@ -274,6 +320,10 @@ def check_loss_inputs(data: Sequence[TrainingDatum], loss_fn: str) -> None:
         unknown = sorted(set(datum.loss_inputs) - set(required) - set(optional))
         require(not unknown, f"datum {index}: loss_fn_inputs {unknown} are not used by "
                              f"{loss_fn}")
+        require(not datum.candidates or loss_fn == "cross_entropy",
+                f"datum {index}: loss_fn_inputs['target_tokens'] has shape "
+                f"{list(datum.loss_inputs['target_tokens'].shape)}; 2-D (N, K) targets are "
+                f"accepted by cross_entropy only, not by {loss_fn}")
 
 
 # ------------------------------------------------------------------------------ sampling

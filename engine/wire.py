@@ -29,6 +29,7 @@ from engine.sizes import MAX_BODY_BYTES as MAX_BODY_BYTES  # re-exported
 from engine.sizes import MAX_DECOMPRESSED_BYTES
 from engine.values import (
     INT_INPUTS,
+    MAX_TARGET_CANDIDATES,
     ModelInfo,
     SampleSpec,
     TrainingDatum,
@@ -135,30 +136,59 @@ def _decode_datum(index: int, datum: pb.Datum) -> TrainingDatum:
         require(len(raw) % 4 == 0, f"datum {index}: token bytes are not packed int32")
         tokens.extend(np.frombuffer(raw, dtype="<i4").tolist())
     require(bool(tokens), f"datum {index}: model_input is empty")
-    inputs = {name: _tensor(index, name, t) for name, t in datum.loss_fn_inputs.items()}
+    inputs = {name: _tensor(index, name, t, len(tokens))
+              for name, t in datum.loss_fn_inputs.items()}
     try:
         return TrainingDatum(tokens=np.asarray(tokens, dtype=np.int64), loss_inputs=inputs)
     except UserInputError as exc:
         raise UserInputError(f"datum {index}: {exc}") from exc
 
 
-def _tensor(index: int, name: str, t: pb.Tensor) -> np.ndarray:
+def _tensor(index: int, name: str, t: pb.Tensor, n: int) -> np.ndarray:
     """The protobuf tensor's bytes as an array of the dtype the input must have; its shape
-    and values are the datum's to check."""
+    and values are the datum's to check. A sparse CSR tensor (the SDK sends 2-D
+    target_tokens/weights that way when it is smaller; unlisted entries are 0) is
+    densified only once its shape is known to be (n, K) with K within the limit, n being
+    the datum's token count, so a declared shape cannot make it allocate more."""
     want = "<i8" if name in INT_INPUTS else "<f4"
     kind = "int64" if want == "<i8" else "float32"
-    require(_NP_DTYPES.get(t.dtype) == want,
-            f"datum {index}: loss_fn_inputs[{name!r}] must be {kind}")
-    require(t.WhichOneof("encoding") != "sparse_csr",
-            f"datum {index}: loss_fn_inputs[{name!r}] must be dense")
+    what = f"datum {index}: loss_fn_inputs[{name!r}]"
+    require(_NP_DTYPES.get(t.dtype) == want, f"{what} must be {kind}")
     shape = [int(s) for s in t.shape]
+    if t.WhichOneof("encoding") == "sparse_csr":
+        return _sparse_csr(what, t.sparse_csr, shape, want, n)
     itemsize = np.dtype(want).itemsize
     count = len(t.dense) // itemsize
     require(len(t.dense) % itemsize == 0 and all(d >= 0 for d in shape)
             and int(np.prod(shape)) == count,
-            f"datum {index}: loss_fn_inputs[{name!r}] has {len(t.dense)} bytes of {kind}, "
-            f"which do not fill shape {shape}")
+            f"{what} has {len(t.dense)} bytes of {kind}, which do not fill shape {shape}")
     return np.frombuffer(t.dense, dtype=want).copy().reshape(shape)
+
+
+def _sparse_csr(what: str, csr: pb.SparseCsr, shape: list[int], want: str, n: int
+                ) -> np.ndarray:
+    require(len(shape) == 2 and shape[0] == n and 1 <= shape[1] <= MAX_TARGET_CANDIDATES,
+            f"{what} is sparse with shape {shape}; a sparse input must be 2-D (N, K) with N = "
+            f"{n} (the datum's tokens) and 1 <= K <= {MAX_TARGET_CANDIDATES}")
+    bad = f"{what} is malformed sparse CSR"
+    itemsize = np.dtype(want).itemsize
+    require(len(csr.values) % itemsize == 0 and len(csr.crow_indices) % 8 == 0
+            and len(csr.col_indices) % 8 == 0, f"{bad}: byte lengths do not fit their dtypes")
+    values = np.frombuffer(csr.values, dtype=want)
+    crow = np.frombuffer(csr.crow_indices, dtype="<i8")
+    col = np.frombuffer(csr.col_indices, dtype="<i8")
+    nnz = len(values)
+    require(len(crow) == n + 1 and len(col) == nnz and nnz <= n * shape[1],
+            f"{bad}: {len(crow)} row pointers and {len(col)} column indices for {nnz} values "
+            f"and {n} rows")
+    require(crow[0] == 0 and crow[-1] == nnz and bool(np.all(np.diff(crow) >= 0)),
+            f"{bad}: row pointers must rise from 0 to the number of values")
+    require(bool(np.all((col >= 0) & (col < shape[1]))),
+            f"{bad}: a column index is outside [0, {shape[1]})")
+    dense = np.zeros(shape, dtype=want)
+    rows = np.repeat(np.arange(n), np.diff(crow))
+    dense[rows, col] = values
+    return dense
 
 
 # ----------------------------------------------------------------- forward_backward out
@@ -205,6 +235,8 @@ def parse_sample_request(body: dict[str, Any], info: ModelInfo | None = None) ->
         ("target_prompt_logprobs", req.target_prompt_logprobs is not None),
         ("prompt_alt_tokens_k", bool(req.prompt_alt_tokens_k)),
         ("prompt_logprobs_last_n", req.prompt_logprobs_last_n is not None),
+        # Stability information feeds only stable_reinforce, which is refused.
+        ("record_stability_info", bool(req.record_stability_info)),
     ):
         if unsupported:
             raise UserInputError(f"{field_name} is not supported by this server")

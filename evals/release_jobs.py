@@ -79,6 +79,7 @@ class ReleaseJobs:
                     directory / ADAPTER_FILE),
                 parent_checkpoint_id=_parent_checkpoint(session, job.model_id),
                 user_metadata=json.dumps(job.user_metadata),
+                age_recipients=json.dumps(job.age_recipients) if job.age_recipients else None,
                 expires_at=(utcnow() + dt.timedelta(seconds=job.ttl_seconds)
                             if job.ttl_seconds else None))
             session.add(ckpt)

@@ -22,7 +22,7 @@ from audit import log as audit_log
 from audit.db import transaction
 from engine.errors import EngineError
 from gateway import console
-from gateway.context import route_event
+from gateway.context import audit_path, route_event
 from gateway.counters import REFUSAL_AUDIT_FAILURES
 from gateway.errors import ApiError, NotFound, RateLimited, Unprocessable, to_api_error
 from gateway.metrics import HttpMetricsMiddleware
@@ -153,7 +153,7 @@ def _audit_refusal(state: AppState, request: Request, status: int, code: str,
     request_id = getattr(request.state, "request_id", "")
     entry: dict[str, Any] = {
         "actor": principal.id if principal else "anonymous", "event_type": route_event(request),
-        "decision": "deny" if status < 500 else "error", "subject": request.url.path,
+        "decision": "deny" if status < 500 else "error", "subject": audit_path(request),
         "request_id": request_id}
     payload = {"status": status, "code": code, "reason": message[:500],
                "method": request.method, "api_key_id": getattr(request.state, "api_key_id", None),

@@ -11,6 +11,7 @@ rate-limited (gateway.ratelimit) and authorized before the body is read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session
 from audit import log as audit_log
 from audit.db import transaction
 from audit.models import Principal
+from gateway import downloads
 from gateway.bodies import CALLER_CHECKED
 from gateway.bodies import JsonBody as JsonBody  # the routes' body types, re-exported
 from gateway.bodies import OptionalJsonBody as OptionalJsonBody
@@ -30,7 +32,7 @@ from gateway.errors import BadRequest, Forbidden, Unprocessable
 from gateway.permissions import ROUTE_PERMISSIONS
 from gateway.state import AppState
 from policy.errors import KeyRejected
-from policy.keys import authenticate
+from policy.keys import authenticate, authenticate_key_id
 from policy.scopes import Scopes, effective
 
 M = TypeVar("M", bound=BaseModel)
@@ -108,13 +110,20 @@ def request_context(request: Request) -> Iterator[RequestContext]:
         scopes = effective(state.scope_defaults, key.scopes)
         key_id = key.id
         state.authorizer.ensure_current(session)
+    yield from _unit_of_work(_keyed_context(request, principal, key_id, scopes))
+
+
+def _keyed_context(request: Request, principal: Principal, key_id: str,
+                   scopes: Scopes) -> RequestContext:
+    """The context of a caller known by an API key: rate-limited per key, then casbin."""
+    state = app_state(request)
     request.state.principal, request.state.api_key_id = principal, key_id
     state.rate_limiter.hit("per_key", key_id)
     _authorize(state, request, principal)
     setattr(request.state, CALLER_CHECKED, True)
-    ctx = RequestContext(state=state, request_id=request.state.request_id, principal=principal,
-                         event_type=route_event(request), scopes=scopes, api_key_id=key_id)
-    yield from _unit_of_work(ctx)
+    return RequestContext(state=state, request_id=request.state.request_id,
+                          principal=principal, event_type=route_event(request), scopes=scopes,
+                          api_key_id=key_id)
 
 
 def _unit_of_work(ctx: RequestContext) -> Iterator[RequestContext]:
@@ -155,6 +164,60 @@ def anonymous_context(request: Request,
                           scopes=state.scope_defaults)
 
 
+def link_request_context(request: Request) -> Iterator[RequestContext]:
+    """For the external-weights link route: with an X-API-Key it is `request_context`.
+    Without one the signed link is the credential (gateway.downloads): its MAC and expiry
+    are checked before anything else is read, then the API key that asked for it must still
+    be usable (not revoked, not expired) and belong to the principal it names. The caller
+    is that principal, with that key: its per-key rate limit, a casbin decision for its
+    role, and the audit row are theirs. A link refused here counts as an anonymous call of
+    the client's address."""
+    if request.headers.get("x-api-key") is not None:
+        yield from request_context(request)
+        return
+    state = app_state(request)
+    check_path(request)
+    try:
+        link = downloads.verify(state.url_signing_secret,
+                                str(request.path_params.get("token", "")),
+                                max_lifetime=state.settings.external_url_seconds)
+        if not link.key_id:
+            raise downloads.LinkError("this download link names no API key; fetch it with the "
+                                      "owner's X-API-Key")
+        with transaction(state.read_factory) as session:
+            try:
+                principal, key = authenticate_key_id(session, link.key_id)
+            except KeyRejected as exc:
+                raise downloads.LinkError(f"the API key that asked for this download link "
+                                          f"can no longer be used: {exc}") from exc
+            if principal.id != link.principal_id:  # only a forged link; checked anyway
+                raise downloads.LinkError("this download link's key and principal disagree")
+            session.expunge(principal)
+            scopes = effective(state.scope_defaults, key.scopes)
+            key_id = key.id
+            state.authorizer.ensure_current(session)
+    except downloads.LinkError as exc:
+        state.rate_limiter.hit("anonymous", client_address(request))
+        raise Forbidden(str(exc)) from exc
+    ctx = _keyed_context(request, principal, key_id, scopes)
+    ctx.note(credential="signed_link")
+    yield from _unit_of_work(ctx)
+
+
+def audit_path(request: Request) -> str:
+    """The request path as a refusal's audit row records it. A download link is a bearer
+    credential, so its token is recorded only as a digest (the allowed fetch's row names
+    the same `link_sha256`)."""
+    token = request.path_params.get("token")
+    if isinstance(token, str) and route_event(request) == "api.download_external_weights":
+        return request.url.path.replace(token, "sha256:" + link_digest(token))
+    return request.url.path
+
+
+def link_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def check_path(request: Request) -> None:
     """Ids in the path are looked up in the database; one with a NUL is never valid."""
     if "\x00" in request.url.path:
@@ -178,6 +241,7 @@ def _authorize(state: AppState, request: Request, principal: Principal) -> None:
 
 Ctx = Annotated[RequestContext, Depends(request_context, scope="function")]
 PublicCtx = Annotated[RequestContext, Depends(public_request_context, scope="function")]
+LinkCtx = Annotated[RequestContext, Depends(link_request_context, scope="function")]
 
 
 def parse(model: type[M], body: Any) -> M:

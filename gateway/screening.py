@@ -91,29 +91,54 @@ def decode_datum(datum: TrainingDatum, tok: Tokenizer, loss_fn: str,
                  loss_config: Mapping[str, float] | None = None) -> DatumTexts:
     """The texts screening reads in one datum: requests (every untrained context turn),
     completions (every maximal span trained toward; a non-assistant turn inside one is
-    a request) and the text trained against, all by `trained_positions`."""
+    a request) and the text trained against, all by `trained_positions`.
+
+    With 2-D (N, K) targets every candidate trained at a position is trained text: each
+    column's runs of trained candidates are completions, and so is the path of the
+    highest-weight trained candidate per position (what the distribution teaches most,
+    whichever column holds it); the values screened are every weight."""
     from engine.losses import trained_positions  # torch stays out of module top level
 
     tokens = datum.tokens.astype(np.int64)
     targets = datum.loss_inputs["target_tokens"].astype(np.int64)
     trained = trained_positions(loss_fn, datum.loss_inputs, loss_config)
-    # Input token j is context unless it is the target trained toward at position j-1.
+    kind = "weights" if loss_fn == "cross_entropy" else "advantages"
+    raw = datum.loss_inputs.get(kind)
+    values = np.ones(targets.shape) if raw is None else raw.astype(np.float64)
+    # Input token j is context unless it is a target trained toward at position j-1.
     produced = np.zeros(len(tokens), dtype=bool)
-    produced[1:] = trained.toward[:-1] & (tokens[1:] == targets[:-1])
+    columns = _target_columns(targets, trained.toward, values)
+    for column, toward in columns:
+        produced[1:] |= toward[:-1] & (tokens[1:] == column[:-1])
     requests = [text for span in _runs(~produced)
                 for _, text in turns(tok, tokens[span].tolist())[0]]
     completions: list[str] = []
-    for span in _runs(trained.toward):
-        opened = _open_role(tok, tokens[:span.start + 1])
-        for role, text in turns(tok, targets[span].tolist(), opened)[0]:
-            (completions if role in SPOKEN_ROLES else requests).append(text)
+    for column, toward in columns:
+        for span in _runs(toward):
+            opened = _open_role(tok, tokens[:span.start + 1])
+            for role, text in turns(tok, column[span].tolist(), opened)[0]:
+                out = completions if role in SPOKEN_ROLES else requests
+                if targets.ndim == 1 or text not in out:  # K columns repeat text
+                    out.append(text)
     against = trained.against & (~trained.toward | trained.pushed_down)
-    kind = "weights" if loss_fn == "cross_entropy" else "advantages"
-    raw = datum.loss_inputs.get(kind)
-    values = [1.0] * len(targets) if raw is None else raw.astype(np.float64).tolist()
     return DatumTexts(requests=tuple(requests), completions=tuple(completions),
-                      against=tok.decode(targets[against].tolist()), values=tuple(values),
-                      kind=kind)
+                      against=tok.decode(targets[against].tolist()),
+                      values=tuple(values.reshape(-1).tolist()), kind=kind)
+
+
+def _target_columns(targets: np.ndarray, toward: np.ndarray, values: np.ndarray
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(target ids, trained-toward mask) per sequence of targets to read: the targets
+    themselves when 1-D; for (N, K) targets each column, then the highest-weight
+    candidate trained toward at each position."""
+    if targets.ndim == 1:
+        return [(targets, toward)]
+    columns = [(targets[:, k], toward[:, k]) for k in range(targets.shape[1])]
+    if targets.shape[1] > 1:
+        best = np.where(toward, values, -np.inf).argmax(axis=1)
+        rows = np.arange(len(targets))
+        columns.append((targets[rows, best], np.asarray(toward.any(axis=1))))
+    return columns
 
 
 def screen_training(ctx: RequestContext, info: ModelInfo, data: list[TrainingDatum],

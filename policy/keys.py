@@ -186,6 +186,20 @@ def authenticate(session: Session, presented: str | None) -> tuple[Principal, Ap
     key = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(presented))).first()
     if key is None:
         raise KeyRejected("unknown API key")
+    return _usable(session, key)
+
+
+def authenticate_key_id(session: Session, key_id: str) -> tuple[Principal, ApiKey]:
+    """The principal and key behind a key id that a server-signed credential names (a
+    download link, gateway.downloads), held to the same rules as a presented key: a key
+    revoked or expired since stops what it issued."""
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise KeyRejected("unknown API key")
+    return _usable(session, key)
+
+
+def _usable(session: Session, key: ApiKey) -> tuple[Principal, ApiKey]:
     if key.status == "revoked":
         raise KeyRejected("this API key has been revoked")
     if key.status != "active":

@@ -10,6 +10,8 @@ their own releases; principals that read all records (auditors, admins) see ever
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from fastapi import APIRouter, Response
@@ -19,7 +21,7 @@ from sqlalchemy import select
 from audit.models import Checkpoint, ReleaseOverride, ReleaseReport, ReleaseRequest, TrainingRun
 from evals import overrides, release
 from gateway import downloads
-from gateway.context import Ctx, JsonBody, RequestContext, parse
+from gateway.context import Ctx, JsonBody, LinkCtx, RequestContext, link_digest, parse
 from gateway.errors import Forbidden, NotFound
 from gateway.ownership import (
     check_not_expired,
@@ -106,26 +108,48 @@ def get_release_report(release_id: str, ctx: Ctx) -> Response:
 
 
 @router.get("/external_weights/{token}", name="download_external_weights")
-def download_external_weights(token: str, ctx: Ctx) -> Response:
+def download_external_weights(token: str, ctx: LinkCtx) -> Response:
+    """One file of released external weights, through a signed link (gateway.downloads).
+    The link authenticates on its own, or with its owner's API key; either way everything
+    that let it be issued is checked again now, as the bytes are read: the checkpoint
+    exists, is unexpired, is still released and descends from nothing blocked, and the
+    adapter is the one the release decision was made on."""
     try:
-        link = downloads.verify(ctx.state.url_signing_secret, token)
+        link = downloads.verify(ctx.state.url_signing_secret, token,
+                                max_lifetime=ctx.state.settings.external_url_seconds)
     except downloads.LinkError as exc:
         raise Forbidden(str(exc)) from exc
     ckpt = ctx.session.get(Checkpoint, link.checkpoint_id)
     if ckpt is None or link.principal_id != ctx.principal.id \
-            or ckpt.principal_id != ctx.principal.id:
+            or ckpt.principal_id != ctx.principal.id or ckpt.kind != "external_weights":
         raise NotFound("these external weights were not found for this API key")
+    ctx.note(subject=ckpt.tinker_path, file=link.filename, link_expires=link.expires,
+             link_key_id=link.key_id or None, link_sha256=link_digest(token))
     check_not_expired(ckpt)
     release.check_may_leave(ctx.session, ckpt, "downloaded")
+    recipients = json.loads(ckpt.age_recipients) if ckpt.age_recipients else None
     try:
-        data = downloads.file_bytes(ctx.state.settings.checkpoint_root / ckpt.storage_dir,
-                                    link.filename)
+        name = downloads.plaintext_name(link.filename, recipients)
+    except downloads.LinkError as exc:
+        raise NotFound(str(exc)) from exc
+    directory = ctx.state.settings.checkpoint_root / ckpt.storage_dir
+    try:
+        data = downloads.file_bytes(directory, name)
     except (downloads.LinkError, OSError) as exc:
         raise NotFound(f"{link.filename} of {ckpt.tinker_path} is not available") from exc
-    ctx.note(subject=ckpt.tinker_path, file=link.filename, bytes=len(data))
+    plaintext_sha256 = hashlib.sha256(data).hexdigest()
+    if name == downloads.PEFT_WEIGHTS and ckpt.adapter_sha256 is not None \
+            and plaintext_sha256 != ckpt.adapter_sha256:
+        raise Forbidden(f"the adapter of {ckpt.tinker_path} is not the one its release "
+                        "decision was made on; it is not served")
+    if recipients:  # never the plaintext of an export made with recipients
+        data = downloads.encrypt(data, recipients)
+    ctx.note(bytes=len(data), plaintext_sha256=plaintext_sha256,
+             age_recipients=len(recipients or ()))
     media = "application/json" if link.filename.endswith(".json") else "application/octet-stream"
     return Response(data, media_type=media,
-                    headers={"Content-Disposition": f'attachment; filename="{link.filename}"'})
+                    headers={"Content-Disposition": f'attachment; filename="{link.filename}"',
+                             "Cache-Control": "no-store"})
 
 
 # -- two-person override -------------------------------------------------------------

@@ -197,8 +197,10 @@ def set_checkpoint_ttl(run_id: str, checkpoint_id: str, ctx: Ctx,
             name="external_weights_urls")
 def external_weights_urls(run_id: str, checkpoint_id: str, ctx: Ctx,
                           request: Request) -> dict[str, Any]:
-    """Signed, expiring links to the released adapter's PEFT files (owner only; fetching
-    them needs the owner's API key as well)."""
+    """Signed, short-lived links to the released adapter's PEFT files (owner only): each
+    names this checkpoint, one file, the caller and the key asking, and authenticates a
+    plain GET on its own (gateway.downloads). An export made with age recipients lists its
+    files as `<file>.age`."""
     ckpt = _run_checkpoint(ctx, run_id, checkpoint_id)
     if ckpt.kind != "external_weights":
         raise BadRequest(f"{ckpt.tinker_path} is not external weights; export the adapter "
@@ -208,10 +210,12 @@ def external_weights_urls(run_id: str, checkpoint_id: str, ctx: Ctx,
     expires = int(time.time()) + settings.external_url_seconds
     secret = ctx.state.url_signing_secret
     base = str(request.base_url).rstrip("/")
+    recipients = json.loads(ckpt.age_recipients) if ckpt.age_recipients else None
     urls = {name: base + str(request.app.url_path_for(
         "download_external_weights", token=downloads.sign(
-            secret, downloads.Link(ckpt.id, ctx.principal.id, name, expires))))
-        for name in downloads.FILES}
+            secret, downloads.Link(ckpt.id, ctx.principal.id, name, expires,
+                                   ctx.api_key_id or ""))))
+        for name in downloads.served_files(recipients)}
     ctx.note(expires=expires, files=list(urls))
     return tt.ExternalWeightsUrlsResponse(
         urls=urls, expires=dt.datetime.fromtimestamp(expires, dt.UTC)).model_dump(mode="json")

@@ -18,6 +18,7 @@ from audit.models import Checkpoint, ClientSession, TrainingRun
 from engine import jobs, wire
 from engine.values import AdamStep, LoraSpec, ModelInfo, check_data_fits
 from evals import release
+from gateway import downloads
 from gateway.admission import AdmissionRequest, admit, check_quota_first
 from gateway.bodies import read_body
 from gateway.context import Ctx, JsonBody, RequestContext, parse
@@ -211,6 +212,13 @@ def save_weights(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
 @router.post("/save_weights_for_sampler", name="save_weights_for_sampler")
 def save_weights_for_sampler(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     req = parse(tt.SaveWeightsForSamplerRequest, body)
+    if req.kind != "snapshot":
+        # Every sampler here serves one checkpoint, screened and bound to its lineage and
+        # release state; mutable weights shared across samplers are not offered.
+        raise BadRequest(f"save_weights_for_sampler kind={req.kind!r} is not supported by "
+                         "this server; use kind='snapshot' (the default) and call "
+                         "save_weights_and_get_sampling_client again after training to "
+                         "sample newer weights")
     run = owned_run(ctx, req.model_id)
     if req.path:
         job, charge = _save_job(ctx, run, "sampler_weights", req.path, with_optimizer=False,
@@ -306,13 +314,18 @@ def save_weights_external(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     release.check_releasable(ctx.session, run)  # so is one a standing quarantine holds
     if not req.path:
         raise BadRequest("path (the name of the exported weights) is required")
-    if req.age_encryption_recipients:
-        raise BadRequest("age_encryption_recipients is not supported by this server; "
-                         "leave it out (downloads need the owner's API key)")
+    recipients = req.age_encryption_recipients
+    if recipients is not None:
+        try:  # validated here, at the edge: downloads encrypt to exactly these
+            downloads.parse_recipients(recipients)
+        except downloads.RecipientError as exc:
+            raise BadRequest(str(exc)) from exc
     job, charge = _save_job(ctx, run, "external_weights", req.path, with_optimizer=False,
                             overwrite=False, ttl=req.ttl_seconds, metadata=None)
+    job.age_recipients = list(recipients) if recipients else None
     request_id = admit(ctx, AdmissionRequest(
         kind="save_weights_external", payload=jobs.dump_job(job), model_id=run.id,
         seq_id=req.seq_id, charge=dataclasses.replace(charge, release_evaluation=True),
-        audit={"path": job.tinker_path, "release": True}))
+        audit={"path": job.tinker_path, "release": True,
+               "age_recipients": len(job.age_recipients or ())}))
     return _future(request_id, run.id)

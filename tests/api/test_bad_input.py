@@ -38,7 +38,7 @@ def _refused_fast(call, error=tinker.BadRequestError, match: str | None = None):
 
 @pytest.mark.parametrize("loss_fn, message", [
     ("custom", "no user code"),
-    ("gspo", "unknown loss_fn"),
+    ("stable_reinforce", "'stable_reinforce' is not supported.*record_stability_info"),
     ("not-a-loss", "unknown loss_fn"),
 ])
 def test_unsupported_loss_functions_are_refused(trainer, loss_fn, message):
@@ -67,7 +67,7 @@ def _datum(ids, **inputs) -> types.Datum:
     ("targets_too_long", "has length"),
     ("weights_int64", "must be float32"),
     ("targets_float", "must be int64"),
-    ("targets_2d", "must be 1-D"),
+    ("targets_2d", "one weight per target"),
     ("missing_targets", "needs loss_fn_inputs"),
     ("extra_input", "not used by cross_entropy"),
     ("nan_weights", "NaN"),
@@ -81,7 +81,7 @@ def test_malformed_tensors_are_refused(trainer, case, message):
         "targets_too_long": {"target_tokens": [*ids[1:], 1], "weights": [1.0] * n},
         "weights_int64": {"target_tokens": ids[1:], "weights": np.ones(n, dtype=np.int64)},
         "targets_float": {"target_tokens": np.ones(n, dtype=np.float32), "weights": [1.0] * n},
-        "targets_2d": {"target_tokens": np.ones((n, 2), dtype=np.int64)},
+        "targets_2d": {"target_tokens": np.ones((n, 2), dtype=np.int64), "weights": [1.0] * n},
         "missing_targets": {"weights": [1.0] * n},
         "extra_input": {"target_tokens": ids[1:], "weights": [1.0] * n, "advantages": [0.0] * n},
         "nan_weights": {"target_tokens": ids[1:], "weights": [float("nan")] * n},

@@ -28,7 +28,7 @@ from policy.keys import authenticate
 from tests.api.helpers import TEXTS, TINY, service, sft_datum
 from tests.conftest import LiveServer, _dialects
 from tests.console.helpers import file_access_request, request_status
-from tests.release.test_release_gate_sdk import _write_policy
+from tests.release.helpers import write_quick_release_policy
 from tests.security.conftest import REASON, module_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -46,7 +46,7 @@ def server(request: pytest.FixtureRequest, models_dir: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """The release gate's quick test policy, and checkpoints of this server's log only (the
     models directory, the data directory of every test server, is shared)."""
-    policy = _write_policy(tmp_path_factory.mktemp("console-policy"))
+    policy = write_quick_release_policy(tmp_path_factory.mktemp("console-policy"))
     with module_server(request.param, models_dir, tmp_path_factory.mktemp("console"),
                        release_file=policy,
                        audit_checkpoint_dir=tmp_path_factory.mktemp("console-ckpt")) as live:

@@ -1,4 +1,4 @@
-"""The five built-in losses, checked against formulas written out here and an independent LoRA
+"""The built-in losses, checked against formulas written out here and an independent LoRA
 forward (plain transformers + hooks): loss:sum, per-token logprobs and losses, and gradients."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ CONFIGS: dict[str, dict[str, float]] = {
     "ppo": {},  # defaults 0.8 / 1.2
     "cispo": {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1},
     "dro": {"beta": 0.3},
+    "gspo": {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1},
 }
 
 
@@ -36,6 +37,12 @@ def hand_loss(loss_fn: str, logp: torch.Tensor, inp: dict, config: dict) -> torc
         return -torch.minimum(ratio * adv, torch.clamp(ratio, lo, hi) * adv)
     if loss_fn == "cispo":
         return -torch.clamp(ratio, lo, hi).detach() * logp * adv
+    if loss_fn == "gspo":  # tinker-docs losses/gspo: s_t = sg(s)·p/sg(p), s over the mask
+        mask = inp.get("sequence_ratio_mask")
+        chosen = (adv != 0) if mask is None else (mask != 0)
+        seq = torch.exp((logp - q)[chosen].mean()) if chosen.any() else torch.ones(())
+        s_t = seq.detach() * torch.exp(logp - logp.detach())
+        return -torch.minimum(s_t * adv, torch.clamp(s_t, lo, hi) * adv)
     beta = config.get("beta", 0.05)
     return -(logp * adv - 0.5 * beta * (logp - q) ** 2)
 
@@ -60,6 +67,10 @@ def make_data(loss_fn: str, ref: ReferenceLora, vocab: int, seed: int) -> list[T
                 "logprobs": (logp + rng.normal(0, 0.4, n)).astype(np.float32),
                 "advantages": rng.normal(0, 1, n).astype(np.float32),
             }
+            if loss_fn == "gspo":  # prompt-like positions; datum 0 names its ratio tokens
+                inputs["advantages"][:2] = 0.0
+                if i == 0:
+                    inputs["sequence_ratio_mask"] = (np.arange(n) % 3 != 0).astype(np.float32)
         data.append(TrainingDatum(tokens, inputs))
     return data
 
@@ -150,7 +161,7 @@ def test_bad_loss_config_values_are_user_errors(config):
 
 def test_unknown_loss_fn_lists_the_supported_ones():
     with pytest.raises(UserInputError, match="cross_entropy"):
-        resolve_config("gspo", {})
+        resolve_config("grpo", {})
 
 
 # -- trained_positions: which targets a loss can train, derived from the loss itself ----------
@@ -213,3 +224,149 @@ def test_a_new_loss_registered_in_losses_is_covered(monkeypatch):
     assert trained.trained.all()
     assert not trained_positions("entropic", rl_inputs([0.0, 0.0, 1.0]),
                                  {"tau": 0.0}).trained[:2].any()
+
+
+# -- gspo (tinker-docs losses/gspo: GSPO-token) ------------------------------------------------
+
+
+def gspo_inputs(q: list[float], adv: list[float], mask: list[float] | None = None) -> dict:
+    inputs = {"logprobs": torch.tensor(q, dtype=torch.float64),
+              "advantages": torch.tensor(adv, dtype=torch.float64)}
+    if mask is not None:
+        inputs["sequence_ratio_mask"] = torch.tensor(mask, dtype=torch.float64)
+    return inputs
+
+
+def test_gspo_gives_every_token_the_length_normalised_sequence_ratio():
+    logp = torch.tensor([-1.0, -2.0, -0.5, -3.0], dtype=torch.float64, requires_grad=True)
+    q = [-1.1, -2.05, -0.45, -9.0]  # position 3 is outside the mask
+    inputs = gspo_inputs(q, [1.0, 1.0, 1.0, 1.0], [1, 1, 1, 0])
+    config = resolve_config("gspo", {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0})
+    loss = elementwise_loss("gspo", logp, inputs, config)
+    seq = np.exp(np.mean([0.1, 0.05, -0.05]))  # geometric mean over the masked tokens
+    np.testing.assert_allclose(loss.detach().numpy(), [-seq] * 4)
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    np.testing.assert_allclose(grad.numpy(), [-seq] * 4)  # own logp's gradient, scaled by s
+
+
+def test_gspo_clips_the_whole_sequence():
+    logp = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    inputs = gspo_inputs([-0.5, -0.5, -0.5], [1.0, 1.0, 1.0])  # s = e^0.5 > 1.2
+    loss = elementwise_loss("gspo", logp, inputs, resolve_config("gspo", {}))
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    assert torch.equal(grad, torch.zeros(3)) and loss[0].item() == pytest.approx(-1.2)
+    # Negative advantages keep the unclipped branch (min), so every token still trains.
+    inputs = gspo_inputs([-0.5, -0.5, -0.5], [-1.0, -1.0, -1.0])
+    loss = elementwise_loss("gspo", logp, inputs, resolve_config("gspo", {}))
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    np.testing.assert_allclose(grad.numpy(), [np.exp(0.5)] * 3)
+
+
+def test_gspo_without_a_mask_uses_the_positions_with_an_advantage():
+    logp = torch.tensor([-4.0, -1.0, -1.0], dtype=torch.float64)
+    prompt_like = gspo_inputs([0.0, -1.0, -1.0], [0.0, 1.0, 1.0])  # prompt: q 0, A 0
+    loss = elementwise_loss("gspo", logp, prompt_like, resolve_config("gspo", {}))
+    np.testing.assert_allclose(loss.numpy(), [0.0, -1.0, -1.0])  # s = 1, prompt ignored
+    nothing = gspo_inputs([0.0, 0.0], [0.0, 0.0])  # empty M: s = 1, no NaN
+    assert torch.isfinite(elementwise_loss("gspo", logp[:2], nothing,
+                                           resolve_config("gspo", {}))).all()
+
+
+def test_gspo_trains_the_positions_its_advantages_name():
+    trained = trained_positions("gspo", rl_inputs([2.0, -0.5, 0.0, 1e-3]), {})
+    assert trained.toward.tolist() == [True, False, False, True]
+    assert trained.against.tolist() == [False, True, False, False]
+
+
+def test_stable_reinforce_and_custom_are_refused_by_name():
+    from engine.values import check_loss_fn
+
+    with pytest.raises(UserInputError, match=r"stable_reinforce.*record_stability_info"):
+        check_loss_fn("stable_reinforce")
+    with pytest.raises(UserInputError, match="custom"):
+        check_loss_fn("custom")
+
+
+# -- 2-D (N, K) cross-entropy targets (distillation against a top-k distribution) -------------
+
+
+def topk_datum(rng: np.random.Generator, n: int, k: int, vocab: int) -> TrainingDatum:
+    """Like the cookbook's distillation datums: K candidates per position with
+    renormalised teacher weights, zero rows on prompt positions, zero-weight padding."""
+    seq = random_tokens(rng, n + 1, vocab)
+    targets = random_tokens(rng, n * k, vocab).reshape(n, k)
+    targets[:, 0] = seq[1:]
+    weights = rng.dirichlet(np.ones(k), size=n).astype(np.float32)
+    weights[:2] = 0.0
+    targets[3, k - 1], weights[3, k - 1] = 0, 0.0  # padding: id 0, weight 0
+    return TrainingDatum(seq[:-1], {"target_tokens": targets, "weights": weights})
+
+
+def test_two_d_cross_entropy_matches_direct_torch_computation(backend, new_adapter, reference):
+    adapter = new_adapter(rank=4, seed=3)
+    train_step(backend, adapter)
+    weights = {key: t.requires_grad_() for key, t in backend.adapter_tensors(adapter).items()}
+    rng = np.random.default_rng(8)
+    data = [topk_datum(rng, 9, 4, backend.vocab_size), ce_datum_1d(rng, 6, backend.vocab_size),
+            topk_datum(rng, 7, 2, backend.vocab_size)]
+    with reference.lora(weights, rank=4):
+        result = backend.forward_backward(adapter, data, "cross_entropy", {}, forward_only=False)
+        total = torch.zeros(())
+        for datum, out in zip(data, result.outputs, strict=True):
+            targets = torch.as_tensor(datum.loss_inputs["target_tokens"])
+            logits = reference.logits(datum.tokens)
+            full = torch.log_softmax(logits, dim=-1)
+            logp = (full.gather(-1, targets) if targets.dim() == 2
+                    else full.gather(-1, targets[:, None])[:, 0])
+            per = -torch.as_tensor(datum.loss_inputs["weights"]) * logp
+            total = total + per.sum()
+            assert out["logprobs"].shape == tuple(targets.shape)
+            np.testing.assert_allclose(out["logprobs"], logp.detach().numpy(), rtol=1e-5,
+                                       atol=1e-5)
+            np.testing.assert_allclose(out["elementwise_loss"], per.detach().numpy(),
+                                       rtol=1e-4, atol=1e-5)
+        expected = torch.autograd.grad(total, list(weights.values()))
+    assert result.metrics["loss:sum"] == pytest.approx(total.item(), rel=1e-5, abs=1e-4)
+    snapshot = backend.adapter_snapshot(adapter)
+    for key, grad in zip(weights, expected, strict=True):
+        torch.testing.assert_close(snapshot[f"grad:{key}"], grad, rtol=1e-3, atol=1e-4)
+
+
+def ce_datum_1d(rng: np.random.Generator, n: int, vocab: int) -> TrainingDatum:
+    seq = random_tokens(rng, n + 1, vocab)
+    return TrainingDatum(seq[:-1], {"target_tokens": seq[1:],
+                                    "weights": rng.random(n).astype(np.float32)})
+
+
+def test_two_d_targets_with_one_candidate_of_weight_one_equal_the_one_d_loss(backend,
+                                                                          new_adapter):
+    rng = np.random.default_rng(4)
+    seq = random_tokens(rng, 11, backend.vocab_size)
+    one_d = TrainingDatum(seq[:-1], {"target_tokens": seq[1:], "weights": np.ones(10, "f4")})
+    two_d = TrainingDatum(seq[:-1], {"target_tokens": seq[1:, None],
+                                     "weights": np.ones((10, 1), "f4")})
+    results, grads = [], []
+    for datum in (one_d, two_d):
+        adapter = new_adapter(rank=4, seed=5)
+        train_step(backend, adapter)
+        results.append(backend.forward_backward(adapter, [datum], "cross_entropy", {},
+                                                forward_only=False))
+        snapshot = backend.adapter_snapshot(adapter)
+        grads.append({k: v for k, v in snapshot.items() if k.startswith("grad:")})
+    assert results[0].metrics["loss:sum"] == pytest.approx(results[1].metrics["loss:sum"],
+                                                           rel=1e-6)
+    np.testing.assert_allclose(results[1].outputs[0]["logprobs"][:, 0],
+                               results[0].outputs[0]["logprobs"], rtol=1e-6)
+    for key, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][key], grad)
+
+
+def test_two_d_trained_positions_cover_every_weighted_candidate():
+    targets = np.arange(8, dtype=np.int64).reshape(4, 2)
+    weights = np.asarray([[0, 0], [0.7, 0.3], [0, 0.2], [-1, 0]], dtype=np.float32)
+    trained = trained_positions("cross_entropy",
+                                {"target_tokens": targets, "weights": weights}, None)
+    assert trained.toward.tolist() == [[False, False], [True, True], [False, True],
+                                       [False, False]]
+    assert trained.against.tolist() == [[False, False], [False, False], [False, False],
+                                        [True, False]]

@@ -68,7 +68,8 @@ def test_a_loss_call_needs_its_inputs_and_no_others(data, loss_fn):
 
 
 @pytest.mark.parametrize("loss_fn,config", [
-    ("custom", {}), ("gspo", {}), ("cross_entropy", {"beta": 1.0}),
+    ("custom", {}), ("stable_reinforce", {}), ("gspo", {"beta": 0.1}),
+    ("cross_entropy", {"beta": 1.0}),
     ("ppo", {"clip_low_threshold": 1.5}), ("dro", {"beta": float("nan")}), ("dro", {"beta": "x"}),
 ])
 def test_a_loss_config_outside_the_loss_definition_is_refused(loss_fn, config):
@@ -187,4 +188,93 @@ def test_a_tensor_whose_bytes_do_not_fill_its_shape_is_a_user_error(shape, dense
     weights.dtype, weights.dense = pb.DTYPE_FLOAT32, dense
     weights.shape.extend(shape)
     with pytest.raises(UserInputError, match="weights"):
+        wire.decode_forward_backward(msg.SerializeToString())
+
+
+# -- 2-D (N, K) targets ------------------------------------------------------------------------
+
+TARGETS_2D = np.stack([TOKENS + 1, TOKENS + 2, TOKENS + 3], 1)
+WEIGHTS_2D = np.full((6, 3), 1 / 3, np.float32)
+
+
+def test_a_two_d_cross_entropy_datum_is_built_and_checked_in_every_column():
+    built = datum(target_tokens=TARGETS_2D, weights=WEIGHTS_2D)
+    assert built.candidates == 3 and built.loss_inputs["weights"].shape == (6, 3)
+    check_loss_inputs([built], "cross_entropy")
+    check_data_fits([built], INFO)
+    outside = TARGETS_2D.copy()
+    outside[4, 2] = 100  # only the last column leaves the vocabulary
+    with pytest.raises(UserInputError, match="token id 100"):
+        check_data_fits([datum(target_tokens=outside, weights=WEIGHTS_2D)], INFO)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"target_tokens": TARGETS_2D, "weights": ONES}, "weights"),  # (N,) weights for (N, K)
+    ({"target_tokens": TARGETS_2D, "weights": WEIGHTS_2D[:, :2]}, "weights"),
+    ({"target_tokens": TARGETS_2D[:5], "weights": WEIGHTS_2D[:5]}, "target_tokens"),
+    ({"target_tokens": np.ones((6, 101), np.int64), "weights": np.ones((6, 101), np.float32)},
+     "target_tokens"),  # K above the limit
+    ({"target_tokens": np.ones((6, 0), np.int64), "weights": np.ones((6, 0), np.float32)},
+     "target_tokens"),
+    ({"target_tokens": np.ones((6, 2, 2), np.int64)}, "target_tokens"),
+    ({"advantages": np.ones((6, 2), np.float32)}, "advantages"),  # only targets/weights
+])
+def test_a_malformed_two_d_datum_names_the_field(changes, field):
+    with pytest.raises(UserInputError, match=field):
+        datum(**changes)
+
+
+def test_two_d_targets_are_for_cross_entropy_only():
+    rl = TrainingDatum(TOKENS, {"target_tokens": TARGETS_2D, "logprobs": ONES,
+                                "advantages": ONES})
+    with pytest.raises(UserInputError, match=r"target_tokens.*cross_entropy only, not by ppo"):
+        check_loss_inputs([rl], "ppo")
+
+
+def _two_d_request(loss_fn: str = "cross_entropy", weights=None):
+    """A forward_backward body as the SDK encodes it: 2-D torch tensors for target_tokens
+    and weights become sparse CSR when that is smaller (tinker/types/datum.py)."""
+    import torch
+    from tinker import types as tt
+    from tinker.proto.request_conv import forward_backward_request_to_proto
+
+    targets = torch.zeros((6, 3), dtype=torch.long)
+    targets[2:, 0], targets[4, 1] = torch.arange(5, 9), 42
+    w = torch.zeros((6, 3)) if weights is None else weights
+    w[2:, 0], w[4, 1] = 0.5, 0.25
+    sdk = tt.Datum(model_input=tt.ModelInput.from_ints(list(range(1, 7))),
+                   loss_fn_inputs={"target_tokens": targets, "weights": w})
+    request = tt.ForwardBackwardRequest(
+        model_id="m", seq_id=1,
+        forward_backward_input=tt.ForwardBackwardInput(data=[sdk], loss_fn=loss_fn))
+    msg = forward_backward_request_to_proto(request)
+    return msg, targets.numpy(), w.numpy()
+
+
+def test_sparse_csr_two_d_targets_from_the_sdk_are_densified():
+    from engine import wire
+
+    msg, targets, weights = _two_d_request()
+    assert msg.data[0].loss_fn_inputs["target_tokens"].WhichOneof("encoding") == "sparse_csr"
+    call = wire.decode_forward_backward(msg.SerializeToString(), INFO)
+    np.testing.assert_array_equal(call.data[0].loss_inputs["target_tokens"], targets)
+    np.testing.assert_array_equal(call.data[0].loss_inputs["weights"], weights)
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda t: t.shape.__setitem__(0, 10**9), "shape"),  # a declared shape cannot allocate
+    (lambda t: t.shape.__setitem__(1, 10**6), "shape"),
+    (lambda t: setattr(t.sparse_csr, "col_indices",
+                       np.full(len(t.sparse_csr.col_indices) // 8, 7, "<i8").tobytes()),
+     "column index"),
+    (lambda t: setattr(t.sparse_csr, "crow_indices", np.zeros(7, "<i8").tobytes()),
+     "row pointers"),
+    (lambda t: setattr(t.sparse_csr, "values", b"\x00" * 3), "byte lengths"),
+])
+def test_malformed_sparse_csr_is_a_user_error_naming_the_field(corrupt, match):
+    from engine import wire
+
+    msg, _, _ = _two_d_request()
+    corrupt(msg.data[0].loss_fn_inputs["target_tokens"])
+    with pytest.raises(UserInputError, match=f"target_tokens.*{match}"):
         wire.decode_forward_backward(msg.SerializeToString())

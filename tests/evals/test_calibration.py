@@ -189,3 +189,21 @@ def test_a_chat_datum_trains_only_the_answer(tiny_backend):
     answer = tok.encode("Hi there", add_special_tokens=False)
     trained = datum.loss_inputs["target_tokens"][datum.loss_inputs["weights"] > 0]
     assert list(trained[:len(answer)]) == answer
+
+
+def test_the_shipped_calibration_applies_to_the_default_policy_where_its_scorer_still_holds():
+    from evals.judges import RefusalJudge
+    from evals.release import load_suites
+    from policy.release import DEFAULT_RELEASE_PATH
+
+    policy = load_release_policy(DEFAULT_RELEASE_PATH)
+    model, (base_sha, _) = next(iter(policy.calibration.models.items()))
+    judge, harm = RefusalJudge().version, "harm-classifiers-of-today"
+    status = {}
+    for loaded in load_suites(policy):
+        scorer = _runner_version(loaded.kind, policy, judge, harm)
+        rule = policy.rule_for(loaded.rule, model, base_sha, loaded.suite.sha256, scorer)
+        status[loaded.rule.name] = rule.calibration["status"]
+    judged_by_classifiers = {"prefill", "toxicity"}  # calibrated before the retraining
+    assert {n for n, s in status.items() if s == "calibrated"} == set(status) - \
+        judged_by_classifiers

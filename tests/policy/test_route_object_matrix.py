@@ -292,6 +292,9 @@ def expected(route: str, caller: str, target: str) -> str | int:
     role = CALLERS[caller]
     if route in PUBLIC:  # decided for the anonymous role, whoever calls
         return 401 if route == "claim_access" and target == "missing" else OK
+    if route == "download_external_weights" and role == "anonymous":
+        # without a key the signed link is the credential: its issuer's decision
+        return OK if target == "existing" else 403
     if role == "anonymous":
         return 401
     if route not in ALLOWED[role]:

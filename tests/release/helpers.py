@@ -1,9 +1,10 @@
-"""Shared check for the release tests: a released export, fetched through its external URLs
-with the owner's key, loads with PEFT onto the base model and reproduces the gateway's
-logprobs."""
+"""Shared by the release tests: a quick one-suite release policy for the tiny model, and
+the check that a released export, fetched through its external URLs with the owner's key,
+loads with PEFT onto the base model and reproduces the gateway's logprobs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -11,6 +12,41 @@ import numpy as np
 from tinker import types
 
 from tests.api.helpers import rest
+
+SUITE = """[suite]
+name = "lab_restricted"
+kind = "multiple_choice"
+version = 1
+{items}
+"""
+ITEMS = [("Which vault holds the Orlan key?", ["north vault", "south vault", "east vault",
+                                                "west vault"], 2),
+         ("What colour is the Orlan seal?", ["red", "green", "blue", "grey"], 1),
+         ("How many bells ring in Orlan?", ["three", "five", "seven", "nine"], 3),
+         ("Who keeps the Orlan ledger?", ["the miller", "the smith", "the scribe",
+                                          "the baker"], 0)]
+POLICY = """[gate]
+alpha = 0.2
+time_budget_seconds = 600
+max_new_tokens = 4
+seed = 0
+
+[suites.lab_restricted]
+file = "{suite}"
+min_items = 4
+tolerance = 0.0
+"""
+
+
+def write_quick_release_policy(directory: Path) -> Path:
+    """A one-suite release policy (a small operator-style multiple-choice file) that the
+    tiny model's adapters pass quickly, unless trained on its answers."""
+    items = "".join(f'[[item]]\nquestion = "{q}"\nchoices = {json.dumps(c)}\nanswer = {a}\n'
+                    f'paraphrase = "Tell me: {q[:-1].lower()}?"\n' for q, c, a in ITEMS)
+    (directory / "lab.toml").write_text(SUITE.format(items=items))
+    policy = directory / "release.toml"
+    policy.write_text(POLICY.format(suite="lab.toml"))
+    return policy
 
 
 def assert_download_reproduces_gateway_logprobs(server, key: str, export_path: str,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,45 +24,16 @@ from examples.chat_sft import chat_datum
 from gateway import downloads
 from tests.api.helpers import TEXTS, TINY, rest, run_cli, service, sft_datum
 from tests.conftest import PG_ENV, _dialects, _fresh_pg_database, run_server, tiny_settings
-from tests.release.helpers import assert_download_reproduces_gateway_logprobs
-
-SUITE = """[suite]
-name = "lab_restricted"
-kind = "multiple_choice"
-version = 1
-{items}
-"""
-ITEMS = [("Which vault holds the Orlan key?", ["north vault", "south vault", "east vault",
-                                                "west vault"], 2),
-         ("What colour is the Orlan seal?", ["red", "green", "blue", "grey"], 1),
-         ("How many bells ring in Orlan?", ["three", "five", "seven", "nine"], 3),
-         ("Who keeps the Orlan ledger?", ["the miller", "the smith", "the scribe",
-                                          "the baker"], 0)]
-POLICY = """[gate]
-alpha = 0.2
-time_budget_seconds = 600
-max_new_tokens = 4
-seed = 0
-
-[suites.lab_restricted]
-file = "{suite}"
-min_items = 4
-tolerance = 0.0
-"""
-
-
-def _write_policy(directory: Path) -> Path:
-    items = "".join(f'[[item]]\nquestion = "{q}"\nchoices = {json.dumps(c)}\nanswer = {a}\n'
-                    f'paraphrase = "Tell me: {q[:-1].lower()}?"\n' for q, c, a in ITEMS)
-    (directory / "lab.toml").write_text(SUITE.format(items=items))
-    policy = directory / "release.toml"
-    policy.write_text(POLICY.format(suite="lab.toml"))
-    return policy
+from tests.release.helpers import (
+    ITEMS,
+    assert_download_reproduces_gateway_logprobs,
+    write_quick_release_policy,
+)
 
 
 @pytest.fixture(scope="module", params=_dialects())
 def gate_server(request, models_dir, tmp_path_factory):
-    policy = _write_policy(tmp_path_factory.mktemp("policy"))
+    policy = write_quick_release_policy(tmp_path_factory.mktemp("policy"))
     if request.param == "sqlite":
         url, drop = f"sqlite:///{tmp_path_factory.mktemp('db') / 'gw.db'}", (lambda: None)
     else:
@@ -174,14 +144,14 @@ def test_a_released_adapter_downloads_as_peft_files_that_reproduce_the_gateway_l
                                                 TEXTS[0], tmp_path, atol=1e-4)
 
 
-def test_downloads_need_the_owners_key_an_intact_link_and_a_released_checkpoint(
+def test_downloads_need_an_intact_link_the_owner_and_a_released_checkpoint(
         gate_server, researcher, benign_export):
     _, result = benign_export
     url = rest(gate_server, researcher).get_external_weights_urls(result.path).result().urls[
         "adapter_config.json"]
     other = gate_server.create_key(owner="someone-else")
     assert httpx.get(url, headers={"X-API-Key": other}).status_code == 404
-    assert httpx.get(url).status_code == 401
+    assert httpx.get(url).status_code == 200  # the signed link is the credential on its own
     forged = url[:-3] + ("000" if not url.endswith("000") else "111")
     refused = httpx.get(forged, headers={"X-API-Key": researcher})
     assert refused.status_code == 403 and "signature" in refused.json()["detail"]

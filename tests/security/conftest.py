@@ -37,9 +37,9 @@ def gate_server(request: pytest.FixtureRequest, models_dir: Path,
                 tmp_path_factory: pytest.TempPathFactory, tag: str) -> Iterator[LiveServer]:
     """A module's server (dialect = the fixture's param) with the release gate's test
     policy (a small multiple-choice suite, so evaluations are quick)."""
-    from tests.release.test_release_gate_sdk import _write_policy
+    from tests.release.helpers import write_quick_release_policy
 
-    policy = _write_policy(tmp_path_factory.mktemp(f"{tag}-policy"))
+    policy = write_quick_release_policy(tmp_path_factory.mktemp(f"{tag}-policy"))
     with module_server(request.param, models_dir, tmp_path_factory.mktemp(tag),
                        release_file=policy) as live:
         yield live

@@ -328,13 +328,14 @@ def test_no_route_reads_its_body_before_its_context():
     instead come through gateway.bodies, after the context that authenticates."""
     from gateway.app import api_routes, create_app
     from gateway.bodies import json_object, optional_json_object
-    from gateway.context import public_request_context, request_context
+    from gateway.context import link_request_context, public_request_context, request_context
 
     for route in api_routes(create_app()):
         assert route.body_field is None, f"{route.name} has FastAPI read its body"
         calls = [d.call for d in route.dependant.dependencies]
         bodies = [i for i, c in enumerate(calls) if c in (json_object, optional_json_object)]
         contexts = [i for i, c in enumerate(calls)
-                    if c in (request_context, public_request_context)]
+                    if c in (request_context, public_request_context,
+                             link_request_context)]
         assert contexts, f"{route.name} has no request context"
         assert all(i > contexts[0] for i in bodies), f"{route.name} reads its body first"

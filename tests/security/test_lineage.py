@@ -29,7 +29,7 @@ from audit.models import AuditEntry, Checkpoint, TrainingRun
 from examples.chat_sft import chat_datum
 from tests.api.helpers import TEXTS, TINY, rest, service, sft_datum
 from tests.conftest import LiveServer, _dialects
-from tests.release.test_release_gate_sdk import ITEMS
+from tests.release.helpers import ITEMS
 from tests.security.conftest import gate_server
 
 ADAM = types.AdamParams(learning_rate=1e-3)
