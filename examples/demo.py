@@ -144,7 +144,8 @@ def export(base_url: str, key: str, trainer, name: str) -> str | None:
     waiter = threading.Thread(target=_settle, args=(future, outcome), daemon=True)
     waiter.start()
     release = _follow_release(base_url, key, trainer.model_id, waiter)
-    waiter.join()
+    if not release:  # refused before an evaluation was queued (e.g. a quota)
+        raise outcome.get("error") or RuntimeError("the export queued no release evaluation")
     report = _rest(base_url, key, f"/api/v1/releases/{release['release_id']}/report")
     print_report(report)
     if isinstance(outcome.get("error"), tinker.RequestFailedError):
@@ -170,16 +171,16 @@ def _follow_release(base_url: str, key: str, run_id: str, waiter: threading.Thre
 
     progress = tqdm(total=1, unit="half", desc="release evaluation (each suite: base, adapter)")
     release: dict = {}
-    while waiter.is_alive() or not release or release["status"] in ("queued", "evaluating"):
+    while True:
+        settled = not waiter.is_alive()  # then this last look sees the decided release
         listed = _rest(base_url, key, f"/api/v1/releases?training_run_id={run_id}&limit=1")
         if listed["releases"]:
             release = listed["releases"][0]
-            done, total = release["progress"]["done"], release["progress"]["total"]
-            progress.total = max(total, 1)
-            progress.n = done
+            progress.total = max(release["progress"]["total"], 1)
+            progress.n = release["progress"]["done"]
             progress.set_postfix_str(release["progress"]["step"][:40])
             progress.refresh()
-        if not waiter.is_alive() and release:
+        if settled:
             break
         time.sleep(1)
     progress.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -27,25 +26,16 @@ from gateway import downloads
 from policy import authz
 from policy.keys import authenticate, revoke_key
 from tests.api.helpers import TEXTS, TINY, rest, service, sft_datum
-from tests.conftest import PG_ENV, _dialects, _fresh_pg_database, run_server, tiny_settings
-from tests.release.helpers import write_quick_release_policy
+from tests.conftest import _dialects
+from tests.security.conftest import gate_server
 
 EVENT = "api.download_external_weights"
 
 
 @pytest.fixture(scope="module", params=_dialects())
 def server(request, models_dir, tmp_path_factory):
-    policy = write_quick_release_policy(tmp_path_factory.mktemp("policy"))
-    if request.param == "sqlite":
-        url, drop = f"sqlite:///{tmp_path_factory.mktemp('db') / 'gw.db'}", (lambda: None)
-    else:
-        url, drop = _fresh_pg_database(os.environ[PG_ENV])
-    try:
-        with run_server(tiny_settings(models_dir, url,
-                                      release_file=policy)) as live:
-            yield live
-    finally:
-        drop()
+    with gate_server(request, models_dir, tmp_path_factory, "cookbook") as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
