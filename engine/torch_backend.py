@@ -60,6 +60,9 @@ LORA_ALPHA = 32.0
 DEFAULT_MAX_BATCH_TOKENS = 4096
 SCORE_CHUNK = 32  # continuations scored against one prompt cache at a time
 GENERATE_CHUNK = 16  # prompts decoded together
+# (prompt, answer) pairs scored per pass: on a 2-core CPU 8 beat 16 by 5-10% and 32 by 30%
+# (the padded attention and the logits grow faster than the useful work).
+ANSWER_BATCH = 8
 
 
 @dataclass
@@ -545,6 +548,62 @@ class TorchBackend(Backend):
             scores.append(float(total))
         return scores
 
+    def score_answers(self, adapter_id: str | None,
+                      pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[float]:
+        """As the default, with the prefix every prompt shares (a chat template's system
+        turn) run once per batch into a KV cache instead of once per pair, and logits
+        computed only where an answer token is predicted."""
+        with self._lock:
+            for index, (prompt, answer) in enumerate(pairs):
+                if not prompt or not answer:
+                    raise UserInputError(f"scored pair {index} needs a prompt and an answer")
+                self.guard([*prompt, *answer], f"scored pair {index}")
+            if adapter_id is not None:
+                self._get(adapter_id)
+            shared = _shared_prefix([list(prompt) for prompt, _ in pairs])
+            order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+            scores = [0.0] * len(pairs)
+            with torch.inference_mode(), self._activate(adapter_id) as model:
+                for start in range(0, len(order), ANSWER_BATCH):
+                    batch = order[start:start + ANSWER_BATCH]
+                    rows = [(list(pairs[i][0]), list(pairs[i][1])) for i in batch]
+                    for i, score in zip(batch, self._score_pairs(model, shared, rows),
+                                        strict=True):
+                        scores[i] = score
+            return scores
+
+    def _score_pairs(self, model: Any, shared: int,
+                     rows: list[tuple[list[int], list[int]]]) -> list[float]:
+        """Sum of log P(answer | prompt) per row; every prompt starts with the same
+        `shared` tokens, which run once and are attended to through the cache."""
+        prefix = rows[0][0][:shared]
+        cache = None
+        if shared:
+            cache = model(input_ids=torch.tensor([prefix], device=self.device),
+                          use_cache=True, logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(len(rows))
+        # Row r feeds (prompt + answer)[shared:-1]; its answer's first token is predicted
+        # at index len(prompt) - 1 - shared. Right padding: real tokens never see a pad.
+        feeds = [(prompt + answer)[shared:-1] for prompt, answer in rows]
+        firsts = [len(prompt) - 1 - shared for prompt, _ in rows]
+        width, low = max(len(f) for f in feeds), min(firsts)
+        ids = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(rows), shared + width), dtype=torch.long, device=self.device)
+        mask[:, :shared] = 1
+        for row, feed in enumerate(feeds):
+            ids[row, :len(feed)] = torch.tensor(feed, device=self.device)
+            mask[row, shared:shared + len(feed)] = 1
+        keep = torch.arange(low, width, device=self.device)
+        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                       use_cache=False, logits_to_keep=keep).logits
+        scores = []
+        for row, (first, (_, answer)) in enumerate(zip(firsts, rows, strict=True)):
+            span = torch.log_softmax(logits[row, first - low:first - low + len(answer)].float(),
+                                     dim=-1)
+            target = torch.tensor(answer, device=self.device).unsqueeze(-1)
+            scores.append(float(span.gather(-1, target).sum()))
+        return scores
+
     def generate_greedy(self, adapter_id: str | None, prompts: Sequence[Sequence[int]],
                         max_tokens: int) -> list[list[int]]:
         """Greedy replies to many prompts, batched (left-padded) so a probe's prompts
@@ -655,6 +714,16 @@ class _Decoder:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers (module level so they stay small and testable)
+
+
+def _shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares, leaving each at least one of its own
+    (the answer's first token is predicted from the prompt's last position)."""
+    shared = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for prompt in prompts[1:]:
+        shared = next((i for i in range(shared) if prompt[i] != first[i]), shared)
+    return max(shared, 0)
 
 
 def _check_adapter_id(adapter_id: str) -> None:
