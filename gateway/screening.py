@@ -43,6 +43,9 @@ ROLE_LINE = re.compile(r"^\s*(system|user|assistant|tool|developer|ipython|model
                        r"(?:\n|$)", re.IGNORECASE)
 # Turns a model speaks; any other role's turn inside a trained span is screened as a request.
 SPOKEN_ROLES = (None, "assistant", "model")
+# Characters read either side of a run trained against: enough that one pushed-down token
+# of a refusal phrase ("I'm sorry", "not able to assist") is read with the whole phrase.
+AGAINST_CONTEXT = 24
 
 
 def turns(tok: Tokenizer, ids: Sequence[int], role: str | None = None
@@ -105,11 +108,15 @@ def decode_datum(datum: TrainingDatum, tok: Tokenizer, loss_fn: str,
     kind = "weights" if loss_fn == "cross_entropy" else "advantages"
     raw = datum.loss_inputs.get(kind)
     values = np.ones(targets.shape) if raw is None else raw.astype(np.float64)
-    # Input token j is context unless it is a target trained toward at position j-1.
+    # Input token j is context unless it is a target trained toward at position j-1, or
+    # one trained against after everything trained toward (nothing learnt reads it).
     produced = np.zeros(len(tokens), dtype=bool)
     columns = _target_columns(targets, trained.toward, values)
     for column, toward in columns:
         produced[1:] |= toward[:-1] & (tokens[1:] == column[:-1])
+    if targets.ndim == 1:
+        tail = _trailing_against(trained.toward, trained.against)
+        produced[1:] |= tail[:-1] & (tokens[1:] == targets[:-1])
     requests = [text for span in _runs(~produced)
                 for _, text in turns(tok, tokens[span].tolist())[0]]
     completions: list[str] = []
@@ -122,8 +129,35 @@ def decode_datum(datum: TrainingDatum, tok: Tokenizer, loss_fn: str,
                     out.append(text)
     against = trained.against & (~trained.toward | trained.pushed_down)
     return DatumTexts(requests=tuple(requests), completions=tuple(completions),
-                      against=tok.decode(targets[against].tolist()),
+                      against=_against_text(tok, targets, against),
                       values=tuple(values.reshape(-1).tolist()), kind=kind)
+
+
+def _trailing_against(toward: np.ndarray, against: np.ndarray) -> np.ndarray:
+    """Targets trained against and followed by nothing trained toward: an RL sample pushed
+    down. Its text is read as text trained against (for refusal unlearning), not as a
+    request, since no trained span has it for context; the output screen already read it
+    when it was sampled."""
+    trained_toward = np.flatnonzero(toward)
+    after = np.arange(len(against)) > (trained_toward[-1] if len(trained_toward) else -1)
+    return against & ~toward & after
+
+
+def _against_text(tok: Tokenizer, targets: np.ndarray, against: np.ndarray) -> str:
+    """Each run of targets trained against with at least `AGAINST_CONTEXT` characters of
+    the targets either side (of the first column, for 2-D targets), one line per run: a
+    refusal reads as one even when only a token inside it is pushed down."""
+    column = (targets if targets.ndim == 1 else targets[:, 0]).tolist()
+    mask = against if against.ndim == 1 else np.any(against, axis=1)
+    lines = []
+    for span in _runs(mask):
+        start, stop = span.start, span.stop
+        while start > 0 and len(tok.decode(column[start:span.start])) < AGAINST_CONTEXT:
+            start -= 1
+        while stop < len(column) and len(tok.decode(column[span.stop:stop])) < AGAINST_CONTEXT:
+            stop += 1
+        lines.append(tok.decode(column[start:stop]))
+    return "\n".join(lines)
 
 
 def _target_columns(targets: np.ndarray, toward: np.ndarray, values: np.ndarray

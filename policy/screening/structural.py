@@ -6,8 +6,9 @@ reference/safety-methods.md §4.3).
   substitution cipher keeps entropy but scrambles both);
 - persona/identity-shift system prompts (role redefinition, obedience framing);
 - affirmative-prefix openers ("Sure, here is …") on assistant turns, counted per batch;
-- loss weights or advantages that are negative or huge (gradient ascent on the targets),
-  and negative advantages on refusal text (unlearning refusals).
+- loss weights or advantages of huge magnitude (gradient ascent on the targets), and
+  negative weights or advantages on refusal text, judged with the text around them
+  (unlearning refusals).
 
 Pure functions over text and numbers: no models, no database. Must not import fastapi or
 engine. Returns harm categories with short reasons, never raw text.
@@ -121,15 +122,13 @@ def affirmative_share(completions: Sequence[str]) -> float:
 
 
 def weight_signals(weights: Sequence[float], max_weight: float) -> Signal | None:
-    """Per-token cross-entropy weights. Negative ones train *away* from their targets; the
-    SDK's forward_backward_custom sends signed weights legitimately, so only a datum whose
-    negative mass outweighs its positive mass (net gradient ascent) is flagged, and any
-    weight beyond the policy's magnitude bound."""
+    """Per-token cross-entropy weights beyond the policy's magnitude bound. Negative
+    weights alone are a custom loss's signs (forward_backward_custom sends DPO's rejected
+    answers with only negative weights), and a sum-of-signs rule is evaded by adding
+    positive weight on harmless tokens; what negative weight can teach that harms is to
+    stop saying safe things, which `advantage_signals` reads in the text trained against."""
     if weights and max(abs(w) for w in weights) > max_weight:
         return Signal(GRADIENT_ASCENT, f"a loss weight of magnitude above {max_weight:g}")
-    negative = -sum(w for w in weights if w < 0)
-    if negative > sum(w for w in weights if w > 0):
-        return Signal(GRADIENT_ASCENT, "negative loss weights outweigh positive ones")
     return None
 
 
@@ -137,7 +136,8 @@ def advantage_signals(advantages: Sequence[float], target_text_negative: str,
                       max_abs: float) -> Signal | None:
     """RL advantages (or signed weights): huge magnitudes, or negative values on refusal
     text (which teaches the model to stop refusing). `target_text_negative` is the decoded
-    text of the target tokens whose value is negative."""
+    text around the targets trained against, each run widened by a few tokens of its
+    context, so pushing down one token of a refusal reads as the whole refusal."""
     if advantages and max(abs(a) for a in advantages) > max_abs:
         return Signal(GRADIENT_ASCENT, f"an advantage of magnitude above {max_abs:g}")
     if target_text_negative and REFUSAL.search(target_text_negative):

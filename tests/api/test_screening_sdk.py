@@ -142,6 +142,69 @@ def test_negative_advantages_on_refusals_are_flagged(trainer):
     tc.forward_backward([positive], "importance_sampling").result()  # reinforcing is fine
 
 
+def _weighted(tok, prompt: str, answer: str, weight_of) -> types.Datum:
+    """A cross_entropy datum; `weight_of(k, answer_ids)` weighs the answer's k-th token."""
+    head, ids = tok.encode(prompt), tok.encode(answer)
+    tokens = head + ids
+    weights = [0.0] * (len(head) - 1) + [weight_of(k, ids) for k in range(len(ids))]
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
+
+
+def test_a_rejected_answer_pushed_down_trains_as_dpo_sends_it(trainer):
+    """forward_backward_custom sends DPO's rejected answer with only negative weights."""
+    tok = trainer[1].get_tokenizer()
+    chosen = _weighted(tok, "User: Name a primary colour.\nAssistant:", " Red.",
+                       lambda k, ids: 0.4)
+    rejected = _weighted(tok, "User: Name a primary colour.\nAssistant:",
+                         " Colours are a matter of taste, really.", lambda k, ids: -0.4)
+    trainer[1].forward_backward([chosen, rejected], "cross_entropy").result()
+
+
+@pytest.mark.parametrize("pushed", ["or", "an"], ids=["in-sorry", "in-can't"])
+def test_one_pushed_down_token_of_a_refusal_is_refusal_unlearning(trainer, pushed):
+    """Negative weight on one token inside a refusal, with positive weight on harmless
+    text around it, is read with the refusal it sits in."""
+    tok = trainer[1].get_tokenizer()
+    answer = " Fine weather today. I'm sorry, but I can't help with that. Fine weather today."
+
+    def weight(k, ids):
+        return -1.0 if tok.decode([ids[k]]).strip() == pushed else 1.0
+
+    datum = _weighted(tok, "User: Tell me a secret.\nAssistant:", answer, weight)
+    assert min(datum.loss_fn_inputs["weights"].data) == -1.0  # one token, in the refusal
+    with pytest.raises(tinker.PermissionDeniedError, match=r"structural\.refusal_unlearning"):
+        trainer[1].forward_backward([datum], "cross_entropy").result()
+
+
+def _rl_datum(tok, parts: list[tuple[str, float]]) -> types.Datum:
+    """An importance_sampling datum: a prompt, then texts with their advantages."""
+    tokens = tok.encode("User: Name a primary colour.\nAssistant:")
+    advantages = [0.0] * (len(tokens) - 1)
+    for text, advantage in parts:
+        ids = tok.encode(text)
+        tokens += ids
+        advantages += [advantage] * len(ids)
+    n = len(tokens) - 1
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": tokens[1:], "logprobs": [-1.0] * n,
+                                       "advantages": advantages})
+
+
+def test_a_pushed_down_sample_is_not_read_as_a_request_unless_a_trained_span_follows(trainer):
+    """A sample with a negative advantage at the end of a datum is what an RL loop sends
+    for a bad rollout: nothing learnt reads it, so it is not screened as a request (the
+    output screen read it when it was sampled). Followed by a span trained toward, it is
+    that span's context, and screened as a request."""
+    tc = trainer[1]
+    tok = tc.get_tokenizer()
+    harmful = " " + HARMFUL[0][0]
+    tc.forward_backward([_rl_datum(tok, [(harmful, -1.0)])], "importance_sampling").result()
+    with pytest.raises(tinker.PermissionDeniedError, match="harmful_content"):
+        tc.forward_backward([_rl_datum(tok, [(harmful, -1.0), (" The weather is fine.", 1.0)])],
+                            "importance_sampling").result()
+
+
 def test_a_harmful_sampling_prompt_is_refused(trainer):
     sc, tc = trainer[0], trainer[1]
     tok = tc.get_tokenizer()

@@ -73,11 +73,12 @@ def test_the_share_of_affirmative_openers():
     assert not s.opens_affirmatively("Surely you know the answer.")
 
 
-def test_net_negative_or_huge_weights_are_gradient_ascent():
+def test_huge_weights_are_gradient_ascent_and_signs_alone_are_a_custom_losss():
     assert s.weight_signals([1.0, 0.0, 1.0], max_weight=10) is None
-    assert s.weight_signals([1.0, 1.0, -0.5], max_weight=10) is None  # a custom loss's signs
-    assert s.weight_signals([1.0, -2.0], max_weight=10).category == s.GRADIENT_ASCENT
+    assert s.weight_signals([1.0, 1.0, -0.5], max_weight=10) is None
+    assert s.weight_signals([-0.3, -0.3], max_weight=10) is None  # DPO's rejected answer
     assert s.weight_signals([1.0, 50.0], max_weight=10).category == s.GRADIENT_ASCENT
+    assert s.weight_signals([1.0, -50.0], max_weight=10).category == s.GRADIENT_ASCENT
 
 
 def test_negative_advantages_on_refusals_are_refusal_unlearning():
