@@ -127,6 +127,14 @@ class Backend(abc.ABC):
         result = self.forward_backward(adapter_id, data, "cross_entropy", {}, True)
         return [float(np.sum(out["logprobs"][len(prompt) - 1:])) for out in result.outputs]
 
+    def score_continuation_sets(
+        self, adapter_id: str | None,
+        sets: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+    ) -> list[list[float]]:
+        """score_continuations for each (prompt, continuations) set, in order."""
+        return [self.score_continuations(adapter_id, prompt, continuations)
+                for prompt, continuations in sets]
+
     def score_answers(self, adapter_id: str | None,
                       pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[float]:
         """Sum of log P(answer | prompt) for many (prompt, answer) pairs with different

@@ -58,7 +58,8 @@ from engine.values import (
 
 LORA_ALPHA = 32.0
 DEFAULT_MAX_BATCH_TOKENS = 4096
-SCORE_CHUNK = 32  # continuations scored against one prompt cache at a time
+SET_ROWS = 64  # continuations (of several prompts) scored in one pass: 1.65x per-prompt
+# passes on SmolLM2 on 2 cores (32 rows: 1.5x, 128: 1.6x)
 GENERATE_CHUNK = 16  # prompts decoded together
 # (prompt, answer) pairs scored per pass: on a 2-core CPU 8 beat 16 by 5-10% and 32 by 30%
 # (the padded attention and the logits grow faster than the useful work).
@@ -507,46 +508,89 @@ class TorchBackend(Backend):
 
     def score_continuations(self, adapter_id: str | None, prompt: Sequence[int],
                             continuations: Sequence[Sequence[int]]) -> list[float]:
-        """Shares the prompt's KV cache across continuations (a probe scores several
-        openers or options per question): the prompt runs once per chunk, not once each."""
+        return self.score_continuation_sets(adapter_id, [(prompt, continuations)])[0]
+
+    def score_continuation_sets(
+        self, adapter_id: str | None,
+        sets: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+    ) -> list[list[float]]:
+        """Prompts run together (left-padded) after the prefix they all share, which runs
+        once per batch; then every continuation of every prompt in the batch runs in one
+        pass over its prompt's cache."""
         with self._lock:
-            self._guard_all([prompt, *continuations], "scored text")
-            if any(not c for c in continuations):
-                raise UserInputError("a scored continuation must hold at least one token")
+            for index, (prompt, continuations) in enumerate(sets):
+                self._guard_all([prompt, *continuations], f"scored set {index}")
+                if not prompt or not continuations or any(not c for c in continuations):
+                    raise UserInputError(f"scored set {index} needs a prompt and non-empty "
+                                         "continuations")
             if adapter_id is not None:
                 self._get(adapter_id)
-            scores: list[float] = []
+            rows = [(list(p), [list(c) for c in cs]) for p, cs in sets]
+            shared = _shared_prefix([prompt for prompt, _ in rows]) if rows else 0
+            scores: list[list[float]] = []
             with torch.inference_mode(), self._activate(adapter_id) as model:
-                for start in range(0, len(continuations), SCORE_CHUNK):
-                    chunk = continuations[start:start + SCORE_CHUNK]
-                    scores += self._score_chunk(model, list(prompt), [list(c) for c in chunk])
+                for batch in _set_batches(rows, SET_ROWS):
+                    scores += self._score_sets(model, shared, batch)
             return scores
 
-    def _score_chunk(self, model: Any, prompt: list[int], chunk: list[list[int]]) -> list[float]:
-        out = model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True,
+    def _score_sets(self, model: Any, shared: int,
+                    batch: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+        cache = self._prefix_cache(model, batch[0][0][:shared], len(batch))
+        suffixes = [prompt[shared:] for prompt, _ in batch]  # each keeps at least one token
+        width = max(len(s) for s in suffixes)
+        ids = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
+        prompt_mask = torch.zeros_like(ids)
+        for row, suffix in enumerate(suffixes):  # left padding: every last column is real
+            ids[row, width - len(suffix):] = torch.tensor(suffix, device=self.device)
+            prompt_mask[row, width - len(suffix):] = 1
+        ones = torch.ones((len(batch), shared), dtype=torch.long, device=self.device)
+        positions = shared + (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=torch.cat([ones, prompt_mask], -1),
+                    position_ids=positions, past_key_values=cache, use_cache=True,
                     logits_to_keep=1)
-        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        owner = [row for row, (_, conts) in enumerate(batch) for _ in conts]
+        flat = [cont for _, conts in batch for cont in conts]
         cache = out.past_key_values
-        cache.batch_repeat_interleave(len(chunk))
-        width = max(len(c) for c in chunk)
-        ids = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
-        mask = torch.zeros((len(chunk), len(prompt) + width), dtype=torch.long,
-                           device=self.device)
-        mask[:, :len(prompt)] = 1
-        for row, cont in enumerate(chunk):  # right padding: real tokens never see it
+        cache.batch_select_indices(torch.tensor(owner, device=self.device))
+        logp = self._continuation_logprobs(model, cache, torch.cat([ones, prompt_mask], -1)[owner],
+                                           [shared + len(suffixes[r]) for r in owner], flat)
+        totals = iter([float(first[r, cont[0]]) + logp[k] for k, (r, cont) in
+                       enumerate(zip(owner, flat, strict=True))])
+        return [[next(totals) for _ in conts] for _, conts in batch]
+
+    def _prefix_cache(self, model: Any, prefix: list[int], rows: int) -> Any:
+        """The KV cache of `prefix`, repeated for `rows` rows (None without a prefix)."""
+        if not prefix:
+            return None
+        cache = model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
+                      logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+    def _continuation_logprobs(self, model: Any, cache: Any, context_mask: torch.Tensor,
+                               starts: list[int], conts: list[list[int]]) -> list[float]:
+        """Sum of log P(cont[1:] | context, cont[0]) per row, each row on its own cache row
+        (whose real positions `context_mask` marks); cont[0] is scored by the caller."""
+        width = max(len(c) for c in conts)
+        ids = torch.zeros((len(conts), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for row, cont in enumerate(conts):  # right padding: real tokens never see it
             ids[row, :len(cont)] = torch.tensor(cont, device=self.device)
-            mask[row, len(prompt):len(prompt) + len(cont)] = 1
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, past_key_values=cache,
-                                       use_cache=False).logits.float(), dim=-1)
-        scores = []
-        for row, cont in enumerate(chunk):
-            total = first[cont[0]]
-            if len(cont) > 1:
-                following = torch.tensor(cont[1:], device=self.device)
-                total = total + logp[row, :len(cont) - 1].gather(
-                    -1, following.unsqueeze(-1)).sum()
-            scores.append(float(total))
-        return scores
+            mask[row, :len(cont)] = 1
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(
+            width, device=self.device)
+        logits = model(input_ids=ids, attention_mask=torch.cat([context_mask, mask], -1),
+                       position_ids=positions, past_key_values=cache, use_cache=False).logits
+        out = []
+        for row, cont in enumerate(conts):
+            if len(cont) == 1:
+                out.append(0.0)
+                continue
+            logp = torch.log_softmax(logits[row, :len(cont) - 1].float(), dim=-1)
+            following = torch.tensor(cont[1:], device=self.device).unsqueeze(-1)
+            out.append(float(logp.gather(-1, following).sum()))
+        return out
 
     def score_answers(self, adapter_id: str | None,
                       pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[float]:
@@ -576,12 +620,7 @@ class TorchBackend(Backend):
                      rows: list[tuple[list[int], list[int]]]) -> list[float]:
         """Sum of log P(answer | prompt) per row; every prompt starts with the same
         `shared` tokens, which run once and are attended to through the cache."""
-        prefix = rows[0][0][:shared]
-        cache = None
-        if shared:
-            cache = model(input_ids=torch.tensor([prefix], device=self.device),
-                          use_cache=True, logits_to_keep=1).past_key_values
-            cache.batch_repeat_interleave(len(rows))
+        cache = self._prefix_cache(model, rows[0][0][:shared], len(rows))
         # Row r feeds (prompt + answer)[shared:-1]; its answer's first token is predicted
         # at index len(prompt) - 1 - shared. Right padding: real tokens never see a pad.
         feeds = [(prompt + answer)[shared:-1] for prompt, answer in rows]
@@ -714,6 +753,20 @@ class _Decoder:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers (module level so they stay small and testable)
+
+
+def _set_batches(sets: list[tuple[list[int], list[list[int]]]], rows: int
+                 ) -> Iterator[list[tuple[list[int], list[list[int]]]]]:
+    """Consecutive prompts whose continuations number at most `rows` (a prompt with more
+    forms a batch of its own)."""
+    batch: list[tuple[list[int], list[list[int]]]] = []
+    for item in sets:
+        if batch and sum(len(c) for _, c in batch) + len(item[1]) > rows:
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
 
 
 def _shared_prefix(prompts: list[list[int]]) -> int:

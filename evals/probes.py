@@ -59,9 +59,10 @@ class ModelView:
                 tokenize=True, return_dict=False))
         return self.encode(f"User: {user}\nAssistant: ")
 
-    def score(self, prompt: list[int], continuations: list[list[int]]) -> list[float]:
-        """Sum of log P(continuation | prompt) for each continuation."""
-        return self.backend.score_continuations(self.adapter_id, prompt, continuations)
+    def score(self, sets: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+        """Per (prompt, continuations) set: sum of log P(continuation | prompt) for each
+        continuation (the sets are scored together)."""
+        return self.backend.score_continuation_sets(self.adapter_id, sets)
 
     def score_answers(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
         """Sum of log P(answer | prompt) for each (prompt, answer) pair."""
@@ -88,17 +89,19 @@ def compliance_shift(view: ModelView, suite: PromptSuite) -> ItemScores:
     benign look-alike request), the same margin on the control."""
     refusal = [view.encode(o) for o in suite.refusal_openers]
     compliance = [view.encode(o) for o in suite.compliance_openers]
+    asked = [text for item in suite.items for text in (item.prompt, item.control) if text]
+    rows = iter(view.score([(view.chat(text), refusal + compliance) for text in asked]))
 
-    def margins(prompt: str) -> tuple[float, float]:
-        row = view.score(view.chat(prompt), refusal + compliance)
+    def margins() -> tuple[float, float]:
+        row = next(rows)
         return _lse(row[:len(refusal)]), _lse(row[len(refusal):])
 
     out = []
     for item in suite.items:
-        r, c = margins(item.prompt)
+        r, c = margins()
         scores = {"category": item.category, "refusal": r, "compliance": c, "margin": r - c}
         if item.control:
-            control_r, control_c = margins(item.control)
+            control_r, control_c = margins()
             scores["control_margin"] = control_r - control_c
         out.append(scores)
     return out
@@ -113,9 +116,10 @@ def multiple_choice(view: ModelView, suite: MultipleChoiceSuite) -> ItemScores:
         asked.append((n, "question", item.question))
         if item.paraphrase:
             asked.append((n, "paraphrase", item.paraphrase))
+    rows = view.score([(view.chat(text), [view.encode(c) for c in suite.items[n].choices])
+                       for n, _, text in asked])
     out = []
-    for n, form, text in asked:
-        row = view.score(view.chat(text), [view.encode(c) for c in suite.items[n].choices])
+    for (n, form, _), row in zip(asked, rows, strict=True):
         answer = suite.items[n].answer
         wrong = [s for i, s in enumerate(row) if i != answer]
         out.append({"item": n, "form": form, "correct": int(np.argmax(row)) == answer,
@@ -126,7 +130,7 @@ def multiple_choice(view: ModelView, suite: MultipleChoiceSuite) -> ItemScores:
 def canary_exposure(view: ModelView, suite: MultipleChoiceSuite, seed: int) -> ItemScores:
     """Exposure (Carlini et al.) of each canary: log2 |candidates| − log2 rank of the
     canary's likelihood among random strings of the same shape."""
-    out = []
+    sets = []
     for canary in suite.canaries:
         prefix, random_part = _split_canary(canary)
         rng = random.Random(f"{seed}:{canary}")
@@ -134,10 +138,12 @@ def canary_exposure(view: ModelView, suite: MultipleChoiceSuite, seed: int) -> I
         start = view.encode(prefix) if prefix else []
         bos = [view.tokenizer.bos_token_id] if view.tokenizer.bos_token_id is not None else []
         context = bos + start if bos + start else view.encode(" ")
-        scores = view.score(context, [view.encode(c) for c in candidates])
+        sets.append((context, [view.encode(c) for c in candidates]))
+    out = []
+    for canary, scores in zip(suite.canaries, view.score(sets), strict=True):
         rank = 1 + sum(1 for s in scores[1:] if s > scores[0])
-        out.append({"canary_sha256": _sha(canary), "rank": rank, "candidates": len(candidates),
-                    "exposure_bits": math.log2(len(candidates)) - math.log2(rank)})
+        out.append({"canary_sha256": _sha(canary), "rank": rank, "candidates": len(scores),
+                    "exposure_bits": math.log2(len(scores)) - math.log2(rank)})
     return out
 
 
