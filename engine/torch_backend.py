@@ -537,23 +537,18 @@ class TorchBackend(Backend):
                     batch: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
         cache = self._prefix_cache(model, batch[0][0][:shared], len(batch))
         suffixes = [prompt[shared:] for prompt, _ in batch]  # each keeps at least one token
-        width = max(len(s) for s in suffixes)
-        ids = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
-        prompt_mask = torch.zeros_like(ids)
-        for row, suffix in enumerate(suffixes):  # left padding: every last column is real
-            ids[row, width - len(suffix):] = torch.tensor(suffix, device=self.device)
-            prompt_mask[row, width - len(suffix):] = 1
+        ids, prompt_mask = self._padded(suffixes, left=True)  # every last column is real
         ones = torch.ones((len(batch), shared), dtype=torch.long, device=self.device)
+        context_mask = torch.cat([ones, prompt_mask], -1)
         positions = shared + (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=torch.cat([ones, prompt_mask], -1),
-                    position_ids=positions, past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=context_mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         owner = [row for row, (_, conts) in enumerate(batch) for _ in conts]
         flat = [cont for _, conts in batch for cont in conts]
         cache = out.past_key_values
         cache.batch_select_indices(torch.tensor(owner, device=self.device))
-        logp = self._continuation_logprobs(model, cache, torch.cat([ones, prompt_mask], -1)[owner],
+        logp = self._continuation_logprobs(model, cache, context_mask[owner],
                                            [shared + len(suffixes[r]) for r in owner], flat)
         totals = iter([float(first[r, cont[0]]) + logp[k] for k, (r, cont) in
                        enumerate(zip(owner, flat, strict=True))])
@@ -572,25 +567,33 @@ class TorchBackend(Backend):
                                starts: list[int], conts: list[list[int]]) -> list[float]:
         """Sum of log P(cont[1:] | context, cont[0]) per row, each row on its own cache row
         (whose real positions `context_mask` marks); cont[0] is scored by the caller."""
-        width = max(len(c) for c in conts)
-        ids = torch.zeros((len(conts), width), dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        for row, cont in enumerate(conts):  # right padding: real tokens never see it
-            ids[row, :len(cont)] = torch.tensor(cont, device=self.device)
-            mask[row, :len(cont)] = 1
+        ids, mask = self._padded(conts, left=False)  # real tokens never see a pad
         positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(
-            width, device=self.device)
+            ids.shape[1], device=self.device)
         logits = model(input_ids=ids, attention_mask=torch.cat([context_mask, mask], -1),
                        position_ids=positions, past_key_values=cache, use_cache=False).logits
-        out = []
-        for row, cont in enumerate(conts):
-            if len(cont) == 1:
-                out.append(0.0)
-                continue
-            logp = torch.log_softmax(logits[row, :len(cont) - 1].float(), dim=-1)
-            following = torch.tensor(cont[1:], device=self.device).unsqueeze(-1)
-            out.append(float(logp.gather(-1, following).sum()))
-        return out
+        return [self._span_logprob(logits[row, :len(cont) - 1], cont[1:])
+                for row, cont in enumerate(conts)]
+
+    def _padded(self, rows: Sequence[Sequence[int]], left: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, attention mask) for rows of unequal length, zero-padded on one side."""
+        width = max(len(r) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for row, tokens in enumerate(rows):
+            span = slice(width - len(tokens), width) if left else slice(0, len(tokens))
+            ids[row, span] = torch.tensor(list(tokens), device=self.device)
+            mask[row, span] = 1
+        return ids, mask
+
+    def _span_logprob(self, logits: torch.Tensor, targets: Sequence[int]) -> float:
+        """Sum of log P(targets[i]) under logits[i] (0.0 for no targets)."""
+        if not targets:
+            return 0.0
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return float(logp.gather(-1, torch.tensor(list(targets), device=self.device)
+                                 .unsqueeze(-1)).sum())
 
     def score_answers(self, adapter_id: str | None,
                       pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[float]:
@@ -625,23 +628,14 @@ class TorchBackend(Backend):
         # at index len(prompt) - 1 - shared. Right padding: real tokens never see a pad.
         feeds = [(prompt + answer)[shared:-1] for prompt, answer in rows]
         firsts = [len(prompt) - 1 - shared for prompt, _ in rows]
-        width, low = max(len(f) for f in feeds), min(firsts)
-        ids = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
-        mask = torch.zeros((len(rows), shared + width), dtype=torch.long, device=self.device)
-        mask[:, :shared] = 1
-        for row, feed in enumerate(feeds):
-            ids[row, :len(feed)] = torch.tensor(feed, device=self.device)
-            mask[row, shared:shared + len(feed)] = 1
-        keep = torch.arange(low, width, device=self.device)
-        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache,
-                       use_cache=False, logits_to_keep=keep).logits
-        scores = []
-        for row, (first, (_, answer)) in enumerate(zip(firsts, rows, strict=True)):
-            span = torch.log_softmax(logits[row, first - low:first - low + len(answer)].float(),
-                                     dim=-1)
-            target = torch.tensor(answer, device=self.device).unsqueeze(-1)
-            scores.append(float(span.gather(-1, target).sum()))
-        return scores
+        ids, mask = self._padded(feeds, left=False)
+        ones = torch.ones((len(rows), shared), dtype=torch.long, device=self.device)
+        low = min(firsts)
+        keep = torch.arange(low, ids.shape[1], device=self.device)
+        logits = model(input_ids=ids, attention_mask=torch.cat([ones, mask], -1),
+                       past_key_values=cache, use_cache=False, logits_to_keep=keep).logits
+        return [self._span_logprob(logits[row, first - low:first - low + len(answer)], answer)
+                for row, (first, (_, answer)) in enumerate(zip(firsts, rows, strict=True))]
 
     def generate_greedy(self, adapter_id: str | None, prompts: Sequence[Sequence[int]],
                         max_tokens: int) -> list[list[int]]:
@@ -662,12 +656,8 @@ class TorchBackend(Backend):
 
     def _generate_chunk(self, model: Any, prompts: Sequence[Sequence[int]],
                         max_tokens: int) -> list[list[int]]:
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(list(prompt), device=self.device)
-            mask[row, width - len(prompt):] = 1
+        ids, mask = self._padded(prompts, left=True)
+        width = ids.shape[1]
         eos = list(self.info.eos_token_ids)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
