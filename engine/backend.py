@@ -12,7 +12,7 @@ know about HTTP, the database or policy.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,64 @@ class SampleResult:
     prompt_logprobs: list[float | None] | None = None
     # One row per prompt token; row 0 is None. Each row: up to k (token_id, logprob) pairs.
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+class SamplingBatch(abc.ABC):
+    """Sampling requests decoded together: `add` them (each is checked then: a
+    UserInputError leaves the batch as it was), then `step` until `empty`; each step
+    returns the requests that finished with their results. Requests added between steps
+    join the running ones when `can_join`, else once those have finished."""
+
+    @abc.abstractmethod
+    def add(self, key: Hashable, adapter_id: str | None, spec: SampleSpec) -> None: ...
+
+    @abc.abstractmethod
+    def step(self) -> list[tuple[Hashable, SampleResult]]: ...
+
+    @property
+    @abc.abstractmethod
+    def rows(self) -> int:
+        """Samples of the requests in the batch (the rows they decode in)."""
+
+    @property
+    @abc.abstractmethod
+    def empty(self) -> bool: ...
+
+    @property
+    def can_join(self) -> bool:
+        return True
+
+    def run(self) -> dict[Hashable, SampleResult]:
+        """Step until every request added so far has finished; results by key."""
+        results: dict[Hashable, SampleResult] = {}
+        while not self.empty:
+            results.update(self.step())
+        return results
+
+
+class _OneAtATime(SamplingBatch):
+    """The default: each request is sampled alone when it is added."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._done: list[tuple[Hashable, SampleResult, int]] = []
+
+    def add(self, key: Hashable, adapter_id: str | None, spec: SampleSpec) -> None:
+        self._done.append((key, self.backend.sample(adapter_id, spec), spec.num_samples))
+
+    def step(self) -> list[tuple[Hashable, SampleResult]]:
+        if not self._done:
+            return []
+        key, result, _ = self._done.pop(0)
+        return [(key, result)]
+
+    @property
+    def rows(self) -> int:
+        return sum(n for _, _, n in self._done)
+
+    @property
+    def empty(self) -> bool:
+        return not self._done
 
 
 class Backend(abc.ABC):
@@ -111,6 +169,10 @@ class Backend(abc.ABC):
     def sample(self, adapter_id: str | None, spec: SampleSpec) -> SampleResult:
         """Generate with a KV cache. adapter_id None samples the bare base model.
         The same seed and spec give the same tokens."""
+
+    def batch_decoder(self) -> SamplingBatch:
+        """Many sampling requests decoded together (the default samples each alone)."""
+        return _OneAtATime(self)
 
     # -- evaluation helpers: defaults built on the calls above; backends may do better --
 

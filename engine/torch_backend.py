@@ -40,8 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.backend import Backend, ForwardBackwardResult, SampledSequence, SampleResult
+from engine.backend import Backend, ForwardBackwardResult, SampleResult
 from engine.checkpoints import AdapterFiles, read_checkpoint, write_checkpoint
+from engine.decoding import BatchDecoder, topk_rows
 from engine.errors import NonFiniteError, UnknownAdapterError, UserInputError
 from engine.losses import elementwise_loss
 from engine.registry import ModelRegistry
@@ -470,38 +471,42 @@ class TorchBackend(Backend):
 
     def sample(self, adapter_id: str | None, spec: SampleSpec) -> SampleResult:
         with self._lock:
-            self.guard(spec.prompt, "the prompt", generated=spec.max_tokens)
-            self.guard(spec.stop_token_ids or (), "the stop token ids")
-            if adapter_id is not None:
-                self._get(adapter_id)
-            seed = spec.seed if spec.seed is not None else secrets.randbits(63)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-            with torch.inference_mode(), self._activate(adapter_id) as model:
-                return self._sample(model, spec, generator)
+            decoder = self.batch_decoder()
+            decoder.add(0, adapter_id, spec)
+            return decoder.run()[0]
 
-    def _sample(self, model: Any, spec: SampleSpec, generator: torch.Generator) -> SampleResult:
-        want_prompt = spec.prompt_logprobs or spec.topk_prompt_logprobs > 0
-        prompt = torch.tensor([spec.prompt], dtype=torch.long, device=self.device)
-        # Prefill once for one copy of the prompt, then repeat its KV cache per sample.
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=0 if want_prompt else 1)
-        result = SampleResult(sequences=[])
-        if want_prompt:
-            self._score_prompt(out.logits[0, :-1].float(), spec, result)
-        cache = out.past_key_values
-        if spec.num_samples > 1:
-            cache.batch_repeat_interleave(spec.num_samples)
-        logits = out.logits[:, -1].float().expand(spec.num_samples, -1).contiguous()
-        result.sequences = _Decoder(self, model, spec, generator).run(logits, cache)
-        return result
+    def batch_decoder(self) -> BatchDecoder:
+        """Sampling requests decoded together (engine.decoding); each of its calls holds
+        this backend's lock."""
+        return BatchDecoder(self)
 
-    def _score_prompt(self, logits: torch.Tensor, spec: SampleSpec, result: SampleResult) -> None:
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
+
+    def forward_rows(self, adapters: Sequence[str | None], **inputs: Any) -> Any:
+        """One inference forward pass in which row i computes with adapters[i] (None: the
+        bare base), through PEFT's mixed-adapter batches."""
+        if self._peft is None:
+            if any(a is not None for a in adapters):
+                raise UnknownAdapterError("no adapter is loaded on this server")
+            return self._base(**inputs)
+        names = ["__base__" if a is None else self._get(a).peft_name for a in adapters]
+        return self._peft(**inputs, adapter_names=names)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Text of generated tokens, special tokens kept (stop strings match against it)."""
+        return str(self._tokenizer.decode(list(tokens), skip_special_tokens=False))
+
+    def score_prompt(self, logits: torch.Tensor, spec: SampleSpec, result: SampleResult) -> None:
+        """Fill the result's prompt logprobs (and their top-k) from the prefill's logits."""
         logp = torch.log_softmax(logits, dim=-1)  # row i predicts prompt[i + 1]
         if spec.prompt_logprobs:
             following = torch.tensor(spec.prompt[1:], dtype=torch.long, device=self.device)
             picked = logp.gather(-1, following.unsqueeze(-1)).squeeze(-1).tolist()
             result.prompt_logprobs = [None, *picked]
         if spec.topk_prompt_logprobs > 0:
-            rows = _topk_rows(logp, spec.topk_prompt_logprobs)
+            rows = topk_rows(logp, spec.topk_prompt_logprobs)
             result.topk_prompt_logprobs = [None, *rows]
 
     # -- evaluation helpers ------------------------------------------------------------------
@@ -679,68 +684,6 @@ class TorchBackend(Backend):
             self.guard(tokens, what)
 
 
-class _Decoder:
-    """Step-by-step decoding with a KV cache for `num_samples` copies of one prompt."""
-
-    def __init__(
-        self, backend: TorchBackend, model: Any, spec: SampleSpec, generator: torch.Generator
-    ) -> None:
-        self.backend, self.model, self.spec, self.generator = backend, model, spec, generator
-        default = spec.stop_token_ids is None and spec.stop_strings is None
-        self.stop_ids = set(backend.info.eos_token_ids if default else spec.stop_token_ids or ())
-        self.stop_strings = tuple(spec.stop_strings or ())
-        n = spec.num_samples
-        self.tokens: list[list[int]] = [[] for _ in range(n)]
-        self.logprobs: list[list[float]] = [[] for _ in range(n)]
-        self.topk: list[list[list[tuple[int, float]]]] = [[] for _ in range(n)]
-        self.stopped = [False] * n
-
-    def run(self, logits: torch.Tensor, cache: Any) -> list[SampledSequence]:
-        live = list(range(self.spec.num_samples))  # sample index of each cache row
-        for step in range(self.spec.max_tokens):
-            chosen = _choose_tokens(logits, self.spec, self.generator)
-            self._record(live, logits, chosen)
-            keep = [row for row, index in enumerate(live) if not self.stopped[index]]
-            if not keep or step == self.spec.max_tokens - 1:
-                break
-            if len(keep) < len(live):
-                # Drop finished rows from the cache so they cost nothing from here on.
-                cache.batch_select_indices(torch.tensor(keep, device=logits.device))
-                live, chosen = [live[row] for row in keep], chosen[keep]
-            out = self.model(input_ids=chosen.unsqueeze(-1), past_key_values=cache, use_cache=True)
-            logits, cache = out.logits[:, -1].float(), out.past_key_values
-        want_topk = self.spec.topk_sample_logprobs > 0
-        return [
-            SampledSequence(
-                tokens=self.tokens[i],
-                logprobs=self.logprobs[i],
-                stopped=self.stopped[i],
-                topk=self.topk[i] if want_topk else None,
-            )
-            for i in range(self.spec.num_samples)
-        ]
-
-    def _record(self, live: list[int], logits: torch.Tensor, chosen: torch.Tensor) -> None:
-        # Reported logprobs come from the raw distribution (temperature 1, no top-k/top-p).
-        logp = torch.log_softmax(logits, dim=-1)
-        picked = logp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()
-        k = self.spec.topk_sample_logprobs
-        rows = _topk_rows(logp, k) if k > 0 else None
-        for row, index in enumerate(live):
-            token = int(chosen[row])
-            self.tokens[index].append(token)
-            self.logprobs[index].append(float(picked[row]))
-            if rows is not None:
-                self.topk[index].append(rows[row])
-            self.stopped[index] = token in self.stop_ids or self._hit_stop_string(index)
-
-    def _hit_stop_string(self, index: int) -> bool:
-        if not self.stop_strings:
-            return False
-        text = self.backend._tokenizer.decode(self.tokens[index], skip_special_tokens=False)
-        return any(stop in text for stop in self.stop_strings)
-
-
 # ---------------------------------------------------------------------------------------------
 # Helpers (module level so they stay small and testable)
 
@@ -772,40 +715,6 @@ def _shared_prefix(prompts: list[list[int]]) -> int:
 def _check_adapter_id(adapter_id: str) -> None:
     if not isinstance(adapter_id, str) or not adapter_id:
         raise UserInputError(f"adapter id must be a non-empty string, got {adapter_id!r}")
-
-
-def _choose_tokens(
-    logits: torch.Tensor, spec: SampleSpec, generator: torch.Generator
-) -> torch.Tensor:
-    """One token per row: argmax at temperature 0, else temperature → top-k → top-p → draw."""
-    if spec.temperature == 0:
-        return logits.argmax(dim=-1)
-    scaled = logits / spec.temperature
-    if 0 < spec.top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, spec.top_k, dim=-1).values[..., -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if spec.top_p < 1.0:
-        scaled = _nucleus(scaled, spec.top_p)
-    probs = torch.softmax(scaled, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _nucleus(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability mass reaches top_p."""
-    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    drop_sorted = mass_before >= top_p  # the most likely token always has mass_before 0
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return scaled.masked_fill(drop, float("-inf"))
-
-
-def _topk_rows(logp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
-    values, ids = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)  # sorted, best first
-    return [
-        list(zip(row_ids, row_values, strict=True))
-        for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
-    ]
 
 
 def _init_lora(params: dict[str, torch.nn.Parameter], seed: int) -> None:

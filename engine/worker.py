@@ -3,8 +3,11 @@
 Claims pending futures one at a time — per training run strictly in `seq_id` order, and
 never while another future of the same run is running — runs them, and writes the
 result, the domain rows the job produced (checkpoints, samplers, run status) and an audit
-entry in one transaction. A job that fails changes nothing and resolves its own future
-only: other runs are unaffected. Between jobs it sweeps expired checkpoints.
+entry in one transaction. Sampling requests are the exception: a round decodes every
+queued request of one base model together, taking in new ones every few decode steps
+(the backend's `batch_decoder`), and commits each as it finishes. A job that fails changes
+nothing and resolves its own future only: other runs are unaffected. Between jobs it
+sweeps expired checkpoints.
 
 Must not import fastapi, gateway or policy. Runs as a thread inside `loragate serve`
 (embedded default) or as its own process (`loragate worker`).
@@ -32,7 +35,7 @@ from audit import usage
 from audit.db import transaction
 from audit.models import Checkpoint, Future, Sampler, TrainingRun, utcnow
 from engine import jobs, leases, run_state, wire
-from engine.backend import SampledSequence, SampleResult
+from engine.backend import SampledSequence, SampleResult, SamplingBatch
 from engine.errors import UnknownAdapterError, UserInputError
 from engine.registry import fast_tokenizer
 from engine.run_state import DurableState
@@ -41,10 +44,17 @@ from engine.sweeper import BeforeDelete, sweep_expired_checkpoints
 if TYPE_CHECKING:
     from engine.backend import Backend
     from engine.registry import ModelRegistry
+    from engine.values import SampleSpec
 
 logger = logging.getLogger("loragate.worker")
 
 SAMPLER_ADAPTER_CACHE = 8
+# Sampling requests decode together (engine.decoding): a round takes up to this many
+# samples at once, looks for newly queued requests of its base model every few decode
+# steps, and stops taking them after a while so other jobs get the worker.
+SAMPLE_ROWS = 64
+ADMIT_EVERY_STEPS = 4
+SAMPLING_ROUND_SECONDS = 20.0
 # A run's weights and AdamW state are snapshotted every this many optimizer steps; the jobs
 # in between are logged and replayed on a restore (engine.run_state).
 SNAPSHOT_EVERY = 8
@@ -165,11 +175,15 @@ class Worker:
             logger.exception("sweeping expired checkpoints failed")
 
     def run_once(self) -> bool:
-        """Claim and run one future; False when nothing was claimable."""
+        """Claim and run one future (a sampling request: a round of them); False when
+        nothing was claimable."""
         claimed = self._claim()
         if claimed is None:
             return False
-        self._run(claimed)
+        if claimed.kind == "sample":
+            self._sampling_round(claimed)
+        else:
+            self._run(claimed)
         return True
 
     def heartbeat(self) -> None:
@@ -261,6 +275,30 @@ class Worker:
             session.expunge(fut)
             return fut
 
+    def _claim_samples(self, base_model: str, rows: int) -> list[Future]:
+        """Claim queued sampling requests of `base_model` whose samples fit in `rows`,
+        oldest first."""
+        with transaction(self.factory) as session:
+            stmt = (select(Future)
+                    .where(Future.status == "pending", Future.kind == "sample",
+                           leases.claimable_by(self.worker_id, utcnow()))
+                    .order_by(Future.created_at).limit(SAMPLE_ROWS))
+            if session.get_bind().dialect.name == "postgresql":
+                stmt = stmt.with_for_update(skip_locked=True, of=Future)
+            claimed = []
+            for fut in session.scalars(stmt).all():
+                job = jobs.load_job(jobs.SampleJob, fut.request_payload)
+                samples = _samples_asked(job)
+                if job.base_model != base_model or samples > rows:
+                    continue
+                rows -= samples
+                fut.status, fut.worker_id, fut.claimed_at = "running", self.worker_id, utcnow()
+                claimed.append(fut)
+            session.flush()
+            for fut in claimed:
+                session.expunge(fut)
+            return claimed
+
     def _run(self, fut: Future) -> None:
         started = time.perf_counter()
         try:
@@ -280,6 +318,9 @@ class Worker:
                     hook()
                 except Exception:  # the outcome is committed; a hook failing must not undo it
                     logger.exception("after-commit hook of %s failed", fut.request_id)
+        self._notify(fut)
+
+    def _notify(self, fut: Future) -> None:
         if self.on_finished is not None:
             self.on_finished(fut.request_id)
 
@@ -353,7 +394,6 @@ class Worker:
             "optim_step": self._optim_step,
             "save_weights": self._save,
             "save_weights_for_sampler": self._save,
-            "sample": self._sample,
         }.get(fut.kind)
         if handler is not None:
             return handler(fut)
@@ -499,20 +539,81 @@ class Worker:
                        apply=_record_checkpoint(job, fut.principal_id, size,
                                                 backend.info.name))
 
-    def _sample(self, fut: Future) -> Outcome:
-        job = jobs.load_job(jobs.SampleJob, fut.request_payload)
-        backend = self.backend(job.base_model)
-        call = wire.parse_sample_request(job.request)  # the backend guards the ids
-        adapter = self._sampler_adapter(backend, job.adapter_dir)
-        result = backend.sample(adapter, call.spec)
+    # ------------------------------------------------------------------ sampling
+
+    def _sampling_round(self, first: Future) -> None:
+        """Decode `first` together with the sampling requests of its base model that are
+        queued or arrive while it runs (continuous batching, engine.decoding); each
+        request finishes, is screened and is committed on its own as soon as it is done."""
+        base_model = jobs.load_job(jobs.SampleJob, first.request_payload).base_model
+        try:
+            decoder = self.backend(base_model).batch_decoder()
+        except Exception as exc:
+            logger.exception("loading %s for sampling failed", base_model)
+            self._finish_failed(first, f"internal error while running sample: "
+                                f"{type(exc).__name__}", "server")
+            self._notify(first)
+            return
+        running: dict[str, _Sampling] = {}
+        self._admit(decoder, [first], running)
+        closes = time.monotonic() + SAMPLING_ROUND_SECONDS
+        steps = 0
+        while not decoder.empty:
+            if (steps % ADMIT_EVERY_STEPS == 0 and decoder.can_join
+                    and time.monotonic() < closes and decoder.rows < SAMPLE_ROWS):
+                more = self._claim_samples(base_model, SAMPLE_ROWS - decoder.rows)
+                self._admit(decoder, more, running)
+            steps += 1
+            try:
+                finished = decoder.step()
+            except Exception as exc:  # a failed pass fails every request in it
+                logger.exception("sampling step failed")
+                for sampling in running.values():
+                    self._finish_failed(sampling.fut, "internal error while running sample: "
+                                        f"{type(exc).__name__}", "server")
+                    self._notify(sampling.fut)
+                return
+            for key, result in finished:
+                self._finish_sample(running.pop(str(key)), result)
+
+    def _admit(self, decoder: SamplingBatch, futs: list[Future],
+               running: dict[str, _Sampling]) -> None:
+        """Add claimed sampling requests to the round; one that cannot run fails alone."""
+        for fut in futs:
+            try:
+                job = jobs.load_job(jobs.SampleJob, fut.request_payload)
+                backend = self.backend(job.base_model)
+                call = wire.parse_sample_request(job.request)  # the backend guards the ids
+                keep = frozenset(s.adapter for s in running.values() if s.adapter)
+                adapter = self._sampler_adapter(backend, job.adapter_dir, keep)
+                decoder.add(fut.request_id, adapter, call.spec)
+            except UserInputError as exc:
+                self._finish_failed(fut, str(exc), "user")
+                self._notify(fut)
+            except Exception as exc:
+                logger.exception("job %s (sample) failed", fut.request_id)
+                self._finish_failed(fut, f"internal error while running sample: "
+                                    f"{type(exc).__name__}", "server")
+                self._notify(fut)
+            else:
+                running[fut.request_id] = _Sampling(fut, job, call.spec, adapter, backend,
+                                                    time.perf_counter())
+
+    def _finish_sample(self, sampling: _Sampling, result: SampleResult) -> None:
+        """Screen a finished request's samples and commit its result."""
+        spec = sampling.spec
         # Scored prompt tokens (prompt logprobs or their top-k) are charged as sampled.
-        used = {"prefill_tokens": len(call.spec.prompt),
+        used = {"prefill_tokens": len(spec.prompt),
                 "sampled_tokens": sum(len(s.tokens) for s in result.sequences)
-                + call.spec.scored_prompt_tokens}
-        audit = {"samples": call.spec.num_samples, **used,
-                 "scored_prompt_tokens": call.spec.scored_prompt_tokens,
-                 "adapter": job.adapter_dir, **self._screen_outputs(backend, result)}
-        return Outcome("proto", wire.encode_sample_result(result), audit=audit, used=used)
+                + spec.scored_prompt_tokens}
+        audit = {"samples": spec.num_samples, **used,
+                 "scored_prompt_tokens": spec.scored_prompt_tokens,
+                 "adapter": sampling.job.adapter_dir,
+                 **self._screen_outputs(sampling.backend, result)}
+        outcome = Outcome("proto", wire.encode_sample_result(result), audit=audit, used=used)
+        outcome.audit["seconds"] = round(time.perf_counter() - sampling.started, 4)
+        self._finish_done(sampling.fut, outcome)
+        self._notify(sampling.fut)
 
     def _screen_outputs(self, backend: Backend, result: SampleResult) -> dict[str, Any]:
         """Withhold the sequences the output screen flags: each is replaced by
@@ -534,8 +635,10 @@ class Worker:
                                 "sha256": hashlib.sha256(text.encode()).hexdigest()}
         return {"screened_outputs": len(texts), "withheld": withheld}
 
-    def _sampler_adapter(self, backend: Backend, adapter_dir: str | None) -> str | None:
-        """Sampler weights are immutable snapshots: load each once, keep a few."""
+    def _sampler_adapter(self, backend: Backend, adapter_dir: str | None,
+                         in_use: frozenset[str] = frozenset()) -> str | None:
+        """Sampler weights are immutable snapshots: load each once, keep a few (and every
+        one a running request decodes with)."""
         if adapter_dir is None:
             return None
         key = f"sampler::{adapter_dir}"
@@ -544,10 +647,32 @@ class Worker:
             return key
         backend.load_adapter(key, self.checkpoint_root / adapter_dir, with_optimizer=False)
         self._sampler_adapters[key] = adapter_dir
-        while len(self._sampler_adapters) > SAMPLER_ADAPTER_CACHE:
-            old, _ = self._sampler_adapters.popitem(last=False)
+        spare = [k for k in self._sampler_adapters if k not in in_use and k != key]
+        for old in spare[:max(0, len(self._sampler_adapters) - SAMPLER_ADAPTER_CACHE)]:
+            del self._sampler_adapters[old]
             backend.drop_adapter(old)
         return key
+
+
+@dataclass
+class _Sampling:
+    """A sampling request in a round: its future, job, spec, adapter and start time."""
+
+    fut: Future
+    job: jobs.SampleJob
+    spec: SampleSpec
+    adapter: str | None
+    backend: Backend
+    started: float
+
+
+def _samples_asked(job: jobs.SampleJob) -> int:
+    """How many samples a queued request asks for (1 when it is malformed: it fails when
+    it is admitted)."""
+    try:
+        return wire.parse_sample_request(job.request).spec.num_samples
+    except UserInputError:
+        return 1
 
 
 def _set_run_status(model_id: str, status: str, lora: Any = None) -> Callable[[Session], None]:
