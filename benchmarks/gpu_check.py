@@ -9,7 +9,11 @@ Correctness (same base model, LoRA seed and batch of real text on both devices):
 Throughput on the device, measured side by side in one run (ratios, never absolute bars):
 - the backend's `forward_backward` + `optim_step` against plain PEFT on the same device,
   both in bf16, on new real text every step;
-- the backend's batched sampling (8 samples x 64 tokens) against HF `generate`.
+- the backend's batched sampling (8 samples x 64 tokens) against HF `generate`;
+- four runs' `forward_backward` jobs in one pass (`forward_backward_many`, on by default on
+  CUDA) against the same jobs one after the other: the pass must give each job its own
+  loss and gradients (checked against running it alone, on the device), and the ratio
+  says whether it pays on this device (`LORAGATE_BATCH_ACROSS_RUNS=off` turns it off).
 
     python -m benchmarks.gpu_check [--device cuda] [--batch 4] [--seq-len 128]
     bash benchmarks/gpu_check.sh     # the same, after checking the machine
@@ -184,6 +188,54 @@ def sampling(dev: TorchBackend, model_dir: Path, prompt: list[int]) -> None:
     print(f"  sampling 8 x 64 tokens, backend / HF generate (median of 3): {ratio:.3f}")
 
 
+def across_runs(dev: TorchBackend, batches: list[list[list[int]]], rank: int,
+                runs: int = 4) -> bool:
+    """Jobs of `runs` runs in one pass against the same jobs one at a time: each job's loss
+    and gradient agree, and the throughput ratio. True when they agree."""
+    from engine.backend import Backend, TrainingPass
+
+    before = dev.batch_across_runs
+    dev.batch_across_runs = True
+    names = [f"runs-{which}-{i}" for which in ("one", "alone") for i in range(runs)]
+    for i, name in enumerate(names):
+        dev.create_adapter(name, LoraSpec(rank=rank, seed=i % runs))
+
+    def jobs(which: str, seqs: list[list[int]]) -> list[TrainingPass]:
+        return [TrainingPass(f"runs-{which}-{i}", datums(seqs), "cross_entropy", {}, False)
+                for i in range(runs)]
+
+    together = dev.forward_backward_many(jobs("one", batches[0]))
+    alone = Backend.forward_backward_many(dev, jobs("alone", batches[0]))
+    worst_loss = max(abs(a.metrics["loss:sum"] / b.metrics["loss:sum"] - 1)  # type: ignore[union-attr]
+                     for a, b in zip(together, alone, strict=True))
+    worst_grad = max(_grad_gap(dev, f"runs-one-{i}", f"runs-alone-{i}") for i in range(runs))
+    ok = worst_loss <= MAX_LOSS_REL_DIFF and worst_grad <= MAX_UPDATE_REL_DIFF
+    print(f"  {runs} runs in one pass against each alone: loss rel. diff {worst_loss:.2e} "
+          f"(max {MAX_LOSS_REL_DIFF}), gradient rel. diff {worst_grad:.2e} "
+          f"(max {MAX_UPDATE_REL_DIFF}) {'ok' if ok else 'FAIL'}")
+    ratios = []
+    for seqs in batches[1:4]:
+        one = timed(lambda s: dev.forward_backward_many(jobs("one", s)), [seqs], dev.device)
+        each = timed(lambda s: Backend.forward_backward_many(dev, jobs("alone", s)), [seqs],
+                     dev.device)
+        ratios.append(one / each)
+    print(f"  {runs} runs' jobs in one pass / one after the other, tokens/s (median of 3): "
+          f"{statistics.median(ratios):.3f} ({dev.batched_passes} passes ran batched)")
+    for name in names:
+        dev.drop_adapter(name)
+    dev.batch_across_runs = before
+    return ok
+
+
+def _grad_gap(dev: TorchBackend, a: str, b: str) -> float:
+    """|g_a - g_b| / |g_b| over an adapter's accumulated gradient."""
+    left, right = dev.adapter_snapshot(a), dev.adapter_snapshot(b)
+    keys = [k for k in left if k.startswith("grad:")]
+    diff = torch.stack([torch.linalg.vector_norm((left[k] - right[k]).float()) for k in keys])
+    norm = torch.stack([torch.linalg.vector_norm(right[k].float()) for k in keys])
+    return float(torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(norm))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -212,7 +264,10 @@ def main() -> int:
     del cpu
     print("throughput")
     throughput(dev, model_dir, batches[1:], args.rank, args.rounds)
-    print("PASS" if ok else "FAIL: the device disagrees with the CPU reference")
+    print("several runs in one pass")
+    ok = across_runs(dev, batches[1:], args.rank) and ok
+    print("PASS" if ok else "FAIL: the device disagrees with the CPU reference or with "
+          "itself running each job alone")
     return 0 if ok else 1
 
 

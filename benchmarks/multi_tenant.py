@@ -18,6 +18,9 @@ one-job-at-a-time loop (jobs queue behind each other) or around it (the worker i
 
     python -m benchmarks.multi_tenant [--tenants 1,2,4,8] [--steps 6] [--batch 2]
         [--seq-len 64] [--rank 8] [--samples 8] [--sample-tokens 64]
+
+The gateway runs with the environment's settings: `LORAGATE_BATCH_ACROSS_RUNS=on` measures
+jobs of several runs in one pass on CPU, where its default (`auto`) leaves it off.
 """
 
 from __future__ import annotations
@@ -143,17 +146,28 @@ def where_the_time_goes(db: Path, run_ids: list[str], start: float, end: float
             f"SELECT kind, created_at, claimed_at, finished_at FROM futures WHERE model_id IN "
             f"({marks}) AND status = 'done'", run_ids).fetchall()
     runs: dict[str, list[float]] = defaultdict(list)
-    waits, busy = [], 0.0
+    waits, spans = [], []
     for kind, created, claimed, finished in rows:
         c, s, f = (_unix(v) for v in (created, claimed, finished))
         if c < start or c > end:
             continue
         runs[kind].append(f - s)
         waits.append(s - c)
-        busy += f - s
-    summary = {"busy_share": busy / (end - start), "queue_wait": statistics.mean(waits)}
+        spans.append((s, f))
+    summary = {"busy_share": _covered(spans) / (end - start),
+               "queue_wait": statistics.mean(waits)}
     summary.update({f"run:{kind}": statistics.mean(times) for kind, times in runs.items()})
     return summary
+
+
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of the spans (jobs that ran in one pass overlap)."""
+    total, reach = 0.0, float("-inf")
+    for begin, end in sorted(spans):
+        if end > reach:
+            total += end - max(begin, reach)
+            reach = end
+    return total
 
 
 def _unix(value: str) -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import UserInputError
 from engine.values import AdamStep, LoraSpec, ModelInfo, SampleSpec, TrainingDatum
 
 SCORE_BATCH = 16  # (prompt, answer) pairs per forward pass when scoring reference answers
@@ -30,6 +31,18 @@ class ForwardBackwardResult:
 
     outputs: list[dict[str, np.ndarray]]
     metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TrainingPass:
+    """One forward_backward job: an adapter (None: the bare base, forward only), its
+    datums, the loss and its config."""
+
+    adapter_id: str | None
+    data: list[TrainingDatum]
+    loss_fn: str
+    loss_config: dict[str, float]
+    forward_only: bool
 
 
 @dataclass
@@ -145,6 +158,20 @@ class Backend(abc.ABC):
         """Run the loss; unless forward_only, add the gradients to the adapter's
         accumulator. adapter_id None means the bare base model and requires forward_only."""
 
+    def forward_backward_many(
+        self, jobs: Sequence[TrainingPass]
+    ) -> list[ForwardBackwardResult | UserInputError]:
+        """forward_backward of several jobs (of different runs), in order; a job that fails
+        gives its UserInputError in its place and the others go on."""
+        results: list[ForwardBackwardResult | UserInputError] = []
+        for job in jobs:
+            try:
+                results.append(self.forward_backward(job.adapter_id, job.data, job.loss_fn,
+                                                     job.loss_config, job.forward_only))
+            except UserInputError as exc:
+                results.append(exc)
+        return results
+
     @abc.abstractmethod
     def optim_step(self, adapter_id: str, step: AdamStep) -> dict[str, float]:
         """Apply the accumulated gradients with AdamW (after global-norm clipping when
@@ -164,6 +191,10 @@ class Backend(abc.ABC):
     # trained state, and forward_backward/optim_step run again on it give the same numbers:
     # the worker then keeps every run recoverable from disk (engine.run_state).
     keeps_durable_state = False
+
+    # True when forward_backward_many runs jobs of different runs in one pass: the worker
+    # then hands it the next job of several runs at once.
+    batch_across_runs = False
 
     @abc.abstractmethod
     def sample(self, adapter_id: str | None, spec: SampleSpec) -> SampleResult:

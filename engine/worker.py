@@ -5,9 +5,11 @@ never while another future of the same run is running — runs them, and writes 
 result, the domain rows the job produced (checkpoints, samplers, run status) and an audit
 entry in one transaction. Sampling requests are the exception: a round decodes every
 queued request of one base model together, taking in new ones every few decode steps
-(the backend's `batch_decoder`), and commits each as it finishes. A job that fails changes
-nothing and resolves its own future only: other runs are unaffected. Between jobs it
-sweeps expired checkpoints.
+(the backend's `batch_decoder`), and commits each as it finishes. With a backend that
+batches across runs, a forward_backward takes the next forward_backward of other runs on
+its base model into one pass (`forward_backward_many`), each committed on its own. A job
+that fails changes nothing and resolves its own future only: other runs are unaffected.
+Between jobs it sweeps expired checkpoints.
 
 Must not import fastapi, gateway or policy. Runs as a thread inside `loragate serve`
 (embedded default) or as its own process (`loragate worker`).
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from audit import log as audit_log
@@ -35,7 +37,13 @@ from audit import usage
 from audit.db import transaction
 from audit.models import Checkpoint, Future, Sampler, TrainingRun, utcnow
 from engine import jobs, leases, run_state, wire
-from engine.backend import SampledSequence, SampleResult, SamplingBatch
+from engine.backend import (
+    ForwardBackwardResult,
+    SampledSequence,
+    SampleResult,
+    SamplingBatch,
+    TrainingPass,
+)
 from engine.errors import UnknownAdapterError, UserInputError
 from engine.registry import fast_tokenizer
 from engine.run_state import DurableState
@@ -49,6 +57,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("loragate.worker")
 
 SAMPLER_ADAPTER_CACHE = 8
+# forward_backward jobs of up to this many runs on one base model run as one pass.
+TRAINING_RUNS_PER_PASS = 8
 # Sampling requests decode together (engine.decoding): a round takes up to this many
 # samples at once, looks for newly queued requests of its base model every few decode
 # steps, and stops taking them after a while so other jobs get the worker.
@@ -108,6 +118,7 @@ class Worker:
         snapshot_every: int = SNAPSHOT_EVERY,
         lease_seconds: float = leases.LEASE_SECONDS,
         device: str | None = None,
+        batch_across_runs: bool | None = None,
         on_finished: Callable[[str], None] | None = None,
         idle_poll_seconds: float = 0.1,
         output_screen: OutputScreen | None = None,
@@ -122,6 +133,9 @@ class Worker:
         self.snapshot_every = snapshot_every
         self.lease_seconds = lease_seconds
         self.device = device
+        # Whether loaded backends run jobs of different runs in one pass (None: their
+        # default, by device).
+        self.batch_across_runs = batch_across_runs
         self.on_finished = on_finished
         self.idle_poll_seconds = idle_poll_seconds
         self.output_screen = output_screen
@@ -182,6 +196,8 @@ class Worker:
             return False
         if claimed.kind == "sample":
             self._sampling_round(claimed)
+        elif claimed.kind == "forward_backward":
+            self._training_round(claimed)
         else:
             self._run(claimed)
         return True
@@ -236,29 +252,20 @@ class Worker:
             from engine.torch_backend import load_backend
 
             logger.info("loading base model %s", base_model)
-            self._backends[base_model] = load_backend(self.registry, base_model, self.device)
+            backend = load_backend(self.registry, base_model, self.device)
+            if self.batch_across_runs is not None:
+                backend.batch_across_runs = self.batch_across_runs
+            self._backends[base_model] = backend
         return self._backends[base_model]
 
     # ------------------------------------------------------------------ claim/finish
 
     def _claim(self) -> Future | None:
         with transaction(self.factory) as session:
-            other = aliased(Future)
-            blocked = (
-                select(other.request_id)
-                .where(
-                    other.model_id == Future.model_id,
-                    or_(
-                        other.status == "running",
-                        and_(other.status == "pending", other.seq_id < Future.seq_id),
-                    ),
-                )
-                .exists()
-            )
             now = utcnow()
             stmt = (
                 select(Future)
-                .where(Future.status == "pending", ~blocked,
+                .where(Future.status == "pending", _next_of_its_run(),
                        leases.claimable_by(self.worker_id, now))
                 .order_by(Future.created_at, Future.seq_id)
                 .limit(1)
@@ -274,6 +281,33 @@ class Worker:
             session.flush()
             session.expunge(fut)
             return fut
+
+    def _claim_training(self, first: Future) -> list[Future]:
+        """Claim the next forward_backward of other runs on `first`'s base model (each its
+        run's next job, as `_claim` would take it), to run in one pass with it."""
+        with transaction(self.factory) as session:
+            base_model = session.scalar(select(TrainingRun.base_model)
+                                        .where(TrainingRun.id == first.model_id))
+            now = utcnow()
+            same_base = select(TrainingRun.id).where(TrainingRun.base_model == base_model)
+            stmt = (select(Future)
+                    .where(Future.status == "pending", Future.kind == "forward_backward",
+                           Future.model_id != first.model_id,
+                           Future.model_id.in_(same_base), _next_of_its_run(),
+                           leases.claimable_by(self.worker_id, now))
+                    .order_by(Future.created_at, Future.seq_id)
+                    .limit(TRAINING_RUNS_PER_PASS - 1))
+            if session.get_bind().dialect.name == "postgresql":
+                stmt = stmt.with_for_update(skip_locked=True, of=Future)
+            claimed = list(session.scalars(stmt).all())
+            for fut in claimed:
+                fut.status, fut.worker_id, fut.claimed_at = "running", self.worker_id, now
+                leases.take(session, fut.model_id or "", self.worker_id, self.lease_seconds,
+                            now)
+            session.flush()
+            for fut in claimed:
+                session.expunge(fut)
+            return claimed
 
     def _claim_samples(self, base_model: str, rows: int) -> list[Future]:
         """Claim queued sampling requests of `base_model` whose samples fit in `rows`,
@@ -303,22 +337,22 @@ class Worker:
         started = time.perf_counter()
         try:
             outcome = self._execute(fut)
-        except UserInputError as exc:
-            self._finish_failed(fut, str(exc), "user")
         except Exception as exc:
-            logger.exception("job %s (%s) failed", fut.request_id, fut.kind)
-            self._finish_failed(fut, f"internal error while running {fut.kind}: "
-                                f"{type(exc).__name__}", "server")
-        else:
-            outcome.audit["seconds"] = round(time.perf_counter() - started, 4)
-            if not self._finish_done(fut, outcome):
-                outcome.after_commit.clear()
-            for hook in outcome.after_commit:
-                try:
-                    hook()
-                except Exception:  # the outcome is committed; a hook failing must not undo it
-                    logger.exception("after-commit hook of %s failed", fut.request_id)
+            self._fail(fut, exc)
+            return
+        self._commit(fut, outcome, started)
         self._notify(fut)
+
+    def _commit(self, fut: Future, outcome: Outcome, started: float) -> None:
+        """Commit a job's outcome, then run its after-commit hooks."""
+        outcome.audit["seconds"] = round(time.perf_counter() - started, 4)
+        if not self._finish_done(fut, outcome):
+            outcome.after_commit.clear()
+        for hook in outcome.after_commit:
+            try:
+                hook()
+            except Exception:  # the outcome is committed; a hook failing must not undo it
+                logger.exception("after-commit hook of %s failed", fut.request_id)
 
     def _notify(self, fut: Future) -> None:
         if self.on_finished is not None:
@@ -496,6 +530,59 @@ class Worker:
         backend = self.training_backend(call.model_id)
         result = backend.forward_backward(call.model_id, call.data, call.loss_fn,
                                           call.loss_config, call.forward_only)
+        return self._trained(fut, call, result)
+
+    def _training_round(self, first: Future) -> None:
+        """Run `first` and the next forward_backward of other runs on its base model as
+        one pass (the backend's `forward_backward_many`); each job is committed, or
+        fails, on its own."""
+        batching = any(b.batch_across_runs for b in self._backends.values())
+        others = self._claim_training(first) if batching else []
+        if not others:
+            self._run(first)
+            return
+        started = time.perf_counter()
+        ready: list[tuple[Future, wire.ForwardBackwardCall]] = []
+        backend = None
+        for fut in (first, *others):
+            try:
+                call = wire.decode_forward_backward(fut.request_payload)
+                backend = self.training_backend(call.model_id)
+                ready.append((fut, call))
+            except Exception as exc:
+                self._fail(fut, exc)
+        if backend is None:
+            return
+        try:
+            results = backend.forward_backward_many([
+                TrainingPass(c.model_id, c.data, c.loss_fn, c.loss_config, c.forward_only)
+                for _, c in ready])
+        except Exception as exc:  # a failed pass fails every job in it
+            for fut, _ in ready:
+                self._fail(fut, exc)
+            return
+        for (fut, call), result in zip(ready, results, strict=True):
+            if isinstance(result, UserInputError):
+                self._fail(fut, result)
+                continue
+            outcome = self._trained(fut, call, result)
+            outcome.audit["runs_in_pass"] = len(ready)
+            self._commit(fut, outcome, started)
+            self._notify(fut)
+
+    def _fail(self, fut: Future, exc: Exception) -> None:
+        """Resolve a job that raised: a user error in its words, anything else as ours."""
+        if isinstance(exc, UserInputError):
+            self._finish_failed(fut, str(exc), "user")
+        else:
+            logger.error("job %s (%s) failed", fut.request_id, fut.kind, exc_info=exc)
+            self._finish_failed(fut, f"internal error while running {fut.kind}: "
+                                f"{type(exc).__name__}", "server")
+        self._notify(fut)
+
+    def _trained(self, fut: Future, call: wire.ForwardBackwardCall,
+                 result: ForwardBackwardResult) -> Outcome:
+        """The outcome of a forward_backward that ran: its result, audit and durable log."""
         tokens = int(sum(len(d.tokens) for d in call.data))
         audit = {
             "loss_fn": call.loss_fn,
@@ -549,10 +636,7 @@ class Worker:
         try:
             decoder = self.backend(base_model).batch_decoder()
         except Exception as exc:
-            logger.exception("loading %s for sampling failed", base_model)
-            self._finish_failed(first, f"internal error while running sample: "
-                                f"{type(exc).__name__}", "server")
-            self._notify(first)
+            self._fail(first, exc)
             return
         running: dict[str, _Sampling] = {}
         self._admit(decoder, [first], running)
@@ -567,11 +651,8 @@ class Worker:
             try:
                 finished = decoder.step()
             except Exception as exc:  # a failed pass fails every request in it
-                logger.exception("sampling step failed")
                 for sampling in running.values():
-                    self._finish_failed(sampling.fut, "internal error while running sample: "
-                                        f"{type(exc).__name__}", "server")
-                    self._notify(sampling.fut)
+                    self._fail(sampling.fut, exc)
                 return
             for key, result in finished:
                 self._finish_sample(running.pop(str(key)), result)
@@ -587,14 +668,8 @@ class Worker:
                 keep = frozenset(s.adapter for s in running.values() if s.adapter)
                 adapter = self._sampler_adapter(backend, job.adapter_dir, keep)
                 decoder.add(fut.request_id, adapter, call.spec)
-            except UserInputError as exc:
-                self._finish_failed(fut, str(exc), "user")
-                self._notify(fut)
             except Exception as exc:
-                logger.exception("job %s (sample) failed", fut.request_id)
-                self._finish_failed(fut, f"internal error while running sample: "
-                                    f"{type(exc).__name__}", "server")
-                self._notify(fut)
+                self._fail(fut, exc)
             else:
                 running[fut.request_id] = _Sampling(fut, job, call.spec, adapter, backend,
                                                     time.perf_counter())
@@ -673,6 +748,17 @@ def _samples_asked(job: jobs.SampleJob) -> int:
         return wire.parse_sample_request(job.request).spec.num_samples
     except UserInputError:
         return 1
+
+
+def _next_of_its_run() -> ColumnElement[bool]:
+    """The claim filter of run ordering: no other future of the same run is running or
+    pending with a lower seq_id (futures of no run always pass)."""
+    other = aliased(Future)
+    return ~(select(other.request_id)
+             .where(other.model_id == Future.model_id,
+                    or_(other.status == "running",
+                        and_(other.status == "pending", other.seq_id < Future.seq_id)))
+             .exists())
 
 
 def _set_run_status(model_id: str, status: str, lora: Any = None) -> Callable[[Session], None]:

@@ -30,6 +30,9 @@ class RateLimits:
     storage: str = "memory://"
 
 
+BATCH_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("data")
@@ -38,6 +41,9 @@ class Settings:
     extra_models: dict[str, str] = field(default_factory=dict)
     run_worker: bool = True
     device: str | None = None
+    # Run forward_backward jobs of different runs in one pass: None decides by device
+    # (on accelerators only); True/False force it.
+    batch_across_runs: bool | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     # Hold a retrieve_future poll this long before answering 408 (SDK read timeout: 45 s).
@@ -138,5 +144,11 @@ class Settings:
             settings = replace(settings, metrics_bind=env["LORAGATE_METRICS_BIND"])
         if env.get("LORAGATE_DEVICE"):
             settings = replace(settings, device=env["LORAGATE_DEVICE"])
+        if env.get("LORAGATE_BATCH_ACROSS_RUNS"):
+            choice = env["LORAGATE_BATCH_ACROSS_RUNS"].strip().lower()
+            if choice not in BATCH_CHOICES:
+                raise ValueError("LORAGATE_BATCH_ACROSS_RUNS must be auto, on or off, got "
+                                 f"{env['LORAGATE_BATCH_ACROSS_RUNS']!r}")
+            settings = replace(settings, batch_across_runs=BATCH_CHOICES[choice])
         clean = {k: v for k, v in overrides.items() if v is not None}
         return replace(settings, **clean)  # type: ignore[arg-type]

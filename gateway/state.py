@@ -242,7 +242,8 @@ def make_worker(settings: Settings, factory: sessionmaker[Session], registry: Mo
     evaluator = release_evaluator(factory, release_policy, screener)
     jobs = ReleaseJobs(factory, evaluator, on_decision=checkpoints.write)
     return Worker(factory, registry, settings.checkpoint_root, worker_id=worker_id,
-                  device=settings.device, output_screen=counted_output_screen(screener),
+                  device=settings.device, batch_across_runs=settings.batch_across_runs,
+                  output_screen=counted_output_screen(screener),
                   extra_jobs=jobs.handlers(), sweep_seconds=settings.checkpoint_sweep_seconds,
                   before_sweep_delete=cancel_overrides_of_expired, **options)
 

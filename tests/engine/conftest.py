@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +134,20 @@ def _lora_hook(a: torch.Tensor, b: torch.Tensor, scale: float):
 @pytest.fixture(scope="session")
 def reference(tiny_dir: Path) -> ReferenceLora:
     return ReferenceLora(tiny_dir)
+
+
+def add_owner(factory, runs: Sequence[str] = ()) -> None:
+    """Principal p1 with client session s1 and these active training runs on the tiny model
+    (the rows a worker test's futures point at)."""
+    from audit.db import transaction
+    from audit.models import ClientSession, Principal, TrainingRun
+
+    with transaction(factory) as session:
+        session.add(Principal(id="p1", name="alice", role="researcher"))
+        session.flush()
+        session.add(ClientSession(id="s1", principal_id="p1"))
+        session.flush()
+        for n, run in enumerate(runs):
+            session.add(TrainingRun(id=run, session_id="s1", model_seq_id=n, principal_id="p1",
+                                    base_model=TINY_TEST_MODEL, lora_rank=4, lora_config="{}",
+                                    status="active"))

@@ -11,24 +11,19 @@ from sqlalchemy import select
 from tinker import types as tt
 from tinker.proto import tinker_public_pb2 as pb
 
-from audit.db import make_engine, make_sessionmaker, transaction
-from audit.models import Future, Principal
+from audit.db import transaction
+from audit.models import Future
 from engine import jobs
 from engine.registry import TINY_TEST_MODEL
 from engine.values import SampleSpec
 from engine.worker import Worker
-from migrations import upgrade_to_head
 
-from .conftest import train_step
+from .conftest import add_owner, train_step
 
 
 @pytest.fixture
-def sampling(database_url, tmp_path, backend, new_adapter):
-    upgrade_to_head(database_url)
-    engine = make_engine(database_url)
-    factory = make_sessionmaker(engine)
-    with transaction(factory) as session:
-        session.add(Principal(id="p1", name="alice", role="researcher"))
+def sampling(factory, tmp_path, backend, new_adapter):
+    add_owner(factory)
     adapter = new_adapter(rank=4, seed=5)
     train_step(backend, adapter, seed=5, lr=0.1)
     backend.save_adapter(adapter, tmp_path / "sampler-a", with_optimizer=False)
@@ -39,7 +34,6 @@ def sampling(database_url, tmp_path, backend, new_adapter):
     yield factory, worker, adapter, finished
     for key in list(worker._sampler_adapters):
         backend.drop_adapter(key)
-    engine.dispose()
 
 
 def _submit(factory, seq: int, prompt: list[int], adapter_dir: str | None, **params) -> str:
