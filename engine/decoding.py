@@ -8,8 +8,8 @@ distinct (adapter, prompt) pair, left-padded; a request's samples then share its
 KV-cache row), joins those rows to the running batch, draws one token for every live row —
 each request from its own generator over its own rows, in the order it would alone, so a
 seeded request draws the same tokens batched or not — and runs one forward pass over every
-live row of every request, each row with its own LoRA adapter (PEFT's mixed-adapter
-batches). Finished rows leave the cache; a request whose samples have all finished is
+live row of every request, each row with its own LoRA adapter (the backend's
+`forward_rows`). Finished rows leave the cache; a request whose samples have all finished is
 returned by that step.
 
 Must not know about the database, HTTP, policy or screening. Runs under its backend's lock
@@ -169,12 +169,8 @@ class BatchDecoder(SamplingBatch):
         distinct: dict[tuple[str | None, tuple[int, ...]], int] = {}
         for request in group:
             distinct.setdefault((request.adapter, request.spec.prompt), len(distinct))
-        prompts = [list(prompt) for _, prompt in distinct]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=backend.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
-                            device=backend.device)
-        padded = any(len(p) < width for p in prompts)
+        ids, mask = backend.padded([prompt for _, prompt in distinct], left=True)
+        padded = not bool(mask.all())
         scores = group[0].scores_prompt
         out = backend.forward_rows(
             [adapter for adapter, _ in distinct], input_ids=ids,
@@ -222,8 +218,8 @@ class BatchDecoder(SamplingBatch):
             request.steps += 1
         keep = [row for row, (request, sample) in enumerate(live.rows)
                 if not request.stopped[sample] and request.steps < request.spec.max_tokens]
-        going = {id(live.rows[row][0]) for row in keep}
-        return [r for r in requests if id(r) not in going], keep
+        going = {live.rows[row][0] for row in keep}
+        return [r for r in requests if r not in going], keep
 
     def _advance(self, live: _Rows, chosen: torch.Tensor) -> None:
         """One forward pass over every live row with its last token."""

@@ -403,12 +403,9 @@ class TorchBackend(Backend):
     def _run_together(self, jobs: list[_Job]) -> list[ForwardBackwardResult | UserInputError]:
         rows = [d for job in jobs for d in job.batch]
         trains = [job.trains for job in jobs if job.trains is not None]
-        segments, start = [], 0
-        for job in jobs:
-            segments.append((start, start + len(job.batch), job.adapter))
-            start += len(job.batch)
+        adapters = [job.job.adapter_id for job in jobs for _ in job.batch]
         with torch.enable_grad() if trains else torch.no_grad(), \
-                self._segmented(segments) as model, _trainable(trains):
+                self._segmented(adapters) as model, _trainable(trains):
             logps = self._target_logprobs(model, rows)
             parts, start = [], 0
             for job in jobs:
@@ -421,11 +418,20 @@ class TorchBackend(Backend):
         return [part.result() for part in parts]
 
     @contextlib.contextmanager
-    def _segmented(self, segments: list[tuple[int, int, _Adapter | None]]) -> Iterator[Any]:
-        """The model computing rows [start, end) of a batch with that segment's adapter
-        (None: the bare base): PEFT computes the base alone, and a forward hook on each LoRA
-        layer adds each segment's LoRA term on its own rows (segmented LoRA, as in
-        Punica/S-LoRA, on contiguous rows)."""
+    def _segmented(self, adapters: Sequence[str | None]) -> Iterator[Any]:
+        """The model computing row i of a batch with adapters[i] (None: the bare base).
+        One adapter for every row: PEFT as usual. Several: PEFT computes the base alone,
+        and a forward hook on each LoRA layer adds each run of rows' LoRA term on those
+        rows (segmented LoRA, as in Punica/S-LoRA, on contiguous rows)."""
+        runs = _runs(adapters)
+        if len(runs) == 1:
+            with self._activate(runs[0][2]) as model:
+                yield model
+            return
+        if not self._segmentable():
+            raise UserInputError("this server's adapters cannot be mixed in one batch")
+        segments = [(start, end, None if a is None else self._get(a).peft_name)
+                    for start, end, a in runs]
         with self._activate(None) as model:
             handles = [] if self._peft is None else [
                 module.register_forward_hook(_segment_hook(segments))
@@ -618,13 +624,9 @@ class TorchBackend(Backend):
 
     def forward_rows(self, adapters: Sequence[str | None], **inputs: Any) -> Any:
         """One inference forward pass in which row i computes with adapters[i] (None: the
-        bare base), through PEFT's mixed-adapter batches."""
-        if self._peft is None:
-            if any(a is not None for a in adapters):
-                raise UnknownAdapterError("no adapter is loaded on this server")
-            return self._base(**inputs)
-        names = ["__base__" if a is None else self._get(a).peft_name for a in adapters]
-        return self._peft(**inputs, adapter_names=names)
+        bare base; `_segmented`)."""
+        with self._segmented(adapters) as model:
+            return model(**inputs)
 
     def decode(self, tokens: Sequence[int]) -> str:
         """Text of generated tokens, special tokens kept (stop strings match against it)."""
@@ -674,7 +676,7 @@ class TorchBackend(Backend):
                     batch: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
         cache = self._prefix_cache(model, batch[0][0][:shared], len(batch))
         suffixes = [prompt[shared:] for prompt, _ in batch]  # each keeps at least one token
-        ids, prompt_mask = self._padded(suffixes, left=True)  # every last column is real
+        ids, prompt_mask = self.padded(suffixes, left=True)  # every last column is real
         ones = torch.ones((len(batch), shared), dtype=torch.long, device=self.device)
         context_mask = torch.cat([ones, prompt_mask], -1)
         positions = shared + (prompt_mask.cumsum(-1) - 1).clamp(min=0)
@@ -704,7 +706,7 @@ class TorchBackend(Backend):
                                starts: list[int], conts: list[list[int]]) -> list[float]:
         """Sum of log P(cont[1:] | context, cont[0]) per row, each row on its own cache row
         (whose real positions `context_mask` marks); cont[0] is scored by the caller."""
-        ids, mask = self._padded(conts, left=False)  # real tokens never see a pad
+        ids, mask = self.padded(conts, left=False)  # real tokens never see a pad
         positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(
             ids.shape[1], device=self.device)
         logits = model(input_ids=ids, attention_mask=torch.cat([context_mask, mask], -1),
@@ -712,7 +714,7 @@ class TorchBackend(Backend):
         return [self._span_logprob(logits[row, :len(cont) - 1], cont[1:])
                 for row, cont in enumerate(conts)]
 
-    def _padded(self, rows: Sequence[Sequence[int]], left: bool
+    def padded(self, rows: Sequence[Sequence[int]], left: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, attention mask) for rows of unequal length, zero-padded on one side."""
         width = max(len(r) for r in rows)
@@ -765,7 +767,7 @@ class TorchBackend(Backend):
         # at index len(prompt) - 1 - shared. Right padding: real tokens never see a pad.
         feeds = [(prompt + answer)[shared:-1] for prompt, answer in rows]
         firsts = [len(prompt) - 1 - shared for prompt, _ in rows]
-        ids, mask = self._padded(feeds, left=False)
+        ids, mask = self.padded(feeds, left=False)
         ones = torch.ones((len(rows), shared), dtype=torch.long, device=self.device)
         low = min(firsts)
         keep = torch.arange(low, ids.shape[1], device=self.device)
@@ -793,7 +795,7 @@ class TorchBackend(Backend):
 
     def _generate_chunk(self, model: Any, prompts: Sequence[Sequence[int]],
                         max_tokens: int) -> list[list[int]]:
-        ids, mask = self._padded(prompts, left=True)
+        ids, mask = self.padded(prompts, left=True)
         width = ids.shape[1]
         eos = list(self.info.eos_token_ids)
         with warnings.catch_warnings():
@@ -883,16 +885,26 @@ def _is_lora_layer(module: Any) -> bool:
     return isinstance(module, LoraLayer)
 
 
-def _segment_hook(segments: list[tuple[int, int, _Adapter | None]]) -> Any:
+def _runs(adapters: Sequence[str | None]) -> list[tuple[int, int, str | None]]:
+    """Maximal runs of rows with the same adapter: (start, end, adapter id)."""
+    runs: list[tuple[int, int, str | None]] = []
+    for row, adapter in enumerate(adapters):
+        if runs and runs[-1][2] == adapter:
+            runs[-1] = (runs[-1][0], row + 1, adapter)
+        else:
+            runs.append((row, row + 1, adapter))
+    return runs
+
+
+def _segment_hook(segments: list[tuple[int, int, str | None]]) -> Any:
     """A LoRA layer's forward hook: its base output plus, on each segment's rows, that
     segment's adapter's term (alpha/r) · B A x, as PEFT computes it for one adapter."""
 
     def hook(module: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         x = inputs[0]
         parts = []
-        for start, end, adapter in segments:
+        for start, end, name in segments:
             part = output[start:end]
-            name = None if adapter is None else adapter.peft_name
             if name is not None and name in module.lora_A:
                 a, b = module.lora_A[name].weight, module.lora_B[name].weight
                 lora = (x[start:end].to(a.dtype) @ a.T) @ b.T * module.scaling[name]
