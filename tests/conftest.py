@@ -175,6 +175,23 @@ def server(request: pytest.FixtureRequest, models_dir: Path,
         drop()
 
 
+@pytest.fixture(scope="session")
+def smol_gateway(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The one SmolLM2 gateway of the slow tests (API here, worker in its own process, as
+    benchmarks/release_bench.py runs it): the release policy holds the likelihood suites
+    with the shipped calibration (the generation suites stay in `make bench-release`)."""
+    from benchmarks.release_bench import gateway
+    from policy.release import DEFAULT_RELEASE_PATH
+
+    calibration = DEFAULT_RELEASE_PATH.with_name("release_calibration.json")
+    likelihood_only = DEFAULT_RELEASE_PATH.read_text().split("[suites.refusal]")[0].replace(
+        'calibration = "release_calibration.json"', f'calibration = "{calibration}"')
+    policy = tmp_path_factory.mktemp("policy") / "release.toml"
+    policy.write_text(likelihood_only)
+    with gateway(models_dir, policy) as running:
+        yield running
+
+
 @pytest.fixture
 def api_key(server: LiveServer) -> str:
     return server.create_key()

@@ -5,25 +5,19 @@ fixed set, and a greedy answer after training differs from the one before."""
 from __future__ import annotations
 
 import pytest
+import tinker
 from tinker import types
 
+from benchmarks.release_bench import new_key
 from engine.registry import DEFAULT_BASE_MODEL
 from examples.chat_sft import FACTS, chat_datum, prompt_tokens
-from tests.api.helpers import service
-from tests.conftest import run_server, tiny_settings
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smol_server(models_dir, tmp_path_factory):
-    url = f"sqlite:///{tmp_path_factory.mktemp('smol') / 'gw.db'}"
-    with run_server(tiny_settings(models_dir, url, base_models=(DEFAULT_BASE_MODEL,))) as live:
-        yield live
-
-
-def test_sft_steps_lower_the_loss_and_change_the_answer(smol_server):
-    sc = service(smol_server, smol_server.create_key())
+def test_sft_steps_lower_the_loss_and_change_the_answer(smol_gateway):
+    sc = tinker.ServiceClient(base_url=smol_gateway.base_url,
+                              api_key=new_key(smol_gateway, "smol-sft"))
     tc = sc.create_lora_training_client(base_model=DEFAULT_BASE_MODEL, rank=16, seed=0).result()
     tok = tc.get_tokenizer()
     batch = [chat_datum(tok, q, a) for q, a in FACTS]
