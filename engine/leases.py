@@ -10,8 +10,12 @@ leases have expired, so any worker may take its runs (restoring them from durabl
 engine.run_state), and the futures it was running are put back in the queue by the first
 live worker that notices.
 
-Jobs that belong to no training run (sampling a saved checkpoint, release evaluations) go
-to whichever worker claims them first.
+New runs are spread over the live workers: a worker does not take the first job of a run
+it holds no lease on while another live worker (heartbeat within `lease_seconds`) is
+running fewer runs (distinct runs it claimed a job of in the last ACTIVE_SECONDS), unless
+the job has waited `lease_seconds` already (a busy peer never holds a new run back for
+longer). Jobs that belong to no training run (sampling a saved checkpoint, release
+evaluations) go to whichever worker claims them first.
 
 Must not import fastapi, gateway or policy.
 """
@@ -22,12 +26,13 @@ import datetime as dt
 import threading
 from collections.abc import Callable, Sequence
 
-from sqlalchemy import ColumnElement, and_, exists, or_, select, update
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from audit.models import Future, TrainingRun, WorkerHeartbeat
 
 LEASE_SECONDS = 30.0
+ACTIVE_SECONDS = 120.0  # a run counts toward its worker's load this long after a job
 
 
 def beat(session: Session, worker_id: str, lease_seconds: float, now: dt.datetime) -> None:
@@ -41,15 +46,41 @@ def beat(session: Session, worker_id: str, lease_seconds: float, now: dt.datetim
                     .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds)))
 
 
-def claimable_by(worker_id: str, now: dt.datetime) -> ColumnElement[bool]:
+def claimable_by(worker_id: str, now: dt.datetime, *, takes_new_runs: bool = True,
+                 lease_seconds: float = LEASE_SECONDS) -> ColumnElement[bool]:
     """The claim filter: the future belongs to no run, or its run is not leased to another
-    worker whose lease still lasts."""
+    worker whose lease still lasts; without `takes_new_runs`, a run's job only when the
+    run is leased to this worker or the job has waited `lease_seconds`."""
     held_elsewhere = exists(select(TrainingRun.id).where(
         TrainingRun.id == Future.model_id,
         TrainingRun.lease_worker_id.is_not(None),
         TrainingRun.lease_worker_id != worker_id,
         TrainingRun.lease_expires_at > now))
-    return or_(Future.model_id.is_(None), ~held_elsewhere)
+    held_here = exists(select(TrainingRun.id).where(
+        TrainingRun.id == Future.model_id,
+        TrainingRun.lease_worker_id == worker_id,
+        TrainingRun.lease_expires_at > now))
+    waited = Future.created_at <= now - dt.timedelta(seconds=lease_seconds)
+    new_run_ok = true() if takes_new_runs else or_(held_here, waited)
+    return or_(Future.model_id.is_(None), and_(~held_elsewhere, new_run_ok))
+
+
+def takes_new_runs(session: Session, worker_id: str, lease_seconds: float,
+                   now: dt.datetime) -> bool:
+    """Whether `worker_id` may take a run it holds no lease on: no other live worker runs
+    fewer runs than it does."""
+    live = session.scalars(select(WorkerHeartbeat.worker_id).where(
+        WorkerHeartbeat.worker_id != worker_id,
+        WorkerHeartbeat.heartbeat_at >= now - dt.timedelta(seconds=lease_seconds))).all()
+    if not live:
+        return True
+    since = now - dt.timedelta(seconds=ACTIVE_SECONDS)
+    load = dict(session.execute(
+        select(Future.worker_id, func.count(func.distinct(Future.model_id)))
+        .where(Future.claimed_at >= since, Future.model_id.is_not(None),
+               Future.worker_id.in_([worker_id, *live]))
+        .group_by(Future.worker_id)).tuples().all())
+    return load.get(worker_id, 0) <= min(load.get(w, 0) for w in live)
 
 
 def take(session: Session, run_id: str, worker_id: str, lease_seconds: float,

@@ -266,7 +266,7 @@ class Worker:
             stmt = (
                 select(Future)
                 .where(Future.status == "pending", _next_of_its_run(),
-                       leases.claimable_by(self.worker_id, now))
+                       self._claimable(session, now))
                 .order_by(Future.created_at, Future.seq_id)
                 .limit(1)
             )
@@ -282,6 +282,13 @@ class Worker:
             session.expunge(fut)
             return fut
 
+    def _claimable(self, session: Session, now: dt.datetime) -> ColumnElement[bool]:
+        """The lease filter of this worker's claims (new runs only while it is not busier
+        than another live worker: engine.leases)."""
+        takes_new = leases.takes_new_runs(session, self.worker_id, self.lease_seconds, now)
+        return leases.claimable_by(self.worker_id, now, takes_new_runs=takes_new,
+                                   lease_seconds=self.lease_seconds)
+
     def _claim_training(self, first: Future) -> list[Future]:
         """Claim the next forward_backward of other runs on `first`'s base model (each its
         run's next job, as `_claim` would take it), to run in one pass with it."""
@@ -294,7 +301,7 @@ class Worker:
                     .where(Future.status == "pending", Future.kind == "forward_backward",
                            Future.model_id != first.model_id,
                            Future.model_id.in_(same_base), _next_of_its_run(),
-                           leases.claimable_by(self.worker_id, now))
+                           self._claimable(session, now))
                     .order_by(Future.created_at, Future.seq_id)
                     .limit(TRAINING_RUNS_PER_PASS - 1))
             if session.get_bind().dialect.name == "postgresql":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import select
+from sqlalchemy import select, update
 from tinker import types as tt
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
@@ -71,19 +71,25 @@ def new_worker(factory, models_dir: Path, root: Path, worker_id: str = "w1",
                   snapshot_every=snapshot_every)
 
 
-def submit(factory, kind: str, seq: int, payload: bytes, fmt: str = "json") -> str:
+def submit(factory, kind: str, seq: int, payload: bytes, fmt: str = "json",
+           run: str = RUN) -> str:
     request_id = f"req-{next(_requests)}"
     with transaction(factory) as session:
-        session.add(Future(request_id=request_id, principal_id="p1", kind=kind, model_id=RUN,
+        session.add(Future(request_id=request_id, principal_id="p1", kind=kind, model_id=run,
                            seq_id=seq, status="pending", request_format=fmt,
                            request_payload=payload))
     return request_id
 
 
-def create(factory) -> str:
-    job = jobs.CreateAdapterJob(model_id=RUN, base_model=TINY_TEST_MODEL,
+def create(factory, run: str = RUN) -> str:
+    if run != RUN:
+        with transaction(factory) as session:
+            session.add(TrainingRun(id=run, session_id="s1", model_seq_id=int(run[-1]),
+                                    principal_id="p1", base_model=TINY_TEST_MODEL,
+                                    lora_rank=4, lora_config="{}"))
+    job = jobs.CreateAdapterJob(model_id=run, base_model=TINY_TEST_MODEL,
                                 lora=LoraSpec(rank=4, seed=3))
-    return submit(factory, "create_model", 0, jobs.dump_job(job))
+    return submit(factory, "create_model", 0, jobs.dump_job(job), run=run)
 
 
 def forward_backward(factory, seq: int, forward_only: bool = False) -> str:
@@ -282,3 +288,49 @@ def test_what_a_dead_worker_was_running_is_requeued_by_a_live_one(factory, model
     drain(live)
     assert statuses(factory) == ["done", "done"]
     assert row_state(factory) == run_state.DurableState(0, 1)
+
+
+def claimed_by(factory) -> dict[str, str]:
+    with transaction(factory) as session:
+        return {f.model_id: f.worker_id for f in session.scalars(select(Future))}
+
+
+def test_new_runs_go_to_the_live_worker_running_fewer_and_never_wait_past_a_lease(
+        factory, models_dir, tmp_path):
+    a = new_worker(factory, models_dir, tmp_path, "wa")
+    b = new_worker(factory, models_dir, tmp_path, "wb")
+    create(factory)
+    drain(a)  # alone: a takes the first run
+    a.heartbeat()
+    b.heartbeat()
+    create(factory, "s1:train:2")
+    assert a.run_once() is False  # a runs one run, b none: the new run is b's
+    drain(b)
+    create(factory, "s1:train:3")  # one each: whoever claims first
+    drain(a)
+    create(factory, "s1:train:4")  # a runs two, b one: b's
+    assert a.run_once() is False
+    with transaction(factory) as session:  # ... unless b has left it waiting a lease long
+        session.execute(update(Future).where(Future.model_id == "s1:train:4").values(
+            created_at=utcnow() - dt.timedelta(seconds=a.lease_seconds + 1)))
+    drain(a)
+    assert claimed_by(factory) == {RUN: "wa", "s1:train:2": "wb", "s1:train:3": "wa",
+                                   "s1:train:4": "wa"}
+    forward_backward(factory, 1)  # a run's own worker always takes its jobs
+    drain(a)
+    assert statuses(factory)[-1] == "done"
+
+
+def test_a_dead_peer_does_not_hold_new_runs_back(factory, models_dir, tmp_path):
+    a = new_worker(factory, models_dir, tmp_path, "wa")
+    idle = new_worker(factory, models_dir, tmp_path, "w-gone")
+    create(factory)
+    drain(a)
+    a.heartbeat()
+    idle.heartbeat()
+    with transaction(factory) as session:
+        session.get(WorkerHeartbeat, "w-gone").heartbeat_at = utcnow() - dt.timedelta(
+            seconds=a.lease_seconds + 1)
+    create(factory, "s1:train:2")
+    drain(a)
+    assert claimed_by(factory)["s1:train:2"] == "wa"
