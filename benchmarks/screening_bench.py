@@ -4,6 +4,9 @@
    never trained, validated or calibrated on: training/harm_classifier/): per source TPR or
    FPR at the shipped threshold, AUROC harmful vs everyday and vs borderline, everyday FPR —
    for the default harmful-content classifier and, for comparison, the bank kNN screen;
+   per-example detection of answers as trained completions on held-out answer sets (the
+   release benchmark's harmful, everyday and borderline answers), alone and with their
+   requests;
 2. screening throughput in chat datums per second (cold cache);
 3. the share of a forward_backward's wall time spent screening, side by side in one run,
    for a realistic batch (8 chat datums of ~128 tokens on SmolLM2-135M): first call
@@ -36,7 +39,7 @@ from migrations import upgrade_to_head
 from policy.screening.batch import DatumTexts, screen_batch
 from policy.screening.harm_classifier import card
 from policy.screening.harmful_requests import HarmfulRequestScreen, MiniLM, load_banks
-from policy.screening.screener import Screener, load_config
+from policy.screening.screener import COMPLETION, REQUEST, Screener, load_config
 
 FIRST_TARGET, REPEATED_TARGET = 0.10, 0.02
 
@@ -105,6 +108,37 @@ def detection(screener: Screener) -> list[str]:
     scores = [max(s.values()) for s in bank.score(texts)]
     lines += detection_report("harmful_request bank kNN (operator extension)", scores, rows,
                               screener.config.threshold("harmful_request", {}))
+    return lines
+
+
+ANSWER_SETS = Path(__file__).resolve().parents[1] / "training" / "release_data"
+
+
+def answer_detection(screener: Screener) -> list[str]:
+    """Per-example detection of answers, on sets neither screen trained on (the release
+    benchmark's: real complying answers to harmful hh-rlhf requests, everyday and
+    borderline-benign requests with their preferred answers): the answer alone as a trained
+    completion (every classifier that reads completions), the request alone, and the datum
+    (either flagged)."""
+    lines = ["detection of answers on held-out answer sets (training/release_data/bench_*; "
+             "never trained on):"]
+    for name in ("harmful", "everyday", "borderline"):
+        with gzip.open(ANSWER_SETS / f"bench_{name}.jsonl.gz", "rt") as fh:
+            rows = [json.loads(line) for line in fh]
+        answers = screener.screen([r["answer"] for r in rows], COMPLETION)
+        requests = screener.screen([r["prompt"] for r in rows], REQUEST)
+        by_head = {c.name: sum(any(k.startswith(c.name + ".") for k in v.flagged)
+                               for v in answers) / len(rows)
+                   for c in screener.classifiers if COMPLETION in c.applies_to
+                   and c.name.startswith("harmful_")}
+        alone = sum(bool(v.flagged) for v in answers) / len(rows)
+        asked = sum(bool(v.flagged) for v in requests) / len(rows)
+        either = sum(bool(a.flagged or q.flagged) for a, q in zip(answers, requests,
+                                                                  strict=True)) / len(rows)
+        what = "TPR" if name == "harmful" else "FPR"
+        heads = ", ".join(f"{k} {v:.3f}" for k, v in by_head.items())
+        lines.append(f"  {name:10s} n={len(rows):4d} {what}: answer alone {alone:.3f} "
+                     f"({heads}), request alone {asked:.3f}, either {either:.3f}")
     return lines
 
 
@@ -216,6 +250,7 @@ def main() -> int:
         engine = make_engine(url)
         screener = Screener.build(load_config(), make_sessionmaker(engine))
         lines = detection(screener)
+        lines += answer_detection(screener)
         lines.append(throughput(screener))
         lines += share_of_wall_time(screener, Path(args.data_dir), args.rounds)
         engine.dispose()

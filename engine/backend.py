@@ -22,6 +22,7 @@ from engine.errors import UserInputError
 from engine.values import AdamStep, LoraSpec, ModelInfo, SampleSpec, TrainingDatum
 
 SCORE_BATCH = 16  # (prompt, answer) pairs per forward pass when scoring reference answers
+GREEDY_ROWS = 32  # greedy replies decoded at once (generate_greedy)
 
 
 @dataclass
@@ -252,7 +253,19 @@ class Backend(abc.ABC):
 
     def generate_greedy(self, adapter_id: str | None, prompts: Sequence[Sequence[int]],
                         max_tokens: int) -> list[list[int]]:
-        """Greedy replies (up to max_tokens, ending at the model's EOS) to many prompts."""
-        return [self.sample(adapter_id, SampleSpec(prompt=tuple(p), max_tokens=max_tokens,
-                                                   temperature=0.0)).sequences[0].tokens
-                for p in prompts]
+        """Greedy replies (up to max_tokens, ending at the model's EOS) to many prompts,
+        decoded together by `batch_decoder()`: at most GREEDY_ROWS at once, the next prompt
+        joining as soon as one finishes (continuous batching)."""
+        if any(not p for p in prompts) or max_tokens < 1:
+            raise UserInputError("prompts must be non-empty and max_tokens at least 1")
+        decoder = self.batch_decoder()
+        waiting = list(enumerate(prompts))
+        replies: dict[Hashable, list[int]] = {}
+        while waiting or not decoder.empty:
+            while waiting and decoder.rows < GREEDY_ROWS and decoder.can_join:
+                index, prompt = waiting.pop(0)
+                decoder.add(index, adapter_id, SampleSpec(prompt=tuple(prompt),
+                                                          max_tokens=max_tokens,
+                                                          temperature=0.0))
+            replies.update((key, result.sequences[0].tokens) for key, result in decoder.step())
+        return [replies[i] for i in range(len(prompts))]

@@ -61,7 +61,6 @@ LORA_ALPHA = 32.0
 DEFAULT_MAX_BATCH_TOKENS = 4096
 SET_ROWS = 64  # continuations (of several prompts) scored in one pass: 1.65x per-prompt
 # passes on SmolLM2 on 2 cores (32 rows: 1.5x, 128: 1.6x)
-GENERATE_CHUNK = 16  # prompts decoded together
 # (prompt, answer) pairs scored per pass: on a 2-core CPU 8 beat 16 by 5-10% and 32 by 30%
 # (the padded attention and the logits grow faster than the useful work).
 ANSWER_BATCH = 8
@@ -775,43 +774,6 @@ class TorchBackend(Backend):
                        past_key_values=cache, use_cache=False, logits_to_keep=keep).logits
         return [self._span_logprob(logits[row, first - low:first - low + len(answer)], answer)
                 for row, (first, (_, answer)) in enumerate(zip(firsts, rows, strict=True))]
-
-    def generate_greedy(self, adapter_id: str | None, prompts: Sequence[Sequence[int]],
-                        max_tokens: int) -> list[list[int]]:
-        """Greedy replies to many prompts, batched (left-padded) so a probe's prompts
-        decode together instead of one by one."""
-        with self._lock:
-            self._guard_all(prompts, "prompt")
-            if any(not p for p in prompts) or max_tokens < 1:
-                raise UserInputError("prompts must be non-empty and max_tokens at least 1")
-            if adapter_id is not None:
-                self._get(adapter_id)
-            replies: list[list[int]] = []
-            with torch.inference_mode(), self._activate(adapter_id) as model:
-                for start in range(0, len(prompts), GENERATE_CHUNK):
-                    replies += self._generate_chunk(model, prompts[start:start + GENERATE_CHUNK],
-                                                    max_tokens)
-            return replies
-
-    def _generate_chunk(self, model: Any, prompts: Sequence[Sequence[int]],
-                        max_tokens: int) -> list[list[int]]:
-        ids, mask = self.padded(prompts, left=True)
-        width = ids.shape[1]
-        eos = list(self.info.eos_token_ids)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                 do_sample=False, eos_token_id=eos or None,
-                                 pad_token_id=eos[0] if eos else 0)
-        replies = []
-        for row in out[:, width:].tolist():
-            reply = []
-            for token in row:
-                reply.append(token)
-                if token in eos:
-                    break
-            replies.append(reply)
-        return replies
 
     def _guard_all(self, sequences: Sequence[Sequence[int]], what: str) -> None:
         for tokens in sequences:

@@ -113,3 +113,46 @@ def test_a_bad_request_is_refused_when_added_and_the_batch_goes_on(backend, bad)
     results = decoder.run()
     assert set(results) == {"good"}
     _assert_same(results["good"], backend.sample(None, good))
+
+
+def test_greedy_replies_decode_together_and_equal_plain_greedy_decoding(backend, new_adapter,
+                                                                       monkeypatch):
+    """The release gate's generation: more prompts than fit at once (the rest join as rows
+    finish), of different lengths, each reply what Hugging Face's own greedy `generate`
+    gives for that prompt alone, ending at EOS."""
+    import torch
+
+    import engine.backend
+
+    monkeypatch.setattr(engine.backend, "GREEDY_ROWS", 3)
+    adapter = _trained(backend, new_adapter, 4)
+    prompts = [[1, *range(40, 40 + n)] for n in (1, 6, 3, 9, 2, 4, 7)]
+    rows_when_added: list[int] = []
+    make_decoder = backend.batch_decoder
+
+    def recording_decoder():
+        decoder = make_decoder()
+        add = decoder.add
+
+        def recorded_add(*args):
+            rows_when_added.append(decoder.rows)
+            add(*args)
+        decoder.add = recorded_add
+        return decoder
+
+    monkeypatch.setattr(backend, "batch_decoder", recording_decoder)
+    replies = backend.generate_greedy(adapter, prompts, 8)
+    assert len(rows_when_added) == 7 and max(rows_when_added) <= 2
+    assert any(rows_when_added[i] > 0 for i in range(3, 7))  # joined a running batch
+    monkeypatch.undo()
+    eos = list(backend.info.eos_token_ids)
+    with torch.inference_mode(), backend._activate(adapter) as model:
+        for prompt, reply in zip(prompts, replies, strict=True):
+            out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8,
+                                 do_sample=False, eos_token_id=eos or None,
+                                 pad_token_id=eos[0] if eos else 0)[0, len(prompt):].tolist()
+            want = out[:next((i + 1 for i, t in enumerate(out) if t in eos), len(out))]
+            assert reply == want
+    assert replies != backend.generate_greedy(None, prompts, 8)
+    with pytest.raises(UserInputError, match="non-empty"):
+        backend.generate_greedy(None, [[1, 2], []], 4)
