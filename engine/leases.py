@@ -51,15 +51,13 @@ def claimable_by(worker_id: str, now: dt.datetime, *, takes_new_runs: bool = Tru
     """The claim filter: the future belongs to no run, or its run is not leased to another
     worker whose lease still lasts; without `takes_new_runs`, a run's job only when the
     run is leased to this worker or the job has waited `lease_seconds`."""
-    held_elsewhere = exists(select(TrainingRun.id).where(
-        TrainingRun.id == Future.model_id,
-        TrainingRun.lease_worker_id.is_not(None),
-        TrainingRun.lease_worker_id != worker_id,
-        TrainingRun.lease_expires_at > now))
-    held_here = exists(select(TrainingRun.id).where(
-        TrainingRun.id == Future.model_id,
-        TrainingRun.lease_worker_id == worker_id,
-        TrainingRun.lease_expires_at > now))
+    def leased(holder: ColumnElement[bool]) -> ColumnElement[bool]:
+        return exists(select(TrainingRun.id).where(
+            TrainingRun.id == Future.model_id, holder, TrainingRun.lease_expires_at > now))
+
+    held_elsewhere = leased(and_(TrainingRun.lease_worker_id.is_not(None),
+                                 TrainingRun.lease_worker_id != worker_id))
+    held_here = leased(TrainingRun.lease_worker_id == worker_id)
     waited = Future.created_at <= now - dt.timedelta(seconds=lease_seconds)
     new_run_ok = true() if takes_new_runs else or_(held_here, waited)
     return or_(Future.model_id.is_(None), and_(~held_elsewhere, new_run_ok))

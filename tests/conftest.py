@@ -178,16 +178,12 @@ def server(request: pytest.FixtureRequest, models_dir: Path,
 @pytest.fixture(scope="session")
 def smol_gateway(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The one SmolLM2 gateway of the slow tests (API here, worker in its own process, as
-    benchmarks/release_bench.py runs it): the release policy holds the likelihood suites
+    benchmarks/release_bench.py runs it): the demo's release policy, the likelihood suites
     with the shipped calibration (the generation suites stay in `make bench-release`)."""
     from benchmarks.release_bench import gateway
-    from policy.release import DEFAULT_RELEASE_PATH
+    from examples.demo import demo_release_policy
 
-    calibration = DEFAULT_RELEASE_PATH.with_name("release_calibration.json")
-    likelihood_only = DEFAULT_RELEASE_PATH.read_text().split("[suites.refusal]")[0].replace(
-        'calibration = "release_calibration.json"', f'calibration = "{calibration}"')
-    policy = tmp_path_factory.mktemp("policy") / "release.toml"
-    policy.write_text(likelihood_only)
+    policy = demo_release_policy(tmp_path_factory.mktemp("policy"), full_gate=False)
     with gateway(models_dir, policy) as running:
         yield running
 
