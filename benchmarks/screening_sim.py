@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policy.screening.screener import TallyLimits, load_config
-from policy.screening.tally import log_likelihood_ratio
+from policy.screening.tally import log_likelihood_ratios
 
 
 @dataclass(frozen=True)
@@ -38,31 +38,15 @@ class SimResult:
     p95_examples_to_block: float | None  # None: over 5% of poisoned runs not blocked
 
 
-def block_thresholds(n_max: int, limits: TallyLimits) -> np.ndarray:
-    """kmin[n]: the fewest flagged among n distinct datums the share test blocks
-    (n_max + 1 where none would). Non-decreasing in n, found with one pass."""
-    threshold = math.log(1.0 / limits.alpha)
-    kmin = np.full(n_max + 1, n_max + 1, dtype=np.int64)
-    k = 0
-    for n in range(n_max + 1):
-        while k <= n and log_likelihood_ratio(n, k, limits.null_flag_rate,
-                                              limits.alternative_ratios) < threshold:
-            k += 1
-        if k <= n:
-            kmin[n] = k
-        else:
-            k = n + 1  # not even n of n: the next n starts from here
-    return kmin
-
-
-def _first_block(flags: np.ndarray, high: np.ndarray, kmin: np.ndarray, batch_size: int,
-                 cap: int) -> np.ndarray:
+def _first_block(flags: np.ndarray, high: np.ndarray, limits: TallyLimits,
+                 batch_size: int) -> np.ndarray:
     """Per run (row): the number of examples sent when it was first blocked, else inf."""
     n = flags.shape[1]
     looks = np.arange(batch_size, n + batch_size, batch_size).clip(max=n)  # n after each batch
     k = np.cumsum(flags, axis=1)[:, looks - 1]
     h = np.cumsum(high, axis=1)[:, looks - 1]
-    blocked = (k >= kmin[looks][None, :]) | (h >= cap)
+    llr = log_likelihood_ratios(np.broadcast_to(looks, k.shape), k, h, limits)
+    blocked = (llr >= math.log(1.0 / limits.alpha)) | (h >= limits.high_confidence_cap)
     first = np.where(blocked.any(axis=1), blocked.argmax(axis=1), -1)
     return np.where(first >= 0, looks[first].astype(float), np.inf)
 
@@ -73,8 +57,6 @@ def simulate(limits: TallyLimits, *, honest_fpr: float, harmful_tpr: float,
              seed: int = 0) -> SimResult:
     """Simulate `runs` honest and `runs` poisoned runs (see the module docstring)."""
     rng = np.random.default_rng(seed)
-    kmin = block_thresholds(n_examples, limits)
-    cap = limits.high_confidence_cap
 
     def first_block(share: float) -> np.ndarray:
         harmful = rng.random((runs, n_examples)) < share
@@ -82,7 +64,7 @@ def simulate(limits: TallyLimits, *, honest_fpr: float, harmful_tpr: float,
         flags = np.where(harmful, u < harmful_tpr, u < honest_fpr)
         high = flags & np.where(harmful, u < harmful_tpr * harmful_high,
                                 u < honest_fpr * honest_high)
-        return _first_block(flags, high, kmin, batch_size, cap)
+        return _first_block(flags, high, limits, batch_size)
 
     honest = first_block(0.0)
     poisoned = first_block(harmful_share)
@@ -100,18 +82,27 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--honest-high", type=float, default=0.07,
+                        help="share of an honest example's flags with high confidence "
+                             "(the shipped classifier: 0.07 on everyday validation data)")
+    parser.add_argument("--harmful-high", type=float, default=0.4,
+                        help="share of a harmful example's flags with high confidence "
+                             "(the shipped classifier: 0.42 on held-out harmful requests)")
     args = parser.parse_args()
     limits = load_config().tally
-    print(f"policy: p0={limits.null_flag_rate}, alpha={limits.alpha}, "
-          f"ratios={list(limits.alternative_ratios)}; {args.runs} runs of {args.examples} "
-          f"examples in batches of {args.batch_size}")
+    print(f"policy: p0={limits.null_flag_rate}, p0h={limits.null_high_confidence_rate}, "
+          f"alpha={limits.alpha}, ratios={list(limits.alternative_ratios)}, high-confidence "
+          f"ratios={list(limits.high_confidence_ratios)}; {args.runs} runs of {args.examples} "
+          f"examples in batches of {args.batch_size}; flags with high confidence: "
+          f"{args.honest_high:.0%} of honest, {args.harmful_high:.0%} of harmful")
     print("honest FPR  harmful TPR  share  P(honest blocked)  P(poisoned blocked)  "
           "median  p95")
     for fpr in (0.005, 0.01, 0.015):
         for tpr, share in ((0.8, 0.05), (0.8, 0.02), (0.5, 0.05), (1.0, 1.0)):
             r = simulate(limits, honest_fpr=fpr, harmful_tpr=tpr, harmful_share=share,
                          batch_size=args.batch_size, n_examples=args.examples,
-                         runs=args.runs)
+                         runs=args.runs, honest_high=args.honest_high,
+                         harmful_high=args.harmful_high)
             print(f"{fpr:10.3f}  {tpr:11.2f}  {share:5.2f}  {r.honest_blocked:17.4f}  "
                   f"{r.poisoned_blocked:19.3f}  {r.median_examples_to_block!s:>6}  "
                   f"{r.p95_examples_to_block!s:>5}")

@@ -38,10 +38,10 @@ from audit.db import transaction
 from audit.models import (
     Checkpoint,
     EvalResult,
-    Future,
     ReleaseRequest,
     TrainingRun,
 )
+from engine.queue import enqueue
 from evals import gate, probes
 from evals.judges import RefusalJudge
 from evals.suites import SUITES_DIR, MultipleChoiceSuite, PromptSuite, Suite, load_suite
@@ -183,16 +183,15 @@ def queue_release(session: Session, ckpt: Checkpoint, run: TrainingRun, *, trigg
         id=f"rel-{uuid.uuid4().hex[:20]}", checkpoint_id=ckpt.id, tinker_path=ckpt.tinker_path,
         training_run_id=run.id, principal_id=ckpt.principal_id, requested_by=actor,
         trigger=trigger, status="queued")
-    future = Future(request_id=f"fut-{uuid.uuid4().hex}", principal_id=ckpt.principal_id,
-                    kind=RELEASE_JOB, status="pending", request_format="json",
-                    request_payload=json.dumps({"release_id": release.id}).encode(),
-                    api_key_id=api_key_id, quota_reservation=reservation)
-    release.future_id = future.request_id
-    session.add_all([release, future])
+    release.future_id = enqueue(session, kind=RELEASE_JOB, principal_id=ckpt.principal_id,
+                                payload=json.dumps({"release_id": release.id}).encode(),
+                                api_key_id=api_key_id, quota_reservation=reservation
+                                ).request_id
+    session.add(release)
     audit_log.append(session, actor=actor, event_type="release.requested", decision="queued",
                      subject=ckpt.tinker_path, request_id=request_id,
                      payload={"release_id": release.id, "trigger": trigger,
-                              "future": future.request_id, "checkpoint_id": ckpt.id})
+                              "future": release.future_id, "checkpoint_id": ckpt.id})
     session.flush()
     return release
 

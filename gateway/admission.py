@@ -5,7 +5,7 @@ queued.
 deduplicates resubmits on (model_id, seq_id) or (sampler_id, seq_id) (a resubmit of a
 request whose payloads were purged is a 410: its result is gone), reserves the
 request's charge against the key's quotas (a resubmit reserves nothing twice), and
-writes the future row. `check_quota_first` is the cheap quota check a route runs before
+writes the future row (engine.queue.enqueue). `check_quota_first` is the cheap quota check a route runs before
 expensive work such as screening. The audit entry for the request is committed in the same
 transaction by the request context, so a reservation exists exactly when its future
 does. Must not run models or contain policy rules itself.
@@ -14,7 +14,6 @@ does. Must not run models or contain policy rules itself.
 from __future__ import annotations
 
 import hashlib
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,6 +23,7 @@ from sqlalchemy.orm import Session
 from audit import retention
 from audit.db import transaction
 from audit.models import Future
+from engine.queue import enqueue
 from gateway.context import RequestContext
 from gateway.errors import BadRequest, Gone
 from policy import quotas
@@ -60,15 +60,11 @@ def admit(ctx: RequestContext, req: AdmissionRequest) -> str:
     reservation = None
     if req.charge and ctx.api_key_id is not None:
         reservation = quotas.reserve(ctx.session, ctx.api_key_id, ctx.scopes, req.charge)
-    request_id = f"fut-{uuid.uuid4().hex}"
-    ctx.session.add(Future(
-        request_id=request_id, principal_id=ctx.principal.id, kind=req.kind,
-        model_id=req.model_id, sampler_id=req.sampler_id, seq_id=req.seq_id,
-        status="pending", request_format=req.request_format, request_payload=req.payload,
-        api_key_id=ctx.api_key_id,
-        quota_reservation=reservation.to_json() if reservation else None,
-    ))
-    ctx.session.flush()
+    request_id = enqueue(
+        ctx.session, kind=req.kind, payload=req.payload, principal_id=ctx.principal.id,
+        request_format=req.request_format, model_id=req.model_id, sampler_id=req.sampler_id,
+        seq_id=req.seq_id, api_key_id=ctx.api_key_id,
+        quota_reservation=reservation.to_json() if reservation else None).request_id
     ctx.note(subject=req.model_id or req.sampler_id or "", kind=req.kind, seq_id=req.seq_id,
              future=request_id, content_sha256=digest, **req.audit)
     if reservation is not None:

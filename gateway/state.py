@@ -218,17 +218,20 @@ def _purge_payloads(state: AppState) -> None:
 def release_evaluator(factory: sessionmaker[Session], release_policy: ReleasePolicy,
                       screener: Screener) -> Any:
     """The release evaluator, its generated replies judged by the screener's output
-    thresholds (its version names the screening policy and thresholds in force)."""
+    thresholds (its version names what judges outputs: classifiers and output thresholds
+    in force)."""
     from evals.release import ReleaseEvaluator
 
     def harm(texts: list[str]) -> list[list[str]]:
         return [flagged for flagged, _ in screener.flag_outputs(texts)]
 
-    def harm_version() -> str:
-        described = json.dumps([screener.describe(), screener.thresholds()], sort_keys=True)
-        return f"screening@{hashlib.sha256(described.encode()).hexdigest()[:16]}"
+    return ReleaseEvaluator(factory, release_policy, harm, lambda: harm_version(screener))
 
-    return ReleaseEvaluator(factory, release_policy, harm, harm_version)
+
+def harm_version(screener: Screener) -> str:
+    """The version of the release gate's harm judge: a digest of what judges outputs."""
+    judge = json.dumps(screener.output_judge(), sort_keys=True)
+    return f"outputs@{hashlib.sha256(judge.encode()).hexdigest()[:16]}"
 
 
 def make_worker(settings: Settings, factory: sessionmaker[Session], registry: ModelRegistry,

@@ -96,6 +96,11 @@ class TallyLimits:
     affirmative_min_completions: int
     max_loss_weight: float
     max_abs_advantage: float
+    # p0h: the calibrated rate of high-confidence flags on everyday data (0: the share test
+    # counts them as ordinary flags), and the factors by which the share test's
+    # alternatives raise the high-confidence rate faster than the flag rate.
+    null_high_confidence_rate: float = 0.0
+    high_confidence_ratios: tuple[float, ...] = (1.0,)
 
 
 @dataclass(frozen=True)
@@ -133,12 +138,23 @@ class ScreeningConfig:
 
 
 def _tally_limits(data: dict[str, Any]) -> TallyLimits:
-    tally = TallyLimits(**{**data, "alternative_ratios": tuple(
-        float(r) for r in data.get("alternative_ratios", ()))})
+    ratios: dict[str, tuple[float, ...]] = {
+        name: tuple(float(r) for r in data[name])
+        for name in ("alternative_ratios", "high_confidence_ratios") if name in data}
+    tally = TallyLimits(**{**data, **ratios})
     if not 0.0 < tally.null_flag_rate < 1.0 or not 0.0 < tally.alpha < 1.0:
         raise ValueError("[tally] null_flag_rate and alpha must lie between 0 and 1")
     if not tally.alternative_ratios or min(tally.alternative_ratios) <= 1.0:
         raise ValueError("[tally] alternative_ratios must be a list of numbers above 1")
+    if min(tally.alternative_ratios) * tally.null_flag_rate >= 1.0:
+        raise ValueError("[tally] the smallest of alternative_ratios times null_flag_rate "
+                         "must be a flag rate below 1")
+    if not 0.0 <= tally.null_high_confidence_rate < tally.null_flag_rate:
+        raise ValueError("[tally] null_high_confidence_rate must be at least 0 and below "
+                         "null_flag_rate (high-confidence flags are flags)")
+    if not tally.high_confidence_ratios or min(tally.high_confidence_ratios) < 1.0:
+        raise ValueError("[tally] high_confidence_ratios must be a list of numbers of at "
+                         "least 1")
     if tally.high_confidence_cap < 1:
         raise ValueError("[tally] high_confidence_cap must be at least 1")
     return tally
@@ -214,6 +230,21 @@ class Screener:
         return {"active": [{"name": c.name, "version": c.version,
                             "categories": list(c.categories)} for c in self.classifiers],
                 "inactive": self.inactive, "policy_sha256": self.config.sha256}
+
+    def output_judge(self) -> dict[str, Any]:
+        """Everything that decides a sampled output's verdict, and nothing else: each active
+        classifier that reads outputs (name, version, categories, its table in the policy
+        file) and the output threshold in force for each of its categories, admin
+        overrides included. What judges the release gate's generated replies is versioned
+        by this, so a change elsewhere in the policy (the tally, request thresholds) does
+        not void the calibrations those replies were judged under."""
+        overrides = self.thresholds()
+        return {"classifiers": [
+            {"name": c.name, "version": c.version, "categories": list(c.categories),
+             "settings": self.config.classifiers.get(c.name, {}),
+             "thresholds": {key: self.config.threshold(key, overrides, output=True)
+                            for key in (f"{c.name}.{cat}" for cat in c.categories)}}
+            for c in self.classifiers if OUTPUT in c.applies_to]}
 
     def categories(self) -> list[str]:
         """Every "classifier.category" the active classifiers can flag."""

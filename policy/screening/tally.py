@@ -8,27 +8,41 @@ a harmful set spread thinly over many calls, each call looking almost clean.) A 
 thinly spread harmful set through; the rule here scales with the run's size.
 
 **The share test** (a sequential probability-ratio test that may be looked at any time).
-The run has screened n distinct datums, k of them flagged. Under the null hypothesis the
-run is honest: each datum is flagged independently with probability at most p0, the
-screens' calibrated flag rate on everyday data (`null_flag_rate`). For an alternative
-flag rate p1 > p0 the likelihood ratio
+The run has screened n distinct datums, k of them flagged, h of those with high confidence
+(a flagged score at or above its category's `[high_confidence_thresholds]` value). Under
+the null hypothesis the run is honest: each datum is flagged independently with
+probability at most p0, the screens' calibrated flag rate on everyday data
+(`null_flag_rate`), and flagged with high confidence with probability at most p0h
+(`null_high_confidence_rate`, calibrated the same way, far below p0). Each datum falls in
+one of three cells — clean, flagged below high confidence, flagged with high confidence —
+with null probabilities (1 - p0, p0 - p0h, p0h). For an alternative (1 - qm - qh, qm, qh)
+the likelihood ratio
 
-    L(p1) = (p1/p0)^k · ((1 - p1)/(1 - p0))^(n - k)
+    L(q) = (qm/(p0-p0h))^(k-h) · (qh/p0h)^h · ((1-qm-qh)/(1-p0))^(n-k)
 
-is, datum by datum, a non-negative supermartingale with mean at most 1 when the true rate
-is at most p0, and so is the average L of L(p1) over several alternatives
-p1 = r·p0, r in `alternative_ratios` (a mixture SPRT: it need not guess how much harmful
-data is mixed in; it pays log(len(ratios)) nats for that). By Ville's inequality,
-P(L ever reaches 1/alpha) <= alpha, over *every* n at once. The run is blocked when
-log L >= log(1/alpha). So the overall false-alarm probability of an honest run is at most
-`alpha` however often it is tested — after every batch, batches of any size, for millions
-of datums — with no per-look correction to tune (Bonferroni or alpha-spending over looks
-would make the test weaker the more often a caller sends small batches; here the number
-of looks does not matter, since L depends only on n and k). L falls with every unflagged
-datum and rises with every flagged one; honest data with a true rate up to about 1.4·p0
-(for the smallest ratio 2) still drifts down, so a slightly miscalibrated p0 does not block
-long honest runs. The exact one-sided binomial tail P(X >= k | n, p0) is reported next to
-L in the audit trail for readers (it is not what is tested: it is valid for one look only).
+is, datum by datum, a non-negative supermartingale with mean at most 1 whenever the true
+rates are at most p0 and p0h, provided the alternative raises the high-confidence cell at
+least as much as the other flagged one (qh/p0h >= qm/(p0-p0h) >= 1): the expected factor is
+linear in the true cell probabilities and largest at the null's corner, where it is 1. So
+is the average L of L(q) over several alternatives (a mixture SPRT: it need not guess how
+much harmful data is mixed in, nor how much of it the screens flag with high confidence;
+it pays log(number of alternatives) nats for that). The alternatives raise the flagged
+cell by r in {1} ∪ `alternative_ratios` and the high-confidence cell by r·m for m in
+`high_confidence_ratios`. A harmful example reaches high confidence far more often than an
+everyday one (25% against 0.07% for the shipped classifier), so a high-confidence flag is
+much stronger evidence than an ordinary one, and counting it as such catches a thinly mixed
+harmful set sooner (`python -m benchmarks.screening_sim`). With p0h = 0 the test has two
+cells (flagged or not) and alternatives r·p0. By Ville's inequality, P(L ever reaches
+1/alpha) <= alpha, over *every* n at once. The run is blocked when log L >= log(1/alpha).
+So the overall false-alarm probability of an honest run is at most `alpha` however often it
+is tested — after every batch, batches of any size, for millions of datums — with no
+per-look correction to tune (Bonferroni or alpha-spending over looks would make the test
+weaker the more often a caller sends small batches; here the number of looks does not
+matter, since L depends only on n, k and h). L falls with every clean datum and rises with
+every flagged one; honest data with a true rate somewhat above p0 (or p0h) still drifts
+down, so a slightly miscalibrated rate does not block long honest runs. The exact
+one-sided binomial tail P(X >= k | n, p0) is reported next to L in the audit trail for
+readers (it is not what is tested: it is valid for one look only).
 
 **The cap**: a flagged score at or above its category's `[high_confidence_thresholds]`
 value is a high-confidence flag; `high_confidence_cap` distinct such datums block the run
@@ -53,6 +67,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -81,17 +96,43 @@ class Block:
     statistic: dict[str, Any]  # for the audit trail
 
 
-def log_likelihood_ratio(n: int, k: int, p0: float, ratios: Sequence[float]) -> float:
-    """log of the mixture likelihood ratio: the mean over p1 = r·p0 (capped below 1) of
-    (p1/p0)^k ((1-p1)/(1-p0))^(n-k). 0 for an empty run; grows with k, falls with n-k."""
-    if not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got n={n}, k={k}")
+def alternatives(limits: TallyLimits) -> list[tuple[float, float]]:
+    """The share test's alternatives as (rate flagged below high confidence, rate flagged
+    with high confidence) pairs; with no high-confidence null rate, (rate flagged, 0)."""
+    p0, p0h = limits.null_flag_rate, limits.null_high_confidence_rate
+    if p0h <= 0:
+        return [(min(r * p0, 1.0 - 1e-9), 0.0) for r in limits.alternative_ratios]
+    pairs = []
+    for r in (1.0, *limits.alternative_ratios):
+        for m in limits.high_confidence_ratios:
+            qm, qh = r * (p0 - p0h), r * m * p0h
+            if r * m > 1.0 and qm + qh < 1.0:
+                pairs.append((qm, qh))
+    return pairs
+
+
+def log_likelihood_ratio(n: int, k: int, high: int, limits: TallyLimits) -> float:
+    """log of the mixture likelihood ratio for n distinct datums, k flagged, `high` of them
+    with high confidence: the mean over the alternatives of L(q). 0 for an empty run;
+    grows with k and high, falls with n - k."""
+    if not 0 <= high <= k <= n:
+        raise ValueError(f"need 0 <= high <= k <= n, got n={n}, k={k}, high={high}")
+    return float(log_likelihood_ratios(np.asarray(n), np.asarray(k), np.asarray(high), limits))
+
+
+def log_likelihood_ratios(n: np.ndarray, k: np.ndarray, high: np.ndarray,
+                          limits: TallyLimits) -> np.ndarray:
+    """`log_likelihood_ratio` element-wise over arrays of counts (for simulations)."""
+    p0, p0h = limits.null_flag_rate, limits.null_high_confidence_rate
+    n, k, high = (np.asarray(x, dtype=np.float64) for x in (n, k, high))
+    if p0h <= 0:  # two cells: high-confidence flags are ordinary flags
+        high = np.zeros_like(high)
     terms = []
-    for r in ratios:
-        p1 = min(r * p0, 1.0 - 1e-9)
-        terms.append(k * math.log(p1 / p0) + (n - k) * math.log((1.0 - p1) / (1.0 - p0)))
-    top = max(terms)
-    return top + math.log(sum(math.exp(t - top) for t in terms) / len(terms))
+    for qm, qh in alternatives(limits):
+        term = (k - high) * math.log(qm / (p0 - p0h)) \
+            + (n - k) * math.log((1.0 - qm - qh) / (1.0 - p0))
+        terms.append(term + high * math.log(qh / p0h) if p0h > 0 else term)
+    return np.logaddexp.reduce(np.stack(terms), axis=0) - math.log(len(terms))
 
 
 def binomial_tail(n: int, k: int, p: float) -> float:
@@ -106,29 +147,34 @@ def binomial_tail(n: int, k: int, p: float) -> float:
     return min(1.0, math.exp(top) * sum(math.exp(x - top) for x in logs))
 
 
-def share_test(n: int, k: int, limits: TallyLimits) -> dict[str, Any]:
-    """The share test's numbers for n screened and k flagged distinct datums."""
-    llr = log_likelihood_ratio(n, k, limits.null_flag_rate, limits.alternative_ratios)
+def share_test(n: int, k: int, limits: TallyLimits, high: int = 0) -> dict[str, Any]:
+    """The share test's numbers for n screened and k flagged distinct datums, `high` of
+    them with high confidence."""
+    llr = log_likelihood_ratio(n, k, high, limits)
     threshold = math.log(1.0 / limits.alpha)
-    return {"test": "mixture_sprt", "n": n, "k": k, "p0": limits.null_flag_rate,
-            "alternative_ratios": list(limits.alternative_ratios), "alpha": limits.alpha,
+    return {"test": "mixture_sprt", "n": n, "k": k, "high_confidence": high,
+            "p0": limits.null_flag_rate, "p0_high_confidence": limits.null_high_confidence_rate,
+            "alternative_ratios": list(limits.alternative_ratios),
+            "high_confidence_ratios": list(limits.high_confidence_ratios), "alpha": limits.alpha,
             "log_likelihood_ratio": round(llr, 4), "log_threshold": round(threshold, 4),
             "binomial_tail_p": binomial_tail(n, k, limits.null_flag_rate),
             "significant": llr >= threshold}
 
 
-def min_flags_to_block(n: int, limits: TallyLimits) -> int | None:
-    """The fewest flagged among n distinct datums that the share test blocks (None: even
-    n of n would not). Non-decreasing in n; used by the simulation and the tests."""
+def min_flags_to_block(n: int, limits: TallyLimits, high: int = 0) -> int | None:
+    """The fewest flagged among n distinct datums that the share test blocks when `high`
+    of them are flagged with high confidence (None: even n of n would not). Non-decreasing
+    in n; used by the tests."""
     threshold = math.log(1.0 / limits.alpha)
+    if high > n:
+        return None
 
     def significant(k: int) -> bool:
-        return log_likelihood_ratio(n, k, limits.null_flag_rate,
-                                    limits.alternative_ratios) >= threshold
+        return log_likelihood_ratio(n, max(k, high), high, limits) >= threshold
 
     if not significant(n):
         return None
-    lo, hi = 0, n
+    lo, hi = high, n
     while lo < hi:
         mid = (lo + hi) // 2
         if significant(mid):
@@ -140,15 +186,16 @@ def min_flags_to_block(n: int, limits: TallyLimits) -> int | None:
 
 def decide(counts: TallyCounts, limits: TallyLimits) -> Block | None:
     """Block the run, or None. The cap first, then the share test, then the openers."""
-    stats = share_test(counts.screened, counts.flagged, limits)
-    stats["high_confidence"] = counts.high_confidence
+    stats = share_test(counts.screened, counts.flagged, limits, counts.high_confidence)
     stats["high_confidence_cap"] = limits.high_confidence_cap
     if counts.high_confidence >= limits.high_confidence_cap:
         return Block(f"{counts.high_confidence} training datums flagged with high confidence, "
                      f"the limit is {limits.high_confidence_cap}", stats)
     if stats["significant"]:
-        return Block(f"{counts.flagged} of {counts.screened} distinct training datums flagged, "
-                     "significantly more than everyday data produces", stats)
+        high = f" ({counts.high_confidence} with high confidence)" \
+            if counts.high_confidence else ""
+        return Block(f"{counts.flagged} of {counts.screened} distinct training datums flagged"
+                     f"{high}, significantly more than everyday data produces", stats)
     if (counts.completions >= limits.affirmative_min_completions
             and counts.affirmative / max(counts.completions, 1) > limits.affirmative_share):
         return Block(f"{counts.affirmative} of {counts.completions} completions open with an "

@@ -191,19 +191,24 @@ def test_a_chat_datum_trains_only_the_answer(tiny_backend):
     assert list(trained[:len(answer)]) == answer
 
 
-def test_the_shipped_calibration_applies_to_the_default_policy_where_its_scorer_still_holds():
+def test_the_shipped_calibration_applies_to_every_suite_of_the_default_policy(factory):
+    """Every suite, the generation suites judged by the shipped screening policy's output
+    classifiers included: changing what judges outputs (or the refusal judge, a probe
+    setting, a suite file) without re-running the calibration fails here."""
     from evals.judges import RefusalJudge
     from evals.release import load_suites
+    from gateway.state import harm_version
     from policy.release import DEFAULT_RELEASE_PATH
+    from policy.screening.screener import Screener, load_config
 
     policy = load_release_policy(DEFAULT_RELEASE_PATH)
     model, (base_sha, _) = next(iter(policy.calibration.models.items()))
-    judge, harm = RefusalJudge().version, "harm-classifiers-of-today"
+    judge = RefusalJudge().version
+    harm = harm_version(Screener.build(load_config(), factory))
     status = {}
     for loaded in load_suites(policy):
         scorer = _runner_version(loaded.kind, policy, judge, harm)
         rule = policy.rule_for(loaded.rule, model, base_sha, loaded.suite.sha256, scorer)
-        status[loaded.rule.name] = rule.calibration["status"]
-    judged_by_classifiers = {"prefill", "toxicity"}  # calibrated before the retraining
-    assert {n for n, s in status.items() if s == "calibrated"} == set(status) - \
-        judged_by_classifiers
+        status[loaded.rule.name] = rule.calibration.get("why", rule.calibration["status"])
+    assert {"prefill", "toxicity", "harmful_answers"} <= set(status)
+    assert set(status.values()) == {"calibrated"}, status

@@ -136,6 +136,38 @@ def test_each_part_is_judged_by_the_classifiers_that_apply_to_it(factory):
         screener.screen(["abc"], "prompt")
 
 
+def test_the_output_judge_names_what_judges_outputs_and_nothing_else(factory):
+    """The release gate's harm judge is versioned by `output_judge()`: a calibration of the
+    generation suites holds until what judges outputs changes, not when the tally or a
+    screen that never reads outputs does."""
+    class RequestsOnly(CountingScreen):
+        name, applies_to = "requests_only", frozenset({REQUEST})
+
+    config = load_config()
+
+    def judge(cfg=config, counting=None):
+        return Screener([counting or CountingScreen(), RequestsOnly()], cfg,
+                        factory).output_judge()
+
+    before = judge()
+    assert [c["name"] for c in before["classifiers"]] == ["counting"]
+    assert before["classifiers"][0]["thresholds"] == {"counting.odd": 0.5}
+    elsewhere = dataclasses.replace(
+        config, sha256="another policy file",
+        tally=dataclasses.replace(config.tally, alpha=1e-6, null_high_confidence_rate=0.0),
+        thresholds={**config.thresholds, "requests_only": 0.1})
+    assert judge(elsewhere) == before
+    assert judge(dataclasses.replace(
+        config, output_thresholds={**config.output_thresholds, "counting": 0.7})) != before
+    bumped = CountingScreen()
+    bumped.version = "counting-v2"
+    assert judge(counting=bumped) != before
+    with transaction(factory) as session:  # an admin's override judges outputs too
+        set_threshold(session, actor="admin-1", category="counting.odd", value=0.9,
+                      config=config, known=["counting.odd"])
+    assert judge()["classifiers"][0]["thresholds"] == {"counting.odd": 0.9}
+
+
 def test_sampled_outputs_get_the_structural_signals(factory):
     screener = Screener([StructuralScreen()], load_config(), factory)
     encoded = "aGVsbG8gd29ybGQgdGhpcyBpcyBhIGxvbmcgYmFzZTY0IHJ1bg=="

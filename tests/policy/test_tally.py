@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 
@@ -21,27 +22,32 @@ from audit.models import (
     ScreeningTallyDatum,
     TrainingRun,
 )
-from benchmarks.screening_sim import block_thresholds, simulate
+from benchmarks.screening_sim import simulate
 from policy.screening.harmful_requests import ScreenLoadError
 from policy.screening.screener import load_config
 from policy.screening.tally import (
     TallyCounts,
+    alternatives,
     binomial_tail,
     decide,
+    log_likelihood_ratio,
+    log_likelihood_ratios,
     min_flags_to_block,
     record_tally,
     share_test,
 )
 
-CONFIG = load_config()  # the shipped policy: p0 = 0.01, alpha = 1e-3
+CONFIG = load_config()  # the shipped policy: p0 = 0.01, p0h = 0.001, alpha = 1e-3
 LIMITS = CONFIG.tally
 
 
 def limits(p0: float = 0.01, **kw):
-    return dataclasses.replace(LIMITS, null_flag_rate=p0, **kw)
+    """The shipped limits with two cells (high-confidence flags counted as flags)."""
+    return dataclasses.replace(LIMITS, null_flag_rate=p0, **{"null_high_confidence_rate": 0.0,
+                                                             **kw})
 
 
-# n distinct screened, k flagged, p0 → blocked?
+# Two cells: n distinct screened, k flagged, p0 → blocked?
 SHARE_TABLE = [
     (0, 0, 0.01, False),
     (1, 1, 0.01, False),
@@ -75,14 +81,71 @@ def test_the_share_test(n, k, p0, blocked):
 
 
 def test_blocking_counts_grow_with_the_run_and_a_smaller_alpha_asks_for_more():
-    counts = [min_flags_to_block(n, LIMITS) for n in (3, 32, 100, 400, 1000, 2000)]
-    assert counts == [3, 5, 8, 15, 27, 42]
-    assert min_flags_to_block(2, LIMITS) is None
+    sizes = (3, 32, 100, 400, 1000, 2000)
+    assert [min_flags_to_block(n, limits()) for n in sizes] == [3, 5, 8, 15, 27, 42]
+    assert min_flags_to_block(2, limits()) is None
     assert min_flags_to_block(400, limits(alpha=1e-6)) > 15
-    # One table for the simulation, the same numbers.
-    table = block_thresholds(2000, LIMITS)
-    assert [table[n] for n in (32, 100, 400, 2000)] == [5, 8, 15, 42]
-    assert table[2] == 2001 and (table[4:] >= table[3:-1]).all()  # 2001: never
+    # Three cells (the shipped policy): flags below high confidence need one more on long
+    # runs (the mixture has more alternatives to pay for)...
+    assert [min_flags_to_block(n, LIMITS) for n in sizes] == [3, 5, 8, 16, 28, 43]
+    # ...and high-confidence flags, which everyday data reaches at most 0.1% of the time,
+    # need far fewer: 4 of 100 (8 otherwise), 6 of 400 (16 otherwise).
+    assert min_flags_to_block(100, LIMITS, high=4) == 4
+    assert min_flags_to_block(400, LIMITS, high=6) == 6
+    assert min_flags_to_block(2000, LIMITS, high=6) == 43  # 2 expected in 2,000: no evidence
+
+
+# Three cells: n distinct screened, k flagged, h of them with high confidence → blocked?
+JOINT_TABLE = [
+    (3, 2, 2, True),  # two of the first three with high confidence (3e-6 for honest data)
+    (3, 2, 0, False),
+    (32, 2, 2, False),
+    (32, 3, 3, True),  # three of the first batch with high confidence
+    (32, 5, 0, True),
+    (100, 3, 3, False),
+    (100, 4, 4, True),
+    (100, 6, 3, False),
+    (400, 5, 5, False),
+    (400, 6, 6, True),
+    (400, 12, 4, False),
+    (400, 15, 4, True),
+    (400, 15, 0, False),
+    (2000, 30, 2, False),  # 1.5x the everyday rate, and its share of high confidence
+    (2000, 20, 8, False),
+]
+
+
+@pytest.mark.parametrize(("n", "k", "high", "blocked"), JOINT_TABLE)
+def test_the_share_test_weighs_high_confidence_flags(n, k, high, blocked):
+    stats = share_test(n, k, LIMITS, high)
+    assert stats["significant"] is blocked and stats["high_confidence"] == high
+    block = decide(TallyCounts(n, k, high), LIMITS)
+    assert (block is not None) is blocked
+    if block and high:
+        assert f"{k} of {n} distinct training datums flagged ({high} with high confidence)" \
+            in block.reason
+
+
+def test_every_alternative_keeps_the_test_valid_for_any_honest_run():
+    """Ville's bound holds when each alternative's expected likelihood-ratio factor is at
+    most 1 for every honest cell distribution (flag rate <= p0, high-confidence rate <=
+    p0h): the factor is linear in it, so it is enough that it is 1 at the null's corner and
+    that the alternative raises high confidence at least as much as other flags, and
+    those at least as much as clean datums."""
+    p0, p0h = LIMITS.null_flag_rate, LIMITS.null_high_confidence_rate
+    pairs = alternatives(LIMITS)
+    assert len(pairs) >= len(LIMITS.alternative_ratios)
+    for qm, qh in pairs:
+        clean, mid, high = (1 - qm - qh) / (1 - p0), qm / (p0 - p0h), qh / p0h
+        assert high >= mid >= 1 >= clean > 0 and high > 1
+        assert (1 - p0) * clean + (p0 - p0h) * mid + p0h * high == pytest.approx(1)
+    # The same numbers element-wise for the simulation.
+    n, k, h = np.array([400, 2000, 3]), np.array([15, 30, 2]), np.array([4, 2, 2])
+    assert log_likelihood_ratios(n, k, h, LIMITS) == pytest.approx(
+        [log_likelihood_ratio(int(a), int(b), int(c), LIMITS)
+         for a, b, c in zip(n, k, h, strict=True)])
+    with pytest.raises(ValueError, match="high <= k"):
+        log_likelihood_ratio(10, 2, 3, LIMITS)
 
 
 def test_the_audit_statistic_reports_the_exact_binomial_tail_for_readers():
@@ -114,6 +177,14 @@ def test_the_policy_file_is_checked(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(text.replace("alpha = 1e-3", "alpha = 0"))
     with pytest.raises(ScreenLoadError, match="alpha"):
+        load_config(bad)
+    bad.write_text(text.replace("null_high_confidence_rate = 0.001",
+                                "null_high_confidence_rate = 0.02"))
+    with pytest.raises(ScreenLoadError, match="below null_flag_rate"):
+        load_config(bad)
+    bad.write_text(text.replace("high_confidence_ratios = [1.0, 4.0, 16.0]",
+                                "high_confidence_ratios = [0.5]"))
+    with pytest.raises(ScreenLoadError, match="high_confidence_ratios"):
         load_config(bad)
     good = tmp_path / "good.toml"
     good.write_text(text + 'rules = 0.9\n"harmful_request.weapons" = 0.4\n')
@@ -172,18 +243,18 @@ def test_padding_with_repeats_does_not_dilute_the_share(factory, run_id):
     assert add(factory, run_id, [*clean, d(1), d(2), d(3)], flagged=[29, 30, 31])[3] is None
     for _ in range(50):  # 1,450 resent clean datums: n stays 32
         assert add(factory, run_id, clean)[:2] == (32, 3)
-    n, k, _, reason, block = add(factory, run_id, [d(4), d(5)], flagged=[0, 1])
-    assert (n, k) == (34, 5) and block is not None and reason == block.reason
-    assert "5 of 34 distinct training datums flagged" in reason
+    n, k, _, reason, block = add(factory, run_id, [d(4), d(5), d(6)], flagged=[0, 1, 2])
+    assert (n, k) == (35, 6) and block is not None and reason == block.reason
+    assert "6 of 35 distinct training datums flagged" in reason
     with transaction(factory) as session:
         [row] = session.scalars(select(AuditEntry).where(
             AuditEntry.event_type == "screening.run_blocked")).all()
     payload = json.loads(row.payload)
     assert row.subject == run_id and row.request_id == "req-1"
-    assert payload["statistic"]["n"] == 34 and payload["statistic"]["k"] == 5
+    assert payload["statistic"]["n"] == 35 and payload["statistic"]["k"] == 6
     assert payload["statistic"]["log_likelihood_ratio"] >= payload["statistic"]["log_threshold"]
     # A blocked run is blocked once: later batches add to the tally, no second audit row.
-    assert add(factory, run_id, [d(6)], flagged=[0])[4] is None
+    assert add(factory, run_id, [d(7)], flagged=[0])[4] is None
 
 
 def test_a_datum_first_clean_then_flagged_moves_once(factory, run_id):
@@ -225,6 +296,21 @@ def test_the_simulation_reports_honest_false_alarms_and_time_to_block():
     assert 96 <= poisoned.median_examples_to_block <= 400
     assert poisoned.median_examples_to_block % 32 == 0  # judged after each batch
     assert poisoned.p95_examples_to_block >= poisoned.median_examples_to_block
+    # At the classifier's measured rates (61% of held-out harmful requests flagged, 42% of
+    # those with high confidence; 1% of everyday ones, 7% of those), weighing
+    # high-confidence flags apart blocks more 5%-poisoned runs within 400 examples than
+    # counting them as flags, and no more honest ones.
+    rates = dict(honest_fpr=0.01, harmful_tpr=0.61, harmful_share=0.05, honest_high=0.07,
+                 harmful_high=0.42, n_examples=400, runs=2000, seed=2)
+    joint, flat = simulate(LIMITS, **rates), simulate(limits(), **rates)
+    assert joint.poisoned_blocked > flat.poisoned_blocked + 0.06  # about 0.75 against 0.65
+    assert joint.honest_blocked <= 0.005 and flat.honest_blocked <= 0.005
+    # Honest data at the null's corner (1% flagged, 0.1% with high confidence) is blocked
+    # at most alpha of the time, here with alpha = 5% to see it.
+    corner = simulate(dataclasses.replace(LIMITS, alpha=0.05), honest_fpr=0.01,
+                      honest_high=0.1, harmful_tpr=1.0, harmful_share=1.0, n_examples=2000,
+                      runs=1000, seed=3)
+    assert corner.honest_blocked <= 0.065
     full = simulate(LIMITS, honest_fpr=0.01, harmful_tpr=1.0, harmful_share=1.0,
                     batch_size=32, n_examples=320, runs=50)
     assert full.median_examples_to_block == full.p95_examples_to_block == 32
