@@ -5,10 +5,10 @@ queued.
 deduplicates resubmits on (model_id, seq_id) or (sampler_id, seq_id) (a resubmit of a
 request whose payloads were purged is a 410: its result is gone), reserves the
 request's charge against the key's quotas (a resubmit reserves nothing twice), and
-writes the future row (engine.queue.enqueue). `check_quota_first` is the cheap quota check a route runs before
-expensive work such as screening. The audit entry for the request is committed in the same
-transaction by the request context, so a reservation exists exactly when its future
-does. Must not run models or contain policy rules itself.
+writes the future row (engine.queue.enqueue). `check_quota_first` is the cheap quota
+check a route runs before expensive work such as screening. The audit entry for the
+request is committed in the same transaction by the request context, so a reservation
+exists exactly when its future does. Must not run models or contain policy rules itself.
 """
 
 from __future__ import annotations

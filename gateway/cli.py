@@ -71,25 +71,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from audit.db import make_engine, make_sessionmaker
-    from engine.registry import ModelRegistry
+    from gateway import composition
     from gateway.metrics import serve_metrics
-    from gateway.state import Checkpointer, make_worker
-    from migrations import upgrade_to_head
-    from policy.release import load_release_policy
-    from policy.screening.screener import Screener, load_config
 
     settings = _settings(args, metrics_bind=args.metrics_bind)
     if settings.metrics_bind:  # this process's own metrics (gateway.metrics)
         serve_metrics(settings.metrics_bind)
-    upgrade_to_head(settings.database)
-    factory = make_sessionmaker(make_engine(settings.database), settings.hmac_keys())
-    screener = Screener.build(load_config(settings.screening_file), factory)
-    checkpoints = Checkpointer(factory, settings.checkpoint_dir, settings.signing_key())
-    registry = ModelRegistry(settings.data_dir, settings.extra_models)
-    worker = make_worker(settings, factory, registry, screener, checkpoints,
-                         load_release_policy(settings.release_file), worker_id=args.worker_id,
-                         idle_poll_seconds=0.05, lease_seconds=args.lease_seconds)
+    worker = composition.worker(settings, composition.session_factory(settings),
+                                worker_id=args.worker_id, idle_poll_seconds=0.05,
+                                lease_seconds=args.lease_seconds)
     for name in settings.base_models:
         worker.backend(name)
     # What this worker id was running when its last process died runs again.
@@ -111,17 +101,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _database(args: argparse.Namespace, read_only: bool = False) -> Iterator[Session]:
     """One transaction on the (migrated) database the arguments point at."""
-    from audit.db import make_engine, make_sessionmaker, transaction
-    from migrations import upgrade_to_head
+    from audit.db import transaction
+    from gateway import composition
 
-    settings = _settings(args)
-    upgrade_to_head(settings.database)
-    engine = make_engine(settings.database, read_only=read_only)
-    try:
-        with transaction(make_sessionmaker(engine, settings.hmac_keys())) as session:
-            yield session
-    finally:
-        engine.dispose()
+    with composition.database(_settings(args), read_only=read_only) as factory, \
+            transaction(factory) as session:
+        yield session
 
 
 def _cmd_keys_create(args: argparse.Namespace) -> int:
@@ -269,10 +254,10 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_prepare(args: argparse.Namespace) -> int:
-    from engine.registry import ModelRegistry
+    from gateway import composition
 
     settings = _settings(args)
-    registry = ModelRegistry(settings.data_dir, settings.extra_models)
+    registry = composition.model_registry(settings)
     for name in settings.base_models:
         print(f"{name}: {registry.materialize(name)}")
     return 0
@@ -281,31 +266,23 @@ def _cmd_models_prepare(args: argparse.Namespace) -> int:
 def _cmd_checkpoints_sweep(args: argparse.Namespace) -> int:
     """Delete every checkpoint past its TTL now (the worker also does this periodically);
     prints the tinker paths deleted, one a line."""
-    from audit.db import make_engine, make_sessionmaker
     from engine.sweeper import sweep_expired_checkpoints
-    from gateway.state import cancel_overrides_of_expired
-    from migrations import upgrade_to_head
+    from gateway import composition
 
     settings = _settings(args)
-    upgrade_to_head(settings.database)
-    engine = make_engine(settings.database)
-    try:
-        factory = make_sessionmaker(engine, settings.hmac_keys())
-        while swept := sweep_expired_checkpoints(factory, settings.checkpoint_root,
-                                                 actor="cli",
-                                                 before_delete=cancel_overrides_of_expired):
+    with composition.database(settings) as factory:
+        while swept := sweep_expired_checkpoints(
+                factory, settings.checkpoint_root, actor="cli",
+                before_delete=composition.cancel_overrides_of_expired):
             print("\n".join(swept))
-    finally:
-        engine.dispose()
     return 0
 
 
 def _cmd_futures_purge(args: argparse.Namespace) -> int:
     """Purge now the payloads of futures never retrieved within the retention (the API
     server also does this periodically); prints the request ids purged, one a line."""
-    from audit.db import make_engine, make_sessionmaker
     from audit.retention import purge_all_expired
-    from migrations import upgrade_to_head
+    from gateway import composition
 
     settings = _settings(args)
     days = settings.payload_retention_days if args.retention_days is None \
@@ -313,13 +290,8 @@ def _cmd_futures_purge(args: argparse.Namespace) -> int:
     if days < 0:
         print("error: --retention-days must be >= 0", file=sys.stderr)
         return 2
-    upgrade_to_head(settings.database)
-    engine = make_engine(settings.database)
-    try:
-        factory = make_sessionmaker(engine, settings.hmac_keys())
+    with composition.database(settings) as factory:
         purged = purge_all_expired(factory, retention_days=days, actor="cli")
-    finally:
-        engine.dispose()
     if purged:
         print("\n".join(purged))
     return 0

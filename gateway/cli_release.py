@@ -98,14 +98,9 @@ def cmd_calibrate(args: argparse.Namespace, settings_for: Callable[..., Any]) ->
 
     from tqdm import tqdm
 
-    from audit.db import make_engine, make_sessionmaker
-    from engine.registry import ModelRegistry
     from engine.torch_backend import load_backend
     from evals.calibration import DEFAULT_RUNS, calibrate
-    from gateway.state import release_evaluator
-    from migrations import upgrade_to_head
-    from policy.release import load_release_policy
-    from policy.screening.screener import Screener, load_config
+    from gateway import composition
 
     settings = settings_for(args)
     runs = DEFAULT_RUNS[:args.runs] if args.runs else DEFAULT_RUNS
@@ -114,17 +109,15 @@ def cmd_calibrate(args: argparse.Namespace, settings_for: Callable[..., Any]) ->
         print(f"error: {args.data} lacks {sorted(set(missing))} (.jsonl.gz); build them with "
               "training/release_data/build.py", file=sys.stderr)
         return 2
-    registry = ModelRegistry(settings.data_dir, settings.extra_models)
+    registry = composition.model_registry(settings)
     name = settings.base_models[0]
     backend = load_backend(registry, name, settings.device)
     with tempfile.TemporaryDirectory() as scratch:
-        url = f"sqlite:///{Path(scratch) / 'calibration.db'}"
-        upgrade_to_head(url)
-        factory = make_sessionmaker(make_engine(url))
-        policy = load_release_policy(settings.release_file, calibrated=False)
-        evaluator = release_evaluator(factory, policy,
-                                      Screener.build(load_config(settings.screening_file),
-                                                     factory))
+        factory = composition.session_factory(
+            settings, url=f"sqlite:///{Path(scratch) / 'calibration.db'}")
+        evaluator = composition.release_evaluator(
+            factory, composition.release_policy(settings, calibrated=False),
+            composition.screener(settings, factory))
         base_sha = evaluator.base_sha256(backend, registry.materialize(name))
         with tqdm(total=len(runs), desc="calibration", unit="run", file=sys.stderr) as bar:
             def evaluate(adapter_id: str) -> dict[str, Any]:

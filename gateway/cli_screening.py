@@ -24,22 +24,20 @@ SettingsOf = Callable[[argparse.Namespace], Any]
 
 
 def _screener(settings: Any, factory: Any) -> Any:
-    from policy.screening.screener import Screener, load_config
+    from gateway import composition
 
-    return Screener.build(load_config(settings.screening_file), factory)
+    return composition.screener(settings, factory)
 
 
 def _factory(settings: Any) -> Any:
-    from audit.db import make_engine, make_sessionmaker
-    from migrations import upgrade_to_head
+    from gateway import composition
 
-    upgrade_to_head(settings.database)
-    return make_sessionmaker(make_engine(settings.database), settings.hmac_keys())
+    return composition.session_factory(settings)
 
 
 def cmd_screen(args: argparse.Namespace, database: Database, settings: SettingsOf) -> int:
     from engine.errors import UserInputError
-    from engine.registry import ModelRegistry
+    from gateway import composition
     from gateway.screening import dry_run_datums, dry_run_texts
     from policy.screening.batch import screen_batch
 
@@ -50,7 +48,7 @@ def cmd_screen(args: argparse.Namespace, database: Database, settings: SettingsO
     except ValueError as exc:
         print(f"error: {args.file} is not JSONL: {exc}", file=sys.stderr)
         return 2
-    info = ModelRegistry(s.data_dir, s.extra_models).info(args.base_model or s.base_models[0])
+    info = composition.model_registry(s).info(args.base_model or s.base_models[0])
     try:
         texts = dry_run_texts(dry_run_datums(examples, info), info)
     except UserInputError as exc:

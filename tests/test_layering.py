@@ -53,3 +53,27 @@ def test_one_function_writes_queue_rows():
                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Future":
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
+
+
+def test_serve_worker_and_cli_are_wired_in_one_composition_root():
+    """The database, model registry, screener, release policy and worker are built in
+    gateway.composition only; `serve` (gateway.state), `worker` and the CLI commands call
+    it."""
+    import ast
+
+    builders = {"make_engine", "make_sessionmaker", "upgrade_to_head", "ModelRegistry",
+                "load_release_policy", "Worker", "ReleaseEvaluator", "Checkpointer"}
+    offenders = []
+    for path in sorted((ROOT / "gateway").rglob("*.py")):
+        if path.name == "composition.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else \
+                f"{getattr(func.value, 'id', '')}.{func.attr}" \
+                if isinstance(func, ast.Attribute) else ""
+            if name in builders or name == "Screener.build":
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
+    assert offenders == []

@@ -197,7 +197,7 @@ def test_the_shipped_calibration_applies_to_every_suite_of_the_default_policy(fa
     setting, a suite file) without re-running the calibration fails here."""
     from evals.judges import RefusalJudge
     from evals.release import load_suites
-    from gateway.state import harm_version
+    from gateway.composition import harm_version
     from policy.release import DEFAULT_RELEASE_PATH
     from policy.screening.screener import Screener, load_config
 

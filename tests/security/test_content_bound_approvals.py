@@ -173,7 +173,7 @@ def test_a_checkpoint_with_a_release_decision_is_not_overwritten_in_place(
 
 def test_a_checkpoint_swept_at_its_ttl_cancels_its_overrides_too(server, people, trainer):
     from engine.sweeper import sweep_expired_checkpoints
-    from gateway.state import cancel_overrides_of_expired
+    from gateway.composition import cancel_overrides_of_expired
 
     path = trainer.save_state(f"expiring-{uuid.uuid4().hex[:6]}").result().path
     _quarantine(server, path)
