@@ -1,4 +1,4 @@
-"""Paired statistics for the release gate (issue 6): every evaluation compares base and
+"""Paired statistics for the release gate: every evaluation compares base and
 base+adapter on the same items, so the gate decides on paired differences, never on a
 bare mean (reference/safety-methods.md §6).
 
