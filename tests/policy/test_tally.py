@@ -277,6 +277,23 @@ def test_high_confidence_flags_count_distinct_datums_toward_the_cap(factory, run
     assert blocked[2] == 2 and "high confidence" in blocked[3]
 
 
+def test_three_high_confidence_flags_in_a_first_batch_block_the_run(factory, run_id):
+    """Stored high-confidence counts reach the share test: 3 of 32 flagged block the run
+    when all three are flagged with high confidence (5 are needed otherwise), long before
+    the cap."""
+    config = dataclasses.replace(CONFIG, high_confidence_thresholds={"rules.marker": 0.9})
+    low = {i: {"rules.marker": 0.5} for i in (0, 1, 2)}
+    assert add(factory, run_id, [d(i) for i in range(32)], flagged=[0, 1, 2], scores=low,
+               config=config)[3] is None
+    n, k, high, reason, block = add(factory, run_id, [d(i) for i in range(100, 132)],
+                                    flagged=[0, 1, 2], config=config)
+    assert (n, k, high) == (64, 6, 3) and block is not None
+    assert reason == "6 of 64 distinct training datums flagged (3 with high confidence), " \
+        "significantly more than everyday data produces"
+    assert block.statistic["high_confidence"] == 3 and block.statistic["p0_high_confidence"] \
+        == LIMITS.null_high_confidence_rate
+
+
 def test_affirmative_openers_count_new_datums_only(factory, run_id):
     batch = [d(i) for i in range(8)]
     assert add(factory, run_id, batch, affirmative=4)[3] is None  # 4 of 8: not above half
