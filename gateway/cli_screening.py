@@ -23,18 +23,6 @@ Database = Callable[..., Any]
 SettingsOf = Callable[[argparse.Namespace], Any]
 
 
-def _screener(settings: Any, factory: Any) -> Any:
-    from gateway import composition
-
-    return composition.screener(settings, factory)
-
-
-def _factory(settings: Any) -> Any:
-    from gateway import composition
-
-    return composition.session_factory(settings)
-
-
 def cmd_screen(args: argparse.Namespace, database: Database, settings: SettingsOf) -> int:
     from engine.errors import UserInputError
     from gateway import composition
@@ -54,7 +42,8 @@ def cmd_screen(args: argparse.Namespace, database: Database, settings: SettingsO
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    batch = screen_batch(_screener(s, _factory(s)), texts)
+    factory = composition.session_factory(s)
+    batch = screen_batch(composition.screener(s, factory), texts)
     report = {"examples": len(texts), "affirmative_openers": batch.affirmative,
               "flagged": [{"index": i, "categories": sorted(set(c))}
                           for i, c in sorted(batch.flagged.items())]}
@@ -64,11 +53,12 @@ def cmd_screen(args: argparse.Namespace, database: Database, settings: SettingsO
 
 def cmd_screening(args: argparse.Namespace, database: Database, settings: SettingsOf) -> int:
     from audit.db import transaction
+    from gateway import composition
     from policy.screening.screener import set_threshold
 
     s = settings(args)
-    factory = _factory(s)
-    screener = _screener(s, factory)
+    factory = composition.session_factory(s)
+    screener = composition.screener(s, factory)
     if args.screening_cmd == "set-threshold":
         value = None if args.reset else args.value
         if value is None and not args.reset:

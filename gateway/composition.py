@@ -30,12 +30,14 @@ from policy.screening.screener import Screener
 from policy.screening.screener import load_config as load_screening
 
 
-def session_factory(settings: Settings, *, read_only: bool = False,
-                    url: str | None = None) -> sessionmaker[Session]:
-    """Sessions on the migrated database (`url`, else the settings'); a writer's sessions
-    sign audit entries with the deployment's HMAC keys."""
+def session_factory(settings: Settings, *, read_only: bool = False, url: str | None = None,
+                    migrate: bool = True) -> sessionmaker[Session]:
+    """Sessions on the database (`url`, else the settings'), migrated first unless the
+    caller already did; a writer's sessions sign audit entries with the deployment's HMAC
+    keys."""
     url = url or settings.database
-    upgrade_to_head(url)
+    if migrate:
+        upgrade_to_head(url)
     return make_sessionmaker(make_engine(url, read_only=read_only), settings.hmac_keys())
 
 
@@ -103,7 +105,9 @@ def worker(settings: Settings, factory: sessionmaker[Session], *, worker_id: str
 
     screen = screen or screener(settings, factory)
     checkpoints = checkpoints or checkpointer(settings, factory)
-    evaluator = release_evaluator(factory, policy or release_policy(settings), screen)
+    # The evaluator loads (and so checks) the policy's suites itself.
+    evaluator = release_evaluator(factory, policy or load_release_policy(settings.release_file),
+                                  screen)
     jobs = ReleaseJobs(factory, evaluator, on_decision=checkpoints.write)
     return Worker(factory, registry or model_registry(settings), settings.checkpoint_root,
                   worker_id=worker_id, device=settings.device,

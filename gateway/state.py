@@ -105,7 +105,7 @@ def build_state(settings: Settings) -> AppState:
     """Migrate the database, prepare base models, start the embedded worker."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     factory = composition.session_factory(settings)
-    read_factory = composition.session_factory(settings, read_only=True)
+    read_factory = composition.session_factory(settings, read_only=True, migrate=False)
     engine, read_engine = factory.kw["bind"], read_factory.kw["bind"]
     hmac_keys = settings.hmac_keys()
     registry = composition.model_registry(settings)
