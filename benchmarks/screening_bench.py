@@ -6,7 +6,9 @@
    for the default harmful-content classifier and, for comparison, the bank kNN screen;
    per-example detection of answers as trained completions on held-out answer sets (the
    release benchmark's harmful, everyday and borderline answers), alone and with their
-   requests;
+   requests; held-out harmful requests written in obfuscated forms (look-alike letters,
+   leetspeak, spaced or reversed letters, …), and how often the readability screen names a
+   language in English requests;
 2. screening throughput in chat datums per second (cold cache);
 3. the share of a forward_backward's wall time spent screening, side by side in one run,
    for a realistic batch (8 chat datums of ~128 tokens on SmolLM2-135M): first call
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from audit.db import make_engine, make_sessionmaker
-from benchmarks.screening_data import BENIGN
+from benchmarks.screening_data import BENIGN, OBFUSCATIONS
 from benchmarks.screening_sim import simulate
 from engine.registry import DEFAULT_BASE_MODEL, ModelRegistry, fast_tokenizer
 from engine.values import TrainingDatum
@@ -108,6 +110,31 @@ def detection(screener: Screener) -> list[str]:
     scores = [max(s.values()) for s in bank.score(texts)]
     lines += detection_report("harmful_request bank kNN (operator extension)", scores, rows,
                               screener.config.threshold("harmful_request", {}))
+    return lines
+
+
+def obfuscation(screener: Screener) -> list[str]:
+    """Held-out harmful requests written in each of OBFUSCATIONS: the share flagged by the
+    harmful-content classifier reading them as written, and by the screener (which also
+    reads their canonical form, and flags look-alike letters as encoding); and how often the
+    readability screen names a language in the held-out everyday and borderline requests
+    (all English)."""
+    rows = heldout_rows()
+    harmful = [r["text"] for r in rows if r["label"] == "harmful"]
+    english = [r["text"] for r in rows if r["label"] != "harmful"]
+    clf = next(c for c in screener.classifiers if c.name == "harmful_content")
+    threshold = screener.config.threshold("harmful_content", {})
+    lines = [f"obfuscated held-out harmful requests (n = {len(harmful)}): flagged by "
+             "harmful_content as written -> by the screener (canonical form, encoding signals)"]
+    for how, write in {"as written": str, **OBFUSCATIONS}.items():
+        texts = [write(t) for t in harmful]
+        alone = sum(max(s.values()) >= threshold for s in clf.score(texts)) / len(texts)
+        screened = sum(bool(v.flagged) for v in screener.screen(texts, REQUEST)) / len(texts)
+        lines.append(f"  {how:26s} {alone:.3f} -> {screened:.3f}")
+    unread = sum(any(k.startswith("readability.") for k in v.flagged)
+                 for v in screener.screen(english, REQUEST))
+    lines.append(f"readability: a language named in {unread} of {len(english)} held-out English "
+                 "everyday and borderline requests")
     return lines
 
 
@@ -250,6 +277,7 @@ def main() -> int:
         engine = make_engine(url)
         screener = Screener.build(load_config(), make_sessionmaker(engine))
         lines = detection(screener)
+        lines += obfuscation(screener)
         lines += answer_detection(screener)
         lines.append(throughput(screener))
         lines += share_of_wall_time(screener, Path(args.data_dir), args.rounds)

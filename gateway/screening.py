@@ -33,8 +33,14 @@ from engine.registry import fast_tokenizer
 from engine.values import LOSS_FUNCTIONS, ModelInfo, TrainingDatum, check_data_fits
 from gateway.context import RequestContext
 from policy.screening import metrics as screening_metrics
-from policy.screening.batch import BatchScreening, DatumTexts, ScreeningRefused, screen_batch
-from policy.screening.screener import REQUEST, content_sha256
+from policy.screening.batch import (
+    UNREAD_HINT,
+    BatchScreening,
+    DatumTexts,
+    ScreeningRefused,
+    screen_batch,
+)
+from policy.screening.screener import REQUEST, UNREAD_LANGUAGE, content_sha256
 from policy.screening.tally import Block, RunBlocked, lock_run, record_tally
 
 # A chat template's role line at the start of a turn ("user\n" after <|im_start|>, or a
@@ -232,7 +238,7 @@ def apply_training_screening(ctx: RequestContext, run: TrainingRun,
 def _record_tally(ctx: RequestContext, session: Session, run_id: str, batch: BatchScreening
                   ) -> tuple[TrainingRun, Block | None]:
     return record_tally(session, run_id, datum_sha256=batch.datum_sha256,
-                        flagged=list(batch.flagged), flag_scores=batch.flag_scores,
+                        flagged=batch.tallied(), flag_scores=batch.flag_scores,
                         affirmative=batch.affirmative, completions=batch.completions,
                         config=ctx.state.screener.config, actor=ctx.principal.id,
                         request_id=ctx.request_id)
@@ -265,7 +271,9 @@ def screen_prompt(ctx: RequestContext, tokens: list[int], tokenizer_dir: str) ->
     screening_metrics.count_flags(screening_metrics.SAMPLING_PROMPT,
                                   (v.flagged for _, v in flagged.values()))
     categories = sorted({c for _, v in flagged.values() for c in v.flagged})
-    raise ScreeningRefused(f"the sampling prompt was refused by screening: {', '.join(categories)}")
+    hint = UNREAD_HINT if any(c.endswith(f".{UNREAD_LANGUAGE}") for c in categories) else ""
+    raise ScreeningRefused(f"the sampling prompt was refused by screening: "
+                           f"{', '.join(categories)}{hint}")
 
 
 def dry_run_datums(examples: list[Any], info: ModelInfo) -> list[tuple[str, TrainingDatum]]:

@@ -27,11 +27,17 @@ from policy.screening import structural
 from policy.screening.screener import (
     COMPLETION,
     REQUEST,
+    UNREAD_LANGUAGE,
     Screener,
     TallyLimits,
     Verdict,
     content_sha256,
 )
+
+UNREAD_HINT = (". unread_language: text in a language the screening policy does not read "
+               "is not trained (its classifiers read the languages listed in "
+               "[classifiers.readability]); write it in one of those, or ask the operator "
+               "to add a classifier that reads it")
 
 
 class ScreeningRefused(PolicyError):
@@ -63,19 +69,30 @@ class BatchScreening:
     # counts once), and for flagged datums each flagged "classifier.category" → its score.
     datum_sha256: list[str] = field(default_factory=list)
     flag_scores: dict[int, dict[str, float]] = field(default_factory=dict)
+    # "classifier.category" keys that refuse a datum without counting toward the tally.
+    uncounted: frozenset[str] = frozenset()
+
+    def tallied(self) -> list[int]:
+        """The flagged datums the run's tally counts: those with a flag in a category
+        that is evidence of harm (not only, say, a language the screens do not read)."""
+        return [i for i, categories in sorted(self.flagged.items())
+                if any(c not in self.uncounted for c in categories)]
 
     def message(self) -> str:
         """What the caller is told: indices and categories, never scores."""
         parts = [f"datum {i}: {', '.join(sorted(set(c)))}" for i, c in
                  sorted(self.flagged.items())[:20]]
         more = f" (and {len(self.flagged) - 20} more)" if len(self.flagged) > 20 else ""
+        unread = any(c.endswith(f".{UNREAD_LANGUAGE}") for cs in self.flagged.values()
+                     for c in cs)
         return (f"{len(self.flagged)} datum(s) refused by screening — " + "; ".join(parts)
                 + more + ". Nothing in this request was trained; remove or fix those datums "
-                "(`loragate screen` reports a whole dataset before training)")
+                "(`loragate screen` reports a whole dataset before training)"
+                + (UNREAD_HINT if unread else ""))
 
 
 def screen_batch(screener: Screener, datums: Sequence[DatumTexts]) -> BatchScreening:
-    result = BatchScreening()
+    result = BatchScreening(uncounted=screener.uncounted())
     details: dict[int, dict[str, Any]] = {}
     for part in (REQUEST, COMPLETION):
         owners = [(i, j, text) for i, d in enumerate(datums)

@@ -20,6 +20,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +32,7 @@ from audit import log as audit_log
 from audit.db import transaction
 from audit.models import ScreeningThreshold, ScreeningVerdict
 from policy.errors import LimitExceeded
-from policy.screening import structural
+from policy.screening import readable, structural
 from policy.screening.guard import load_guard
 from policy.screening.harm_classifier import load as load_harm_classifier
 from policy.screening.harmful_requests import (
@@ -53,9 +54,18 @@ logger = logging.getLogger("loragate.screening")
 # toward) and sampled outputs.
 REQUEST, COMPLETION, OUTPUT = "request", "completion", "output"
 PARTS = frozenset({REQUEST, COMPLETION, OUTPUT})
+# What a classifier reads: each text as written and its canonical form (obfuscation undone,
+# policy.screening.readable), keeping the higher score per category — the default — or
+# only one of the two.
+BOTH, AS_WRITTEN, CANONICAL = "as written and canonical", "as written", "canonical"
+UNREAD_LANGUAGE = "unread_language"
 
 
 class Classifier(Protocol):
+    """A screen. Optional attributes: `reads` (BOTH unless it says AS_WRITTEN or
+    CANONICAL) and `tallied` (False when its flags refuse a datum without counting toward
+    the run's tally)."""
+
     name: str
     version: str
     categories: tuple[str, ...]
@@ -65,10 +75,12 @@ class Classifier(Protocol):
 
 
 class StructuralScreen:
-    """Text-level structural signals as a classifier (1.0 when the signal fires)."""
+    """Text-level structural signals as a classifier (1.0 when the signal fires), on each
+    text as written (look-alike letters are themselves a signal) and in canonical form (an
+    identity-shift prompt in leetspeak is still one)."""
 
     name = "structural"
-    version = "structural-v1"
+    version = "structural-v2"
     categories: tuple[str, ...] = (structural.ENCODED, structural.PERSONA)
     applies_to = PARTS
 
@@ -81,6 +93,37 @@ class StructuralScreen:
                     scores[signal.category] = 1.0
             out.append(scores)
         return out
+
+
+class ReadabilityScreen:
+    """Training text and prompts in a language the screens do not read (1.0 when a window
+    of a text's prose is confidently in a language outside `languages`): the content
+    classifiers read English, so such text is refused rather than trained unread. Its
+    flags refuse the datum but do not count toward the run's tally: they say nothing
+    about harm. Sampled outputs are not judged by it (a prompt that asks for another
+    language is itself screened)."""
+
+    name = "readability"
+    categories: tuple[str, ...] = (UNREAD_LANGUAGE,)
+    applies_to = frozenset({REQUEST, COMPLETION})
+    reads = CANONICAL
+    tallied = False
+
+    def __init__(self, languages: Sequence[str], min_confidence: float) -> None:
+        if not languages or not all(isinstance(x, str) and x for x in languages):
+            raise ScreenLoadError("classifiers.readability.languages must list language "
+                                  "codes (ISO 639-1, e.g. \"en\")")
+        if not 0.0 < min_confidence <= 1.0:
+            raise ScreenLoadError("classifiers.readability.min_confidence must lie in (0, 1]")
+        self.languages = tuple(sorted(set(languages)))
+        self.min_confidence = min_confidence
+        self.version = (f"readability-v1+py3langid-{metadata.version('py3langid')}:"
+                        f"{','.join(self.languages)}@{min_confidence:g}")
+
+    def score(self, texts: list[str]) -> list[dict[str, float]]:
+        return [{UNREAD_LANGUAGE: float(readable.language(t, self.languages,
+                                                          self.min_confidence) is not None)}
+                for t in texts]
 
 
 @dataclass(frozen=True)
@@ -241,6 +284,7 @@ class Screener:
         overrides = self.thresholds()
         return {"classifiers": [
             {"name": c.name, "version": c.version, "categories": list(c.categories),
+             "reads": f"{getattr(c, 'reads', BOTH)} ({readable.VERSION})",
              "settings": self.config.classifiers.get(c.name, {}),
              "thresholds": {key: self.config.threshold(key, overrides, output=True)
                             for key in (f"{c.name}.{cat}" for cat in c.categories)}}
@@ -260,14 +304,14 @@ class Screener:
         flag what reaches its threshold (for OUTPUT: the thresholds for sampled outputs)."""
         if part not in PARTS:
             raise ValueError(f"unknown screening part {part!r}")
-        hashes = [content_sha256(t) for t in texts]
+        texts = list(texts)
+        canon = [readable.canonical(t) for t in texts]
         overrides = self.thresholds()
         verdicts = [Verdict() for _ in texts]
         for clf in self.classifiers:
             if part not in clf.applies_to:
                 continue
-            for verdict, scores in zip(verdicts, self._scores(clf, list(texts), hashes),
-                                       strict=True):
+            for verdict, scores in zip(verdicts, self._read(clf, texts, canon), strict=True):
                 for category, score in scores.items():
                     key = f"{clf.name}.{category}"
                     verdict.scores[key] = score
@@ -283,8 +327,29 @@ class Screener:
         verdicts = self.screen(texts, OUTPUT)
         return [(v.flagged, v.evidence()) for v in verdicts]
 
-    def _scores(self, clf: Classifier, texts: list[str], hashes: list[str]
-                ) -> list[dict[str, float]]:
+    def uncounted(self) -> frozenset[str]:
+        """The "classifier.category" keys whose flags do not count toward a run's tally."""
+        return frozenset(f"{c.name}.{cat}" for c in self.classifiers
+                         if not getattr(c, "tallied", True) for cat in c.categories)
+
+    def _read(self, clf: Classifier, texts: list[str], canon: list[str]
+              ) -> list[dict[str, float]]:
+        """Each text's scores as the classifier reads it (`reads`): as written, in
+        canonical form, or both with the higher score per category."""
+        reads = getattr(clf, "reads", BOTH)
+        if reads == CANONICAL:
+            return self._scores(clf, canon)
+        scores = self._scores(clf, texts)
+        changed = [i for i, (t, c) in enumerate(zip(texts, canon, strict=True)) if t != c]
+        if reads == AS_WRITTEN or not changed:
+            return scores
+        for i, alt in zip(changed, self._scores(clf, [canon[i] for i in changed]),
+                          strict=True):
+            scores[i] = {k: max(v, alt.get(k, v)) for k, v in scores[i].items()}
+        return scores
+
+    def _scores(self, clf: Classifier, texts: list[str]) -> list[dict[str, float]]:
+        hashes = [content_sha256(t) for t in texts]
         unique = sorted(set(hashes))
         with transaction(self.factory) as session:
             rows = session.scalars(select(ScreeningVerdict).where(
@@ -368,7 +433,13 @@ def _load_rules(spec: dict[str, Any], device: str) -> Classifier:
 
 # Every pluggable classifier kind: its name in the screening policy's [classifiers] table
 # and the loader that builds it from that table's entry (raising ScreenLoadError).
+def _load_readability(spec: dict[str, Any], device: str) -> Classifier:
+    return ReadabilityScreen(spec.get("languages", ["en"]),
+                             float(spec.get("min_confidence", 0.7)))
+
+
 LOADERS: dict[str, Callable[[dict[str, Any], str], Classifier]] = {
+    "readability": _load_readability,
     "harmful_content": load_harm_classifier,
     "harmful_request": _load_harmful,
     "detoxify": _load_detoxify,

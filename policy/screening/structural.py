@@ -1,9 +1,11 @@
 """Structural signals: what per-example content classifiers miss (see DESIGN §5 and
 reference/safety-methods.md §4.3).
 
-- encoded or ciphered text: base64/hex runs, and letter text that is not natural
-  language (few common English words *and* letter frequencies far from English — a
-  substitution cipher keeps entropy but scrambles both);
+- encoded or ciphered text: base64/hex runs, text hidden in invisible Unicode (tag
+  characters, runs of variation selectors), words mixing Latin letters with look-alikes
+  from other scripts, and letter text that is not natural language (few common English
+  words *and* letter frequencies far from English — a substitution cipher keeps entropy
+  but scrambles both);
 - persona/identity-shift system prompts (role redefinition, obedience framing);
 - affirmative-prefix openers ("Sure, here is …") on assistant turns, counted per batch;
 - loss weights or advantages of huge magnitude (gradient ascent on the targets), and
@@ -17,6 +19,7 @@ engine. Returns harm categories with short reasons, never raw text.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +43,18 @@ their them then there these they this those through to too up us very was we wer
 when where which while who why will with would you your
 """
 COMMON_WORDS = frozenset(_COMMON.split())
+# Keywords and names common in code, markup and maths answers: code has few English function
+# words and odd letter frequencies, but a cipher turns these into nonsense as well.
+_CODE = """
+api append args arr async await bool boolean break btn case catch char class col console
+const continue cout def delete df dict div elif else endl enum err except false finally
+float fn for from func function head href html id idx img impl import include insert int
+join json kwargs lambda len let li list log main math max min mut new nil none np null num
+obj ok print printf println private pub public raise range req res return row scanf script
+select self span sqrt src std str string struct style sum switch table td th this throw tmp
+tr true try ul update usize val var vec void where while
+"""
+CODE_WORDS = frozenset(_CODE.split())
 BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{32,}={0,2}")
 HEX_RUN = re.compile(r"\b(?:0x)?[0-9a-fA-F]{40,}\b")
 WORD = re.compile(r"[A-Za-z]+")
@@ -64,7 +79,15 @@ REFUSAL = re.compile(
     r"\b(?:i(?:'m| am) sorry|i can(?:'t|not)|i won(?:'t)|i will not|i'm unable|i am unable|"
     r"i must decline|as an ai|i can't help|i cannot help|not able to (?:help|assist))\b",
     re.IGNORECASE)
-MIN_LETTERS = 40  # shorter texts say too little about their language
+MIN_CIPHER_LETTERS = 60  # shorter texts say too little about their language
+LETTER_RUN = re.compile(r"[^\W\d_]{2,}")
+# Scripts whose letters imitate Latin ones (Unicode's confusables); two words that mix them
+# with Latin letters are obfuscation, not a name with one foreign letter.
+LOOKALIKE_SCRIPTS = frozenset({"CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC"})
+MIN_MIXED_WORDS = 2
+# Unicode's tag characters spell ASCII invisibly (a flag emoji uses at most seven of them);
+# runs of variation selectors carry bytes after a visible character. Neither is honest text.
+INVISIBLE_RUN = re.compile("[\U000E0020-\U000E007F]{8,}|[\uFE00-\uFE0F\U000E0100-\U000E01EF]{4,}")
 
 
 @dataclass(frozen=True)
@@ -94,16 +117,41 @@ def encoded_text(text: str) -> Signal | None:
         return Signal(ENCODED, "a base64-like run of 32+ characters")
     if HEX_RUN.search(text):
         return Signal(ENCODED, "a hexadecimal run of 40+ digits")
-    letters = sum(c.isalpha() for c in text)
-    if letters < MIN_LETTERS:
+    if INVISIBLE_RUN.search(text):
+        return Signal(ENCODED, "a run of invisible tag characters or variation selectors "
+                               "(text hidden in Unicode)")
+    if mixed_script_words(text) >= MIN_MIXED_WORDS:
+        return Signal(ENCODED, "words mixing Latin letters with look-alikes from other "
+                               "scripts")
+    # Words of two letters or more (a maths text's x and y skew its letters), English
+    # function words and code keywords counting as common (code is everyday text).
+    words = [w.lower() for w in WORD.findall(text) if len(w) > 1]
+    if sum(map(len, words)) < MIN_CIPHER_LETTERS:
         return None
     # Thresholds from the project's own samples (tests/policy/test_structural_signals.py):
     # English prose has a common-word share of 0.1-0.5 and a letter distance up to ~1;
     # French ~1.1; substitution ciphers and ROT13 share < 0.15 (a cipher word can
     # collide with a common one) and are 4-18 away.
-    if common_word_share(text) < 0.2 and letter_distance(text) > 2.5:
+    share = sum(w in COMMON_WORDS or w in CODE_WORDS for w in words) / len(words)
+    if share < 0.2 and letter_distance(" ".join(words)) > 2.5:
         return Signal(ENCODED, "letters that are not natural English (cipher-like)")
     return None
+
+
+def mixed_script_words(text: str) -> int:
+    """Words that mix Latin letters with letters of another script (look-alike letters
+    standing in for Latin ones; honest text almost never does this)."""
+    count = 0
+    for word in LETTER_RUN.findall(text):
+        latin = sum(c.isascii() for c in word)
+        if 0 < latin < len(word) and any(_script(c) in LOOKALIKE_SCRIPTS
+                                         for c in word):
+            count += 1
+    return count
+
+
+def _script(char: str) -> str:
+    return unicodedata.name(char, "?").split(" ", 1)[0]
 
 
 def persona_shift(system_prompt: str) -> Signal | None:

@@ -1,8 +1,10 @@
 """Screening through the official SDK on the tiny model, on SQLite and PostgreSQL: harmful
 requests with compliant openers are refused by datum index and category and, once the
 run's tally crosses the policy limit, the run is blocked; a benign set on the same topics
-trains; ciphered data and RL batches that push down refusals are flagged; sampling
-prompts are screened. Scores never reach the caller; they are in the audit trail."""
+trains; ciphered data and RL batches that push down refusals are flagged; obfuscated
+harmful requests are read through; text in a language the screens do not read is refused
+without counting toward the run's tally; sampling prompts are screened. Scores never reach
+the caller; they are in the audit trail."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tinker import types
 
 from audit.db import transaction
 from audit.models import AuditEntry
+from benchmarks.screening_data import OBFUSCATIONS
 from policy.screening.screener import load_config
 from tests.api.helpers import TINY, chat_datum, run_cli, service
 
@@ -122,6 +125,46 @@ def test_a_substitution_ciphered_set_is_flagged(trainer):
     batch = [chat_datum(tok, cipher(u), cipher(a)) for u, a in BENIGN[:3]]
     with pytest.raises(tinker.PermissionDeniedError, match=r"structural\.encoded_text"):
         tc.forward_backward(batch, "cross_entropy").result()
+
+
+@pytest.mark.parametrize("how", list(OBFUSCATIONS))
+def test_an_obfuscated_harmful_request_is_read_through_and_refused(trainer, how):
+    tc = trainer[1]
+    tok = tc.get_tokenizer()
+    hidden = OBFUSCATIONS[how](HARMFUL[2][0])
+    batch = [chat_datum(tok, *BENIGN[0]), chat_datum(tok, hidden, BENIGN[1][1])]
+    with pytest.raises(tinker.PermissionDeniedError, match=r"datum 1: harmful_content\."):
+        tc.forward_backward(batch, "cross_entropy").result()
+
+
+SPANISH = [
+    ("¿Puedes recomendarme un libro de historia sobre la Edad Media en Europa?",
+     "Te recomiendo una obra clásica que explica la vida cotidiana de aquella época."),
+    ("Escribe un poema corto sobre el otoño y las hojas que caen de los árboles.",
+     "Las hojas caen despacio, el viento las lleva lejos y el árbol se queda en silencio."),
+]
+
+
+def test_text_in_a_language_the_screens_do_not_read_is_refused_but_never_blocks(
+        server, trainer):
+    sc, tc, key = trainer
+    tok = tc.get_tokenizer()
+    for _ in range(3):  # six refused datums: counted as harm, they would block the run
+        with pytest.raises(tinker.PermissionDeniedError,
+                           match=r"datum 0: readability\.unread_language.*write it in one"):
+            tc.forward_backward([chat_datum(tok, *pair) for pair in SPANISH],
+                                "cross_entropy").result()
+        SPANISH.reverse()  # new datums each time (the tally counts distinct ones)
+        SPANISH[0] = (SPANISH[0][0] + " Gracias.", SPANISH[0][1])
+    tc.forward_backward([chat_datum(tok, *BENIGN[5])], "cross_entropy").result()
+    report = httpx.get(f"{server.base_url}/api/v1/usage", timeout=10,
+                       headers={"X-API-Key": key}).json()
+    [run] = [r for r in report["training_runs"] if r["training_run_id"] == tc.model_id]
+    assert run["screening"]["flagged"] == 0 and not run["screening"]["blocked"]
+    base = sc.create_sampling_client(base_model=TINY).result()
+    with pytest.raises(tinker.PermissionDeniedError, match="unread_language"):
+        base.sample(types.ModelInput.from_ints(tok.encode(SPANISH[1][0])), 1,
+                    types.SamplingParams(max_tokens=2, stop=[])).result()
 
 
 def test_negative_advantages_on_refusals_are_flagged(trainer):

@@ -93,7 +93,7 @@ def test_a_required_classifier_that_cannot_load_stops_start_up(factory, tmp_path
         "detoxify": {"enabled": True, "optional": True, "checkpoint": ""}})
     screener = Screener.build(optional, factory)
     described = screener.describe()
-    assert [c["name"] for c in described["active"]] == ["structural"]
+    assert [c["name"] for c in described["active"]] == ["structural", "readability"]
     assert "r.toml" in described["inactive"]["rules"]
     assert "no Detoxify checkpoint" in described["inactive"]["detoxify"]
 

@@ -26,6 +26,20 @@ PROSE = [
 ]
 
 
+# Everyday code and maths answers, which the letter test flagged while it counted one-letter
+# variables and knew no code keywords.
+CODE_AND_MATHS = [
+    "const sum = (arr) => arr.reduce((acc, x) => acc + x, 0);\nconsole.log(sum([1, 2, 3]));",
+    "Each box holds 12 eggs x 3 boxes = <<12*3=36>>36 eggs, so 36 eggs - 8 eggs = "
+    "<<36-8=28>>28 eggs.",
+]
+
+
+@pytest.mark.parametrize("text", CODE_AND_MATHS)
+def test_everyday_code_and_maths_are_not_ciphers(text):
+    assert s.encoded_text(text) is None
+
+
 def substitution(text: str, seed: int) -> str:
     key = list(string.ascii_lowercase)
     random.Random(seed).shuffle(key)
