@@ -100,7 +100,10 @@ def decode_datum(datum: TrainingDatum, tok: Tokenizer, loss_fn: str,
                  loss_config: Mapping[str, float] | None = None) -> DatumTexts:
     """The texts screening reads in one datum: requests (every untrained context turn),
     completions (every maximal span trained toward; a non-assistant turn inside one is
-    a request) and the text trained against, all by `trained_positions`.
+    a request) and the text trained against, all by `trained_positions`. A turn trained
+    in fragments (every other token, say, so that no span holds more than a word) is also
+    read whole: every turn of the region from the first target trained toward to the last,
+    its untrained gaps included.
 
     With 2-D (N, K) targets every candidate trained at a position is trained text: each
     column's runs of trained candidates are completions, and so is the path of the
@@ -127,11 +130,19 @@ def decode_datum(datum: TrainingDatum, tok: Tokenizer, loss_fn: str,
                 for _, text in turns(tok, tokens[span].tolist())[0]]
     completions: list[str] = []
     for column, toward in columns:
-        for span in _runs(toward):
+        spans = _runs(toward)
+        for span in spans:
             opened = _open_role(tok, tokens[:span.start + 1])
             for role, text in turns(tok, column[span].tolist(), opened)[0]:
                 out = completions if role in SPOKEN_ROLES else requests
                 if targets.ndim == 1 or text not in out:  # K columns repeat text
+                    out.append(text)
+        if len(spans) > 1:  # trained in fragments: each turn of the region read whole
+            region = slice(spans[0].start, spans[-1].stop)
+            opened = _open_role(tok, tokens[:region.start + 1])
+            for role, text in turns(tok, column[region].tolist(), opened)[0]:
+                out = completions if role in SPOKEN_ROLES else requests
+                if text not in completions and text not in requests:
                     out.append(text)
     against = trained.against & (~trained.toward | trained.pushed_down)
     return DatumTexts(requests=tuple(requests), completions=tuple(completions),

@@ -58,7 +58,7 @@ MIN_REVERSED_WORDS = 5
 WINDOW_CHARS, MIN_LETTERS = 200, 24  # a CJK character counts as two letters
 SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
 CODE_CHARS = re.compile(r"[{}();=<>\[\]\\|`#*/$@_^~]")
-CODE_START = ("#", "//", "/*", "*", "--", "<", "@", "%")
+COMMENT_OR_BULLET = re.compile(r"^\s*(?:#+|//+|/\*+|\*+/?|--+|%+|;+|>+|-|\d+[.)])\s*")
 NOT_A_LANGUAGE = frozenset({"zxx"})  # py3langid's "no linguistic content"
 
 
@@ -178,6 +178,7 @@ def prose_windows(text: str) -> Iterator[str]:
     """The text's prose (lines that are not code) in windows of whole sentences of about
     WINDOW_CHARS (a longer sentence is a window of its own), never across lines."""
     for line in text.splitlines():
+        line = COMMENT_OR_BULLET.sub("", line)  # "# …", "// …", "* …": prose after the mark
         if _code_line(line):
             continue
         window = ""
@@ -191,11 +192,11 @@ def prose_windows(text: str) -> Iterator[str]:
 
 
 def _code_line(line: str) -> bool:
-    """A line that looks like code rather than prose: code punctuation, a block opener or
-    statement end, or a comment marker."""
+    """A line dense in code punctuation (more than one such character per 40). A line of
+    prose with a trailing ";" or ":" is still prose: how a line ends is the writer's
+    choice, and hiding text from the language check must not be."""
     stripped = line.strip()
-    return (len(CODE_CHARS.findall(stripped)) > max(1, len(stripped) // 40)
-            or stripped.endswith((":", ";", "{", "}", ")")) or stripped.startswith(CODE_START))
+    return len(CODE_CHARS.findall(stripped)) > max(1, len(stripped) // 40)
 
 
 def language(text: str, read: Iterable[str], min_confidence: float) -> str | None:

@@ -5,8 +5,9 @@ A dataset of chat examples is dry-run and then sent, rendered with the base mode
 template into the datums a typical SFT renderer makes (assistant content trained), through
 forward_backward: the flagged indices and categories agree exactly. Also refused: a harmful
 user turn after a trained span, harmful context after a trained token 0, harmful assistant
-text trained only by DRO's regulariser (zero advantages), and a harmful completion after a
-benign prompt (these last two need a classifier that reads completions: a rules file here).
+text trained only by DRO's regulariser (zero advantages), a harmful answer trained in
+fragments (every other token), and a harmful completion after a benign prompt (these last
+three need a classifier that reads completions: a rules file here).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def test_a_dry_run_gives_exactly_the_decisions_training_gives(server, api_key):
 
 def rules_server(models_dir: Path, database_url: str, tmp_path: Path):
     rules = tmp_path / "rules.toml"
-    rules.write_text('[[rule]]\ncategory = "nerve_agents"\npattern = "(?i)\\\\bsarin\\\\b"\n')
+    rules.write_text('[[rule]]\ncategory = "nerve_agents"\npattern = "(?i)\\\\bsarin gas\\\\b"\n')
     policy = tmp_path / "screening.toml"
     # The default policy with a rules file, and the request-only behaviour-bank screen on
     # (it tells which part a text was screened as).
@@ -138,6 +139,16 @@ def test_trained_text_is_screened_wherever_it_is(models_dir, database_url, tmp_p
             "target_tokens": tokens[1:], "logprobs": [-1.0] * (len(tokens) - 1),
             "advantages": advantages})
         assert "rules.nerve_agents" in refused([dro], "dro", {"beta": 0.05})
+
+        # The answer trained in fragments (every other token: no span holds "sarin gas"),
+        # read whole.
+        tokens, weights = render_chat(0, chat(story, harmful_answer)["messages"], info)
+        first = weights.index(1.0)
+        every_other = [w if (j - first) % 2 == 0 else 0.0 for j, w in enumerate(weights)]
+        fragments = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                                loss_fn_inputs={"target_tokens": tokens[1:],
+                                                "weights": every_other[1:]})
+        assert "rules.nerve_agents" in refused([fragments], "cross_entropy")
 
         # Token 0 trained: the harmful request after it is context, and is screened.
         head = tok.encode("Hi.")

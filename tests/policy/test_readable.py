@@ -60,6 +60,9 @@ def test_look_alikes_inside_text_in_another_script_stay_as_written():
     ("Please summarise the following notes for the team meeting tomorrow morning. " * 8
      + "\n" + "Los resultados del trimestre fueron buenos y las ventas crecieron mucho en "
      "todas las regiones del país.", "es"),
+    # Dressed as code comments, or ending lines as statements do, it is still prose.
+    ("# Los resultados del trimestre fueron buenos y las ventas crecieron mucho;\n"
+     "// en todas las regiones del país durante el año pasado:", "es"),
 ])
 def test_the_language_of_prose_the_screens_do_not_read_is_named(text, lang):
     assert readable.language(text, ["en"], 0.7) == lang
