@@ -103,7 +103,7 @@ def decode_datum(datum: TrainingDatum, tok: Tokenizer, loss_fn: str,
     a request) and the text trained against, all by `trained_positions`. A turn trained
     in fragments (every other token, say, so that no span holds more than a word) is also
     read whole: every turn of the region from the first target trained toward to the last,
-    its untrained gaps included.
+    its untrained gaps included. Several requests (or completions) are also read joined.
 
     With 2-D (N, K) targets every candidate trained at a position is trained text: each
     column's runs of trained candidates are completions, and so is the path of the
@@ -145,9 +145,15 @@ def decode_datum(datum: TrainingDatum, tok: Tokenizer, loss_fn: str,
                 if text not in completions and text not in requests:
                     out.append(text)
     against = trained.against & (~trained.toward | trained.pushed_down)
-    return DatumTexts(requests=tuple(requests), completions=tuple(completions),
+    return DatumTexts(requests=_with_joined(requests), completions=_with_joined(completions),
                       against=_against_text(tok, targets, against),
                       values=tuple(values.reshape(-1).tolist()), kind=kind)
+
+
+def _with_joined(texts: list[str]) -> tuple[str, ...]:
+    """The texts, and when there are several, all of them joined: a request split over
+    many turns (or an answer over many assistant turns) is read whole as well as by turn."""
+    return (*texts, "\n".join(texts)) if len(texts) > 1 else tuple(texts)
 
 
 def _trailing_against(toward: np.ndarray, against: np.ndarray) -> np.ndarray:
@@ -265,7 +271,8 @@ def screen_prompt(ctx: RequestContext, tokens: list[int], tokenizer_dir: str) ->
     """Sampling prompts, before the request takes the write lock: each turn is screened as
     a request; refuse a prompt with a flagged turn (the caller is told the categories;
     scores go to the audit trail)."""
-    texts = [text for _, text in turns(fast_tokenizer(tokenizer_dir), tokens)[0]]
+    texts = list(_with_joined([text for _, text in turns(fast_tokenizer(tokenizer_dir),
+                                                          tokens)[0]]))
     verdicts = ctx.state.screener.screen(texts, REQUEST)
     flagged = {f"request[{j}]": (text, v) for j, (text, v) in enumerate(
         zip(texts, verdicts, strict=True)) if v.flagged}

@@ -46,8 +46,11 @@ class ScreeningRefused(PolicyError):
 
 @dataclass(frozen=True)
 class DatumTexts:
-    requests: tuple[str, ...]  # every untrained context turn, template markers stripped
-    completions: tuple[str, ...]  # every maximal span of targets trained toward
+    # Every untrained context turn, template markers stripped, and all of them joined.
+    requests: tuple[str, ...]
+    # Every maximal span of targets trained toward (and a turn trained in fragments read
+    # whole), and all of them joined.
+    completions: tuple[str, ...]
     against: str  # decoded targets trained only against (or pushed down where sampled)
     values: tuple[float, ...]  # the per-token weights or advantages
     kind: str  # "weights" (cross_entropy) or "advantages" (RL losses)
