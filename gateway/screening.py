@@ -100,10 +100,10 @@ def decode_datum(datum: TrainingDatum, tok: Tokenizer, loss_fn: str,
                  loss_config: Mapping[str, float] | None = None) -> DatumTexts:
     """The texts screening reads in one datum: requests (every untrained context turn),
     completions (every maximal span trained toward; a non-assistant turn inside one is
-    a request) and the text trained against, all by `trained_positions`. A turn trained
-    in fragments (every other token, say, so that no span holds more than a word) is also
-    read whole: every turn of the region from the first target trained toward to the last,
-    its untrained gaps included. Several requests (or completions) are also read joined.
+    a request) and the text trained against, all by `trained_positions`. A datum of more
+    than one part is also read whole, as a request: every turn in order, so that a request
+    split over turns, or an answer trained in fragments (every other token, say, leaving
+    no span longer than a word), is read as the model reads it.
 
     With 2-D (N, K) targets every candidate trained at a position is trained text: each
     column's runs of trained candidates are completions, and so is the path of the
@@ -130,30 +130,26 @@ def decode_datum(datum: TrainingDatum, tok: Tokenizer, loss_fn: str,
                 for _, text in turns(tok, tokens[span].tolist())[0]]
     completions: list[str] = []
     for column, toward in columns:
-        spans = _runs(toward)
-        for span in spans:
+        for span in _runs(toward):
             opened = _open_role(tok, tokens[:span.start + 1])
             for role, text in turns(tok, column[span].tolist(), opened)[0]:
                 out = completions if role in SPOKEN_ROLES else requests
                 if targets.ndim == 1 or text not in out:  # K columns repeat text
                     out.append(text)
-        if len(spans) > 1:  # trained in fragments: each turn of the region read whole
-            region = slice(spans[0].start, spans[-1].stop)
-            opened = _open_role(tok, tokens[:region.start + 1])
-            for role, text in turns(tok, column[region].tolist(), opened)[0]:
-                out = completions if role in SPOKEN_ROLES else requests
-                if text not in completions and text not in requests:
-                    out.append(text)
     against = trained.against & (~trained.toward | trained.pushed_down)
-    return DatumTexts(requests=_with_joined(requests), completions=_with_joined(completions),
+    last = targets[-1] if targets.ndim == 1 else targets[-1, 0]
+    whole = _whole([text for _, text in turns(tok, [*tokens.tolist(), int(last)])[0]])
+    if len(requests) + len(completions) > 1 and whole not in requests + completions:
+        requests.append(whole)
+    return DatumTexts(requests=tuple(requests), completions=tuple(completions),
                       against=_against_text(tok, targets, against),
                       values=tuple(values.reshape(-1).tolist()), kind=kind)
 
 
-def _with_joined(texts: list[str]) -> tuple[str, ...]:
-    """The texts, and when there are several, all of them joined: a request split over
-    many turns (or an answer over many assistant turns) is read whole as well as by turn."""
-    return (*texts, "\n".join(texts)) if len(texts) > 1 else tuple(texts)
+def _whole(turn_texts: list[str]) -> str:
+    """A sequence's turns joined, chat markers and role lines left out: what is split over
+    turns, or trained in fragments, read whole."""
+    return "\n".join(turn_texts)
 
 
 def _trailing_against(toward: np.ndarray, against: np.ndarray) -> np.ndarray:
@@ -271,8 +267,9 @@ def screen_prompt(ctx: RequestContext, tokens: list[int], tokenizer_dir: str) ->
     """Sampling prompts, before the request takes the write lock: each turn is screened as
     a request; refuse a prompt with a flagged turn (the caller is told the categories;
     scores go to the audit trail)."""
-    texts = list(_with_joined([text for _, text in turns(fast_tokenizer(tokenizer_dir),
-                                                          tokens)[0]]))
+    texts = [text for _, text in turns(fast_tokenizer(tokenizer_dir), tokens)[0]]
+    if len(texts) > 1:
+        texts.append(_whole(texts))
     verdicts = ctx.state.screener.screen(texts, REQUEST)
     flagged = {f"request[{j}]": (text, v) for j, (text, v) in enumerate(
         zip(texts, verdicts, strict=True)) if v.flagged}

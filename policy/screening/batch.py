@@ -46,11 +46,10 @@ class ScreeningRefused(PolicyError):
 
 @dataclass(frozen=True)
 class DatumTexts:
-    # Every untrained context turn, template markers stripped, and all of them joined.
+    # Every untrained context turn, template markers stripped, and the whole datum (every
+    # turn in order) when it has more than one part.
     requests: tuple[str, ...]
-    # Every maximal span of targets trained toward (and a turn trained in fragments read
-    # whole), and all of them joined.
-    completions: tuple[str, ...]
+    completions: tuple[str, ...]  # every maximal span of targets trained toward
     against: str  # decoded targets trained only against (or pushed down where sampled)
     values: tuple[float, ...]  # the per-token weights or advantages
     kind: str  # "weights" (cross_entropy) or "advantages" (RL losses)
