@@ -34,13 +34,13 @@ from engine.values import LOSS_FUNCTIONS, ModelInfo, TrainingDatum, check_data_f
 from gateway.context import RequestContext
 from policy.screening import metrics as screening_metrics
 from policy.screening.batch import (
-    UNREAD_HINT,
     BatchScreening,
     DatumTexts,
     ScreeningRefused,
     screen_batch,
+    unread_hint,
 )
-from policy.screening.screener import REQUEST, UNREAD_LANGUAGE, content_sha256
+from policy.screening.screener import REQUEST, content_sha256
 from policy.screening.tally import Block, RunBlocked, lock_run, record_tally
 
 # A chat template's role line at the start of a turn ("user\n" after <|im_start|>, or a
@@ -137,10 +137,11 @@ def decode_datum(datum: TrainingDatum, tok: Tokenizer, loss_fn: str,
                 if targets.ndim == 1 or text not in out:  # K columns repeat text
                     out.append(text)
     against = trained.against & (~trained.toward | trained.pushed_down)
-    last = targets[-1] if targets.ndim == 1 else targets[-1, 0]
-    whole = _whole([text for _, text in turns(tok, [*tokens.tolist(), int(last)])[0]])
-    if len(requests) + len(completions) > 1 and whole not in requests + completions:
-        requests.append(whole)
+    if len(requests) + len(completions) > 1:
+        last = targets[-1] if targets.ndim == 1 else targets[-1, 0]
+        whole = _whole([text for _, text in turns(tok, [*tokens.tolist(), int(last)])[0]])
+        if whole not in requests + completions:
+            requests.append(whole)
     return DatumTexts(requests=tuple(requests), completions=tuple(completions),
                       against=_against_text(tok, targets, against),
                       values=tuple(values.reshape(-1).tolist()), kind=kind)
@@ -286,9 +287,8 @@ def screen_prompt(ctx: RequestContext, tokens: list[int], tokenizer_dir: str) ->
     screening_metrics.count_flags(screening_metrics.SAMPLING_PROMPT,
                                   (v.flagged for _, v in flagged.values()))
     categories = sorted({c for _, v in flagged.values() for c in v.flagged})
-    hint = UNREAD_HINT if any(c.endswith(f".{UNREAD_LANGUAGE}") for c in categories) else ""
     raise ScreeningRefused(f"the sampling prompt was refused by screening: "
-                           f"{', '.join(categories)}{hint}")
+                           f"{', '.join(categories)}{unread_hint(categories)}")
 
 
 def dry_run_datums(examples: list[Any], info: ModelInfo) -> list[tuple[str, TrainingDatum]]:

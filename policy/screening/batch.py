@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,11 @@ UNREAD_HINT = (". unread_language: text in a language the screening policy does 
                "is not trained (its classifiers read the languages listed in "
                "[classifiers.readability]); write it in one of those, or ask the operator "
                "to add a classifier that reads it")
+
+
+def unread_hint(categories: Iterable[str]) -> str:
+    """UNREAD_HINT when any of the flagged categories is an unread language, else ""."""
+    return UNREAD_HINT if any(c.endswith(f".{UNREAD_LANGUAGE}") for c in categories) else ""
 
 
 class ScreeningRefused(PolicyError):
@@ -85,12 +90,10 @@ class BatchScreening:
         parts = [f"datum {i}: {', '.join(sorted(set(c)))}" for i, c in
                  sorted(self.flagged.items())[:20]]
         more = f" (and {len(self.flagged) - 20} more)" if len(self.flagged) > 20 else ""
-        unread = any(c.endswith(f".{UNREAD_LANGUAGE}") for cs in self.flagged.values()
-                     for c in cs)
         return (f"{len(self.flagged)} datum(s) refused by screening — " + "; ".join(parts)
                 + more + ". Nothing in this request was trained; remove or fix those datums "
                 "(`loragate screen` reports a whole dataset before training)"
-                + (UNREAD_HINT if unread else ""))
+                + unread_hint(c for cs in self.flagged.values() for c in cs))
 
 
 def screen_batch(screener: Screener, datums: Sequence[DatumTexts]) -> BatchScreening:

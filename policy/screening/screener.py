@@ -56,15 +56,15 @@ REQUEST, COMPLETION, OUTPUT = "request", "completion", "output"
 PARTS = frozenset({REQUEST, COMPLETION, OUTPUT})
 # What a classifier reads: each text as written and its canonical form (obfuscation undone,
 # policy.screening.readable), keeping the higher score per category — the default — or
-# only one of the two.
-BOTH, AS_WRITTEN, CANONICAL = "as written and canonical", "as written", "canonical"
+# only the canonical form.
+BOTH, CANONICAL = "as written and canonical", "canonical"
 UNREAD_LANGUAGE = "unread_language"
 
 
 class Classifier(Protocol):
-    """A screen. Optional attributes: `reads` (BOTH unless it says AS_WRITTEN or
-    CANONICAL) and `tallied` (False when its flags refuse a datum without counting toward
-    the run's tally)."""
+    """A screen. Optional attributes: `reads` (BOTH unless it says CANONICAL) and
+    `tallied` (False when its flags refuse a datum without counting toward the run's
+    tally)."""
 
     name: str
     version: str
@@ -334,14 +334,14 @@ class Screener:
 
     def _read(self, clf: Classifier, texts: list[str], canon: list[str]
               ) -> list[dict[str, float]]:
-        """Each text's scores as the classifier reads it (`reads`): as written, in
-        canonical form, or both with the higher score per category."""
+        """Each text's scores as the classifier reads it (`reads`): in canonical form, or
+        as written and in canonical form with the higher score per category."""
         reads = getattr(clf, "reads", BOTH)
         if reads == CANONICAL:
             return self._scores(clf, canon)
         scores = self._scores(clf, texts)
         changed = [i for i, (t, c) in enumerate(zip(texts, canon, strict=True)) if t != c]
-        if reads == AS_WRITTEN or not changed:
+        if not changed:
             return scores
         for i, alt in zip(changed, self._scores(clf, [canon[i] for i in changed]),
                           strict=True):
