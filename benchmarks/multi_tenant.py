@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.train_throughput import LR, make_batches  # noqa: E402
+from engine.host_memory import retain_freed_memory  # noqa: E402
 from engine.registry import DEFAULT_BASE_MODEL, ModelRegistry  # noqa: E402
 
 REFUSED: list[str] = []  # screening refusals of benchmark batches (ordinary text)
@@ -269,6 +270,9 @@ def main() -> int:
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
     parser.add_argument("--skip-sampling", action="store_true")
     args = parser.parse_args()
+    # The gateway's processes keep freed memory (engine.host_memory); so does the in-process
+    # baseline, so the ratio measures the gateway, not the allocator setting.
+    retain_freed_memory()
 
     data_dir = Path(args.data_dir)
     model_dir = ModelRegistry(data_dir).materialize(DEFAULT_BASE_MODEL)

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from engine.host_memory import retain_freed_memory  # noqa: E402
 from engine.registry import DEFAULT_BASE_MODEL, ModelRegistry  # noqa: E402
 
 LR, BETAS, EPS = 1e-4, (0.9, 0.95), 1e-12
@@ -166,6 +167,9 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
     args = parser.parse_args()
+    # The gateway's processes keep freed memory (engine.host_memory); so does the in-process
+    # baseline, so the ratio measures the gateway, not the allocator setting.
+    retain_freed_memory()
 
     data_dir = Path(args.data_dir)
     registry = ModelRegistry(data_dir)

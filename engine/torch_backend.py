@@ -44,6 +44,7 @@ from engine.backend import Backend, ForwardBackwardResult, SampleResult, Trainin
 from engine.checkpoints import AdapterFiles, read_checkpoint, write_checkpoint
 from engine.decoding import BatchDecoder, topk_rows
 from engine.errors import NonFiniteError, UnknownAdapterError, UserInputError
+from engine.host_memory import retain_freed_memory
 from engine.losses import elementwise_loss
 from engine.registry import ModelRegistry
 from engine.values import (
@@ -164,6 +165,7 @@ class TorchBackend(Backend):
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        retain_freed_memory()  # each step's gigabytes of tensors reuse the last step's memory
         self.info = info
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # bf16 halves memory on accelerators; CPUs get fp32 (bf16 matmuls are slow there).

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from audit.db import make_engine, make_sessionmaker
+from engine.host_memory import retain_freed_memory
 from engine.registry import ModelRegistry
 from gateway.checkpointer import Checkpointer
 from gateway.settings import Settings
@@ -58,6 +59,7 @@ def model_registry(settings: Settings) -> ModelRegistry:
 def screener(settings: Settings, factory: sessionmaker[Session]) -> Screener:
     """The screening policy's classifiers (a required one that cannot load raises, naming
     the missing file)."""
+    retain_freed_memory()  # the classifiers' tensors reuse freed memory (engine.host_memory)
     return Screener.build(load_screening(settings.screening_file), factory)
 
 
