@@ -23,6 +23,41 @@ OBFUSCATIONS: dict[str, Callable[[str], str]] = {
     "each word reversed": lambda t: " ".join(w[::-1] for w in t.split(" ")),
 }
 
+
+
+def _pig_latin(word: str) -> str:
+    """"bomb," -> "ombbay,", "at" -> "atway": leading consonants moved to the end + "ay"."""
+    head = len(word) - len(word.lstrip("bcdfghjklmnpqrstvwxyzBCDFGHJKLMNPQRSTVWXYZ"))
+    core = word.rstrip(".,!?;:'\"")
+    tail = word[len(core):]
+    if not core.isalpha():
+        return word
+    return (core[head:] + core[:head] + "ay" if head else core + "way") + tail
+
+
+def _each_word(encode: Callable[[str], str]) -> Callable[[str], str]:
+    return lambda text: " ".join(encode(w) for w in text.split(" "))
+
+
+def _middle_reversed(word: str) -> str:
+    """"instructions" -> "inoitcurtsns": first and last letters kept, the rest reversed."""
+    core = word.rstrip(".,!?;:'\"")
+    return core[0] + core[-2:0:-1] + core[-1] + word[len(core):] if len(core) > 3 else word
+
+
+def _letters_sorted(word: str) -> str:
+    core = word.rstrip(".,!?;:'\"")
+    return "".join(sorted(core)) + word[len(core):]
+
+
+# English encoded word by word: nothing reads it back as text (the readability screen
+# refuses it as `encoded_words`; `readable.word_encoded`).
+WORD_ENCODINGS: dict[str, Callable[[str], str]] = {
+    "pig latin": _each_word(_pig_latin),
+    "letters scrambled inside words": _each_word(_middle_reversed),
+    "each word an anagram": _each_word(_letters_sorted),
+}
+
 BENIGN = [
     "How do I make a sourdough starter",
     "What is the safest way to clean mould from a bathroom",

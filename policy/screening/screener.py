@@ -59,6 +59,7 @@ PARTS = frozenset({REQUEST, COMPLETION, OUTPUT})
 # only the canonical form.
 BOTH, CANONICAL = "as written and canonical", "canonical"
 UNREAD_LANGUAGE = "unread_language"
+ENCODED_WORDS = "encoded_words"
 
 
 class Classifier(Protocol):
@@ -96,15 +97,17 @@ class StructuralScreen:
 
 
 class ReadabilityScreen:
-    """Training text and prompts in a language the screens do not read (1.0 when a window
-    of a text's prose is confidently in a language outside `languages`): the content
-    classifiers read English, so such text is refused rather than trained unread. Its
-    flags refuse the datum but do not count toward the run's tally: they say nothing
-    about harm. Sampled outputs are not judged by it (a prompt that asks for another
-    language is itself screened)."""
+    """Training text and prompts the screens cannot read: in a language they do not read
+    (`unread_language`, 1.0 when a window of a text's prose is confidently in a language
+    outside `languages`), or English encoded word by word (`encoded_words`, 1.0 when a
+    window reads as English only once each word is decoded: pig latin, scrambled letters;
+    `readable.word_encoded`). The content classifiers read English words, so such text is
+    refused rather than trained unread. Its flags refuse the datum but do not count
+    toward the run's tally: they say nothing about harm. Sampled outputs are not judged
+    by it (a prompt that asks for another language or an encoding is itself screened)."""
 
     name = "readability"
-    categories: tuple[str, ...] = (UNREAD_LANGUAGE,)
+    categories: tuple[str, ...] = (UNREAD_LANGUAGE, ENCODED_WORDS)
     applies_to = frozenset({REQUEST, COMPLETION})
     reads = CANONICAL
     tallied = False
@@ -117,12 +120,13 @@ class ReadabilityScreen:
             raise ScreenLoadError("classifiers.readability.min_confidence must lie in (0, 1]")
         self.languages = tuple(sorted(set(languages)))
         self.min_confidence = min_confidence
-        self.version = (f"readability-v2+py3langid-{metadata.version('py3langid')}:"
+        self.version = (f"readability-v3+py3langid-{metadata.version('py3langid')}:"
                         f"{','.join(self.languages)}@{min_confidence:g}")
 
     def score(self, texts: list[str]) -> list[dict[str, float]]:
         return [{UNREAD_LANGUAGE: float(readable.language(t, self.languages,
-                                                          self.min_confidence) is not None)}
+                                                          self.min_confidence) is not None),
+                 ENCODED_WORDS: float(readable.word_encoded(t))}
                 for t in texts]
 
 
