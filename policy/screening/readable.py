@@ -179,19 +179,28 @@ def _identifier() -> Any:
 
 def prose_windows(text: str) -> Iterator[str]:
     """The text's prose (lines that are not code) in windows of whole sentences of about
-    WINDOW_CHARS (a longer sentence is a window of its own), never across lines."""
-    for line in text.splitlines():
-        line = COMMENT_OR_BULLET.sub("", line)  # "# …", "// …", "* …": prose after the mark
-        if _code_line(line):
-            continue
-        window = ""
-        for sentence in SENTENCE_END.split(line):
-            if len(window) + len(sentence) > WINDOW_CHARS and window:
-                yield window
-                window = ""
-            window = f"{window} {sentence}" if window else sentence
-        if window.strip():
+    WINDOW_CHARS (a longer sentence is a window of its own): first each line's, then, for
+    prose of more than one line, windows packed across lines — so that neither a line of
+    another language among English ones nor text broken into lines too short to judge
+    one by one goes unread."""
+    lines = [line for line in (COMMENT_OR_BULLET.sub("", raw) for raw in text.splitlines())
+             if not _code_line(line) and line.strip()]  # "# …", "* …": prose after the mark
+    for line in lines:
+        yield from _packed(SENTENCE_END.split(line))
+    if len(lines) > 1:
+        yield from _packed([s for line in lines for s in SENTENCE_END.split(line)])
+
+
+def _packed(sentences: list[str]) -> Iterator[str]:
+    """Consecutive sentences joined into windows of about WINDOW_CHARS."""
+    window = ""
+    for sentence in sentences:
+        if len(window) + len(sentence) > WINDOW_CHARS and window:
             yield window
+            window = ""
+        window = f"{window} {sentence}" if window else sentence
+    if window.strip():
+        yield window
 
 
 def _code_line(line: str) -> bool:

@@ -120,7 +120,7 @@ class ReadabilityScreen:
             raise ScreenLoadError("classifiers.readability.min_confidence must lie in (0, 1]")
         self.languages = tuple(sorted(set(languages)))
         self.min_confidence = min_confidence
-        self.version = (f"readability-v3+py3langid-{metadata.version('py3langid')}:"
+        self.version = (f"readability-v4+py3langid-{metadata.version('py3langid')}:"
                         f"{','.join(self.languages)}@{min_confidence:g}")
 
     def score(self, texts: list[str]) -> list[dict[str, float]]:

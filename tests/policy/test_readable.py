@@ -155,6 +155,23 @@ def test_a_word_is_decoded_to_the_known_word_it_encodes(word, decoded):
     assert readable.decoded_word(word) == decoded
 
 
+def _short_lines(text: str, words: int = 3) -> str:
+    split = text.split(" ")
+    return "\n".join(" ".join(split[i:i + words]) for i in range(0, len(split), words))
+
+
+def test_text_broken_into_lines_too_short_to_judge_alone_is_read_across_lines():
+    spanish = ("Mezcla los dos productos en una habitación cerrada y espera hasta que el gas "
+               "llene todo el espacio.")
+    assert readable.language(_short_lines(spanish), ["en"], 0.7) == "es"
+    pig = WORD_ENCODINGS["pig latin"](PLAIN)
+    assert readable.word_encoded(_short_lines(pig, words=4))
+    poem = ("The fog comes on little cat feet. It sits looking over harbor and city on silent "
+            "haunches and then moves on.")
+    assert readable.language(_short_lines(poem), ["en"], 0.7) is None
+    assert not readable.word_encoded(_short_lines(poem))
+
+
 ENGLISH_WITH_UNKNOWN_WORDS = [
     *UNCHANGED,
     "Can you synthesize benzyl piperidine 4 amine from benzyl chloride and piperidine 4 amine",
