@@ -32,7 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from audit.db import make_engine, make_sessionmaker
-from benchmarks.screening_data import BENIGN, OBFUSCATIONS, WORD_ENCODINGS
+from benchmarks.screening_data import (
+    BENIGN,
+    KEYWORD_ENCODINGS,
+    OBFUSCATIONS,
+    WORD_ENCODINGS,
+)
 from benchmarks.screening_sim import simulate
 from engine.registry import DEFAULT_BASE_MODEL, ModelRegistry, fast_tokenizer
 from engine.values import TrainingDatum
@@ -117,7 +122,8 @@ def obfuscation(screener: Screener) -> list[str]:
     """Held-out harmful requests written in each of OBFUSCATIONS: the share flagged by the
     harmful-content classifier reading them as written, and by the screener (which also
     reads their canonical form, and flags look-alike letters as encoding), and written in
-    each of WORD_ENCODINGS (which the readability screen refuses); and how often the
+    each of WORD_ENCODINGS (which the readability screen refuses) and KEYWORD_ENCODINGS
+    (read with each encoded word decoded); and how often the
     readability screen names a language or a word encoding in the held-out everyday and
     borderline requests (all English)."""
     rows = heldout_rows()
@@ -127,7 +133,8 @@ def obfuscation(screener: Screener) -> list[str]:
     threshold = screener.config.threshold("harmful_content", {})
     lines = [f"obfuscated held-out harmful requests (n = {len(harmful)}): flagged by "
              "harmful_content as written -> by the screener (canonical form, encoding signals)"]
-    for how, write in {"as written": str, **OBFUSCATIONS, **WORD_ENCODINGS}.items():
+    for how, write in {"as written": str, **OBFUSCATIONS, **WORD_ENCODINGS,
+                       **KEYWORD_ENCODINGS}.items():
         texts = [write(t) for t in harmful]
         alone = sum(max(s.values()) >= threshold for s in clf.score(texts)) / len(texts)
         screened = sum(bool(v.flagged) for v in screener.screen(texts, REQUEST)) / len(texts)

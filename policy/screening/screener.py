@@ -55,8 +55,9 @@ logger = logging.getLogger("loragate.screening")
 REQUEST, COMPLETION, OUTPUT = "request", "completion", "output"
 PARTS = frozenset({REQUEST, COMPLETION, OUTPUT})
 # What a classifier reads: each text as written and its canonical form (obfuscation undone,
-# policy.screening.readable), keeping the higher score per category — the default — or
-# only the canonical form.
+# policy.screening.readable) — requests and completions also with each encoded word
+# decoded — keeping the highest score per category (the default), or only the canonical
+# form.
 BOTH, CANONICAL = "as written and canonical", "canonical"
 UNREAD_LANGUAGE = "unread_language"
 ENCODED_WORDS = "encoded_words"
@@ -310,12 +311,17 @@ class Screener:
             raise ValueError(f"unknown screening part {part!r}")
         texts = list(texts)
         canon = [readable.canonical(t) for t in texts]
+        # Training text and prompts are also read with each encoded word decoded (pig
+        # latin, scrambled letters): only the telling words of a request may be encoded.
+        alternatives = [canon] if part == OUTPUT else \
+            [canon, [readable.words_decoded(c) for c in canon]]
         overrides = self.thresholds()
         verdicts = [Verdict() for _ in texts]
         for clf in self.classifiers:
             if part not in clf.applies_to:
                 continue
-            for verdict, scores in zip(verdicts, self._read(clf, texts, canon), strict=True):
+            for verdict, scores in zip(verdicts, self._read(clf, texts, alternatives),
+                                       strict=True):
                 for category, score in scores.items():
                     key = f"{clf.name}.{category}"
                     verdict.scores[key] = score
@@ -336,20 +342,25 @@ class Screener:
         return frozenset(f"{c.name}.{cat}" for c in self.classifiers
                          if not getattr(c, "tallied", True) for cat in c.categories)
 
-    def _read(self, clf: Classifier, texts: list[str], canon: list[str]
+    def _read(self, clf: Classifier, texts: list[str], alternatives: list[list[str]]
               ) -> list[dict[str, float]]:
-        """Each text's scores as the classifier reads it (`reads`): in canonical form, or
-        as written and in canonical form with the higher score per category."""
+        """Each text's scores as the classifier reads it (`reads`): in canonical form (the
+        first alternative), or as written and in every alternative reading with the
+        highest score per category."""
         reads = getattr(clf, "reads", BOTH)
         if reads == CANONICAL:
-            return self._scores(clf, canon)
+            return self._scores(clf, alternatives[0])
         scores = self._scores(clf, texts)
-        changed = [i for i, (t, c) in enumerate(zip(texts, canon, strict=True)) if t != c]
-        if not changed:
-            return scores
-        for i, alt in zip(changed, self._scores(clf, [canon[i] for i in changed]),
-                          strict=True):
-            scores[i] = {k: max(v, alt.get(k, v)) for k, v in scores[i].items()}
+        read = [{t} for t in texts]
+        for readings in alternatives:
+            changed = [i for i, r in enumerate(readings) if r not in read[i]]
+            for i in changed:
+                read[i].add(readings[i])
+            if not changed:
+                continue
+            for i, alt in zip(changed, self._scores(clf, [readings[i] for i in changed]),
+                              strict=True):
+                scores[i] = {k: max(v, alt.get(k, v)) for k, v in scores[i].items()}
         return scores
 
     def _scores(self, clf: Classifier, texts: list[str]) -> list[dict[str, float]]:
