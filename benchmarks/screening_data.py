@@ -25,11 +25,16 @@ OBFUSCATIONS: dict[str, Callable[[str], str]] = {
 
 
 
+def _core(word: str) -> tuple[str, str]:
+    """The word and the punctuation after it."""
+    core = word.rstrip(".,!?;:'\"")
+    return core, word[len(core):]
+
+
 def _pig_latin(word: str) -> str:
     """"bomb," -> "ombbay,", "at" -> "atway": leading consonants moved to the end + "ay"."""
     head = len(word) - len(word.lstrip("bcdfghjklmnpqrstvwxyzBCDFGHJKLMNPQRSTVWXYZ"))
-    core = word.rstrip(".,!?;:'\"")
-    tail = word[len(core):]
+    core, tail = _core(word)
     if not core.isalpha():
         return word
     return (core[head:] + core[:head] + "ay" if head else core + "way") + tail
@@ -41,13 +46,13 @@ def _each_word(encode: Callable[[str], str]) -> Callable[[str], str]:
 
 def _middle_reversed(word: str) -> str:
     """"instructions" -> "inoitcurtsns": first and last letters kept, the rest reversed."""
-    core = word.rstrip(".,!?;:'\"")
-    return core[0] + core[-2:0:-1] + core[-1] + word[len(core):] if len(core) > 3 else word
+    core, tail = _core(word)
+    return core[0] + core[-2:0:-1] + core[-1] + tail if len(core) > 3 else word
 
 
 def _letters_sorted(word: str) -> str:
-    core = word.rstrip(".,!?;:'\"")
-    return "".join(sorted(core)) + word[len(core):]
+    core, tail = _core(word)
+    return "".join(sorted(core)) + tail
 
 
 # English encoded word by word: nothing reads it back as text (the readability screen

@@ -183,12 +183,13 @@ def prose_windows(text: str) -> Iterator[str]:
     prose of more than one line, windows packed across lines — so that neither a line of
     another language among English ones nor text broken into lines too short to judge
     one by one goes unread."""
-    lines = [line for line in (COMMENT_OR_BULLET.sub("", raw) for raw in text.splitlines())
+    lines = [SENTENCE_END.split(line)
+             for line in (COMMENT_OR_BULLET.sub("", raw) for raw in text.splitlines())
              if not _code_line(line) and line.strip()]  # "# …", "* …": prose after the mark
-    for line in lines:
-        yield from _packed(SENTENCE_END.split(line))
+    for sentences in lines:
+        yield from _packed(sentences)
     if len(lines) > 1:
-        yield from _packed([s for line in lines for s in SENTENCE_END.split(line)])
+        yield from _packed([s for sentences in lines for s in sentences])
 
 
 def _packed(sentences: list[str]) -> Iterator[str]:
@@ -311,12 +312,13 @@ def word_encoded(text: str) -> bool:
     is not: reversed text is read by turning it round (`canonical`), and a line of English
     that `canonical` took for reversed stays readable as written."""
     for window in prose_windows(text):
-        words = [w.lower() for w in WORDS.findall(window) if len(w) > 1]
+        words = _words(window)
         if len(words) < MIN_ENCODED_WORDS:
             continue
         known = [known_word(w) for w in words]
-        if sum(known) >= ENCODED_KNOWN_SHARE * len(words) or _known_share(window[::-1]) \
-                >= ENCODED_KNOWN_SHARE:
+        backwards = _words(window[::-1])
+        if sum(known) >= ENCODED_KNOWN_SHARE * len(words) or \
+                sum(map(known_word, backwards)) >= ENCODED_KNOWN_SHARE * len(backwards):
             continue
         decoded = sum(k or decoded_word(w) is not None for w, k in zip(words, known,
                                                                           strict=True))
@@ -325,6 +327,6 @@ def word_encoded(text: str) -> bool:
     return False
 
 
-def _known_share(text: str) -> float:
-    words = [w.lower() for w in WORDS.findall(text) if len(w) > 1]
-    return sum(map(known_word, words)) / len(words) if words else 0.0
+def _words(text: str) -> list[str]:
+    """The text's words of two letters or more, lower case."""
+    return [w.lower() for w in WORDS.findall(text) if len(w) > 1]

@@ -8,6 +8,7 @@ import json
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,7 @@ glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
 
 def _second_round_faults(mode: str) -> int:
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
-                         check=True, cwd=str(host_memory.__file__).rsplit("/engine/", 1)[0])
+                         check=True, cwd=Path(host_memory.__file__).parents[1])
     return int(json.loads(out.stdout))
 
 
