@@ -176,6 +176,8 @@ class TorchBackend(Backend):
         base.eval().requires_grad_(False)
         self._base = base
         self._peft: Any = None  # PeftModel wrapping self._base while any adapter exists
+        self._active_peft: str | None = None  # the PEFT adapter set active, if known
+        self._lora_cache: list[Any] | None = None  # _lora_layers(), while adapters stay
         self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.vocab_size = int(base.get_output_embeddings().weight.shape[0])
         # The model as loaded: the guard checks ids against the embedding table itself.
@@ -282,6 +284,7 @@ class TorchBackend(Backend):
             else:
                 self._peft.add_adapter(peft_name, config)
         self._peft.eval()
+        self._active_peft, self._lora_cache = None, None
 
     def _peft_params(self, peft_name: str) -> dict[str, torch.nn.Parameter]:
         """The adapter's parameters keyed as PEFT saves them: without the adapter name."""
@@ -297,6 +300,7 @@ class TorchBackend(Backend):
     def _remove_peft_adapter(self, peft_name: str) -> None:
         if self._peft is None or peft_name not in self._peft.peft_config:
             return
+        self._active_peft, self._lora_cache = None, None
         if len(self._peft.peft_config) == 1:
             # PeftModel cannot run with zero adapters; unwrap back to the plain base model.
             self._base = self._peft.unload()
@@ -309,21 +313,39 @@ class TorchBackend(Backend):
 
     @contextlib.contextmanager
     def _activate(self, adapter_id: str | None) -> Iterator[Any]:
-        """Yield the model computing with exactly this adapter (None: the bare base)."""
-        if adapter_id is None:
-            if self._peft is None:
-                yield self._base
-                return
-            # disable_adapter looks up the active adapter's config, so make it a live one.
-            self._peft.set_adapter(next(iter(self._peft.peft_config)))
-            with contextlib.ExitStack() as stack:
-                with warnings.catch_warnings():  # PEFT's "irregular adapter state" notice
-                    warnings.simplefilter("ignore")
-                    stack.enter_context(self._peft.disable_adapter())
-                yield self._peft
+        """Yield the model computing with exactly this adapter (None: the bare base).
+
+        Called for every forward pass, decoding steps included, so it must cost nothing
+        that grows with the adapters loaded: PEFT's `set_adapter` and `disable_adapter`
+        walk every module and parameter of the model (with 8 adapters loaded they took
+        three times as long as the decoding step itself). The active adapter is set only
+        when it changes, and the bare base is computed by switching off the LoRA layers'
+        own `_disable_adapters` flag, kept in a list built when adapters come and go."""
+        if self._peft is None:
+            yield self._base
             return
-        self._peft.set_adapter(self._get(adapter_id).peft_name)
+        if adapter_id is None:
+            layers = self._lora_layers()
+            for layer in layers:
+                layer._disable_adapters = True
+            try:
+                yield self._peft
+            finally:
+                for layer in layers:
+                    layer._disable_adapters = False
+            return
+        name = self._get(adapter_id).peft_name
+        if self._active_peft != name:
+            self._peft.set_adapter(name)
+            self._active_peft = name
         yield self._peft
+
+    def _lora_layers(self) -> list[Any]:
+        """The PEFT model's LoRA layers (cached until an adapter is added or removed)."""
+        if self._lora_cache is None:
+            self._lora_cache = [] if self._peft is None else [
+                m for m in self._peft.modules() if _is_lora_layer(m)]
+        return self._lora_cache
 
     # -- forward / backward ------------------------------------------------------------------
 
@@ -399,7 +421,7 @@ class TorchBackend(Backend):
         from peft.tuners.lora import Linear
 
         return self._peft is None or all(
-            isinstance(m, Linear) for m in self._peft.modules() if _is_lora_layer(m))
+            isinstance(m, Linear) for m in self._lora_layers())
 
     def _run_together(self, jobs: list[_Job]) -> list[ForwardBackwardResult | UserInputError]:
         rows = [d for job in jobs for d in job.batch]
@@ -436,7 +458,7 @@ class TorchBackend(Backend):
         with self._activate(None) as model:
             handles = [] if self._peft is None else [
                 module.register_forward_hook(_segment_hook(segments))
-                for module in self._peft.modules() if _is_lora_layer(module)]
+                for module in self._lora_layers()]
             try:
                 yield model
             finally:

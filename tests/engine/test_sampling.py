@@ -216,3 +216,33 @@ def test_ids_that_do_not_fit_the_model_are_refused_by_the_engine(backend, change
 def test_sampling_an_unknown_adapter_is_a_user_error(backend):
     with pytest.raises(UserInputError, match="not loaded"):
         backend.sample("ghost", SampleSpec(prompt=PROMPT))
+
+
+def test_switching_adapters_per_decoding_step_does_not_walk_the_model(backend, new_adapter,
+                                                                     monkeypatch):
+    """Every decoding step activates its adapter (or the bare base). PEFT's set_adapter and
+    disable_adapter walk every module and parameter, which with 8 adapters loaded took three
+    times as long as the step itself: activation sets the adapter only when it changes and
+    never calls disable_adapter, and the base's tokens are those of the bare base model."""
+    spec = SampleSpec(prompt=PROMPT, max_tokens=6, temperature=1.0, seed=11, num_samples=2,
+                      **NO_STOP)
+    adapters = [new_adapter(rank=4, seed=i) for i in range(3)]
+    train_step(backend, adapters[0], lr=0.1)
+    peft = backend._peft
+    calls: list[str] = []
+    monkeypatch.setattr(peft, "set_adapter",
+                        lambda name, _set=peft.set_adapter: calls.append(name) or _set(name))
+    monkeypatch.setattr(peft, "disable_adapter",
+                        lambda: pytest.fail("disable_adapter walks the model"))
+    base = [backend.sample(None, spec).sequences[i].tokens for i in range(2)]
+    trained = [s.tokens for s in backend.sample(adapters[0], spec).sequences]
+    assert trained != base  # the trained adapter computes (its B is no longer zero)
+    for adapter in (adapters[1], adapters[1], adapters[0], adapters[0]):
+        backend.sample(adapter, spec)
+    names = [backend._get(a).peft_name for a in adapters]
+    assert calls == [names[1], names[0]]  # on each change, not once per step
+    assert [s.tokens for s in backend.sample(adapters[0], spec).sequences] == trained
+    assert [s.tokens for s in backend.sample(None, spec).sequences] == base
+    for adapter in adapters:  # unloading them all unwraps the model: the bare base again
+        backend.drop_adapter(adapter)
+    assert [s.tokens for s in backend.sample(None, spec).sequences] == base
