@@ -246,3 +246,22 @@ def test_switching_adapters_per_decoding_step_does_not_walk_the_model(backend, n
     for adapter in adapters:  # unloading them all unwraps the model: the bare base again
         backend.drop_adapter(adapter)
     assert [s.tokens for s in backend.sample(None, spec).sequences] == base
+
+
+def test_draws_follow_the_distribution_and_never_pick_an_excluded_token():
+    """choose_tokens draws by inverse CDF: each token at its probability (top-k/top-p
+    exclusions and zero-probability tokens never), reproducibly per generator."""
+    from engine.decoding import choose_tokens
+
+    probs = torch.tensor([0.5, 0.25, 0.0, 0.125, 0.125] + [0.0] * 49147)
+    logits = torch.log(probs).repeat(4000, 1)  # -inf where the probability is 0
+    spec = SampleSpec(prompt=PROMPT, temperature=1.0, **NO_STOP)
+    drawn = choose_tokens(logits, spec, torch.Generator().manual_seed(5))
+    assert torch.equal(drawn, choose_tokens(logits, spec, torch.Generator().manual_seed(5)))
+    share = torch.bincount(drawn, minlength=5)[:5].double() / len(drawn)
+    assert int((probs[drawn] == 0).sum()) == 0
+    assert torch.allclose(share, probs[:5].double(), atol=0.03), share
+    top2 = choose_tokens(logits, dataclasses.replace(spec, top_k=2),
+                         torch.Generator().manual_seed(5))
+    assert set(top2.tolist()) == {0, 1}
+    assert abs(float((top2 == 0).double().mean()) - 2 / 3) < 0.03
