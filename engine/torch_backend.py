@@ -420,8 +420,7 @@ class TorchBackend(Backend):
         """Every LoRA layer is a linear one (the segment hook's formula)."""
         from peft.tuners.lora import Linear
 
-        return self._peft is None or all(
-            isinstance(m, Linear) for m in self._lora_layers())
+        return all(isinstance(m, Linear) for m in self._lora_layers())
 
     def _run_together(self, jobs: list[_Job]) -> list[ForwardBackwardResult | UserInputError]:
         rows = [d for job in jobs for d in job.batch]
@@ -456,9 +455,8 @@ class TorchBackend(Backend):
         segments = [(start, end, None if a is None else self._get(a).peft_name)
                     for start, end, a in runs]
         with self._activate(None) as model:
-            handles = [] if self._peft is None else [
-                module.register_forward_hook(_segment_hook(segments))
-                for module in self._lora_layers()]
+            handles = [module.register_forward_hook(_segment_hook(segments))
+                       for module in self._lora_layers()]
             try:
                 yield model
             finally:

@@ -234,7 +234,7 @@ def test_switching_adapters_per_decoding_step_does_not_walk_the_model(backend, n
                         lambda name, _set=peft.set_adapter: calls.append(name) or _set(name))
     monkeypatch.setattr(peft, "disable_adapter",
                         lambda: pytest.fail("disable_adapter walks the model"))
-    base = [backend.sample(None, spec).sequences[i].tokens for i in range(2)]
+    base = [s.tokens for s in backend.sample(None, spec).sequences]
     trained = [s.tokens for s in backend.sample(adapters[0], spec).sequences]
     assert trained != base  # the trained adapter computes (its B is no longer zero)
     for adapter in (adapters[1], adapters[1], adapters[0], adapters[0]):
