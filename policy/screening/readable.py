@@ -35,7 +35,7 @@ from typing import Any
 
 from policy.screening.structural import CODE_WORDS, COMMON_WORDS, common_word_share
 
-VERSION = "canonical-v1"  # bump whenever `canonical` reads any text differently
+VERSION = "canonical-v3"  # bump whenever `canonical` reads any text differently
 
 # Digits and signs written for letters inside words ("h0w", "m4k3", "@ss").
 LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a",
@@ -52,10 +52,10 @@ LETTER_RUN = re.compile(r"[^\W\d_]+")
 ROLE_PREFIX = re.compile(r"(\s*(?:[A-Za-z]+:\s*)?)(.*)", re.DOTALL)
 MIN_LEET_WORDS, LEET_SHARE = 3, 0.2  # an "mp3", "4th" or "5pm" here and there is not
 MIN_SPACED_TOKENS, SPACED_SHARE = 8, 0.6  # "h o w  t o …": most tokens single letters
-REVERSED_SHARE = 0.1  # a reversed reading must read this much like English…
-PLAIN_SHARE = 0.2  # …where the text as written does not, and by REVERSED_GAIN more
-REVERSED_GAIN = 0.1
-MIN_REVERSED_WORDS = 5
+# A line is read backwards where under REVERSED_KNOWN_SHARE of its words (two letters or
+# more, at least MIN_REVERSED_WORDS of them) are known English words as written, and at
+# least that share, and REVERSED_GAIN more than as written, are once it is turned round.
+REVERSED_KNOWN_SHARE, REVERSED_GAIN, MIN_REVERSED_WORDS = 0.6, 0.2, 4
 # Language identification: windows of prose of about this many characters; a window with
 # fewer letters says too little about its language.
 WINDOW_CHARS, MIN_LETTERS = 200, 24  # a CJK character counts as two letters
@@ -141,7 +141,7 @@ def _unreversed(text: str) -> str:
 
 def _unreversed_line(line: str) -> str:
     role, text = ROLE_PREFIX.match(line).groups()  # type: ignore[union-attr]
-    if len(WORDS.findall(text)) < MIN_REVERSED_WORDS or common_word_share(text) >= PLAIN_SHARE:
+    if len(_words(text)) < MIN_REVERSED_WORDS or known_share(text) >= REVERSED_KNOWN_SHARE:
         return line
     return role + _best_reading(text)
 
@@ -150,10 +150,10 @@ def _best_reading(text: str) -> str:
     readings = [text[::-1], " ".join(w[::-1] for w in text.split(" "))]
     # Between readings as English as each other, the one that reads like a sentence: a
     # capital first, a full stop last.
-    best = max(readings, key=lambda r: (common_word_share(r), r.lstrip()[:1].isupper(),
-                                        r.rstrip()[-1:] in ".?!"))
-    share = common_word_share(best)
-    return best if share >= max(REVERSED_SHARE, common_word_share(text) + REVERSED_GAIN) \
+    best = max(readings, key=lambda r: (known_share(r), common_word_share(r),
+                                        r.lstrip()[:1].isupper(), r.rstrip()[-1:] in ".?!"))
+    share = known_share(best)
+    return best if share >= max(REVERSED_KNOWN_SHARE, known_share(text) + REVERSED_GAIN) \
         else text
 
 
@@ -258,8 +258,11 @@ def _vocabulary() -> frozenset[str]:
 
 @functools.cache
 def _anagrams() -> dict[str, str]:
-    """Sorted letters → a known word of 4+ letters spelt with them."""
-    return {"".join(sorted(w)): w for w in sorted(_vocabulary()) if len(w) >= 4}
+    """Sorted letters → a known word of 4+ letters spelt with them, or a common word of two
+    or three letters ("ot" → "to", "eht" → "the"; "no" and "how" for "on" and "who")."""
+    short = {"".join(sorted(w)): w for w in sorted(COMMON_WORDS, reverse=True)
+             if 2 <= len(w) <= 3}
+    return short | {"".join(sorted(w)): w for w in sorted(_vocabulary()) if len(w) >= 4}
 
 
 def known_word(word: str) -> bool:
@@ -278,7 +281,8 @@ def known_word(word: str) -> bool:
 
 def decoded_word(word: str) -> str | None:
     """A known word that `word` (lower case, not known itself) encodes: pig latin undone
-    ("ombbay" → "bomb", "atway" → "at"), or its letters rearranged ("bmob" → "bomb")."""
+    ("ombbay" → "bomb", "atway" → "at"), or its letters rearranged ("bmob" → "bomb",
+    "fo" → "of")."""
     if word.endswith("ay") and len(word) > 3:
         stem = word[:-2]
         candidates = [stem[:-1]] if stem.endswith(("w", "y")) else []  # "atway", "ityay"
@@ -289,19 +293,22 @@ def decoded_word(word: str) -> str | None:
         for candidate in candidates:
             if candidate and known_word(candidate):
                 return candidate
-    return _anagrams().get("".join(sorted(word))) if len(word) >= 4 else None
+    return _anagrams().get("".join(sorted(word)))
 
 
 def words_decoded(text: str) -> str:
     """The text with each unknown word that encodes a known one (`decoded_word`: pig latin,
     letters scrambled or rearranged) replaced by it, the rest as written: a harmful request
-    with only its telling words encoded ("make a ipepay ombbay") reads as the request."""
+    with only its telling words encoded ("make a ipepay ombbay") reads as the request. A
+    word of two or three letters that is no common word but has one's letters ("ot", "fo",
+    "eht") is read as that word, even where the vocabulary knows it as written ("ot")."""
     def decode(match: re.Match[str]) -> str:
         word = match.group(0)
         lower = word.lower()
-        if len(lower) < 4 or known_word(lower):
-            return word
-        return decoded_word(lower) or word
+        if len(lower) < 4:
+            short = lower not in COMMON_WORDS and len(lower) > 1
+            return _anagrams().get("".join(sorted(lower)), word) if short else word
+        return word if known_word(lower) else decoded_word(lower) or word
 
     return WORDS.sub(decode, text)
 
@@ -325,6 +332,12 @@ def word_encoded(text: str) -> bool:
         if decoded >= DECODED_KNOWN_SHARE * len(words):
             return True
     return False
+
+
+def known_share(text: str) -> float:
+    """The share of the text's words of two letters or more that are `known_word`s."""
+    words = _words(text)
+    return sum(map(known_word, words)) / len(words) if words else 0.0
 
 
 def _words(text: str) -> list[str]:

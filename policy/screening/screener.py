@@ -54,11 +54,10 @@ logger = logging.getLogger("loragate.screening")
 # toward) and sampled outputs.
 REQUEST, COMPLETION, OUTPUT = "request", "completion", "output"
 PARTS = frozenset({REQUEST, COMPLETION, OUTPUT})
-# What a classifier reads: each text as written and its canonical form (obfuscation undone,
-# policy.screening.readable) — requests and completions also with each encoded word
-# decoded — keeping the highest score per category (the default), or only the canonical
-# form.
-BOTH, CANONICAL = "as written and canonical", "canonical"
+# What a classifier reads: each text as written, in its canonical form (obfuscation undone,
+# policy.screening.readable) and with each encoded word decoded, keeping the highest score
+# per category (the default), or only the canonical form.
+BOTH, CANONICAL = "as written, canonical and words decoded", "canonical"
 UNREAD_LANGUAGE = "unread_language"
 ENCODED_WORDS = "encoded_words"
 
@@ -98,18 +97,19 @@ class StructuralScreen:
 
 
 class ReadabilityScreen:
-    """Training text and prompts the screens cannot read: in a language they do not read
+    """Text the screens cannot read: in a language they do not read
     (`unread_language`, 1.0 when a window of a text's prose is confidently in a language
     outside `languages`), or English encoded word by word (`encoded_words`, 1.0 when a
     window reads as English only once each word is decoded: pig latin, scrambled letters;
     `readable.word_encoded`). The content classifiers read English words, so such text is
-    refused rather than trained unread. Its flags refuse the datum but do not count
-    toward the run's tally: they say nothing about harm. Sampled outputs are not judged
-    by it (a prompt that asks for another language or an encoding is itself screened)."""
+    refused rather than trained unread, and a sampled output is withheld rather than let
+    out unread (an English prompt that passes the screens may ask for its answer in another
+    language). Its flags refuse the datum but do not count toward the run's tally: they
+    say nothing about harm."""
 
     name = "readability"
     categories: tuple[str, ...] = (UNREAD_LANGUAGE, ENCODED_WORDS)
-    applies_to = frozenset({REQUEST, COMPLETION})
+    applies_to = PARTS
     reads = CANONICAL
     tallied = False
 
@@ -311,10 +311,9 @@ class Screener:
             raise ValueError(f"unknown screening part {part!r}")
         texts = list(texts)
         canon = [readable.canonical(t) for t in texts]
-        # Training text and prompts are also read with each encoded word decoded (pig
-        # latin, scrambled letters): only the telling words of a request may be encoded.
-        alternatives = [canon] if part == OUTPUT else \
-            [canon, [readable.words_decoded(c) for c in canon]]
+        # Also read with each encoded word decoded (pig latin, scrambled letters): only the
+        # telling words of a request, an answer or a sampled output may be encoded.
+        alternatives = [canon, [readable.words_decoded(c) for c in canon]]
         overrides = self.thresholds()
         verdicts = [Verdict() for _ in texts]
         for clf in self.classifiers:
