@@ -305,10 +305,9 @@ def words_decoded(text: str) -> str:
     def decode(match: re.Match[str]) -> str:
         word = match.group(0)
         lower = word.lower()
-        if len(lower) < 4:
-            short = lower not in COMMON_WORDS and len(lower) > 1
-            return _anagrams().get("".join(sorted(lower)), word) if short else word
-        return word if known_word(lower) else decoded_word(lower) or word
+        if lower in COMMON_WORDS or (len(lower) >= 4 and known_word(lower)):
+            return word
+        return decoded_word(lower) or word
 
     return WORDS.sub(decode, text)
 
@@ -323,9 +322,8 @@ def word_encoded(text: str) -> bool:
         if len(words) < MIN_ENCODED_WORDS:
             continue
         known = [known_word(w) for w in words]
-        backwards = _words(window[::-1])
         if sum(known) >= ENCODED_KNOWN_SHARE * len(words) or \
-                sum(map(known_word, backwards)) >= ENCODED_KNOWN_SHARE * len(backwards):
+                known_share(window[::-1]) >= ENCODED_KNOWN_SHARE:
             continue
         decoded = sum(k or decoded_word(w) is not None for w, k in zip(words, known,
                                                                           strict=True))
