@@ -56,6 +56,12 @@ class Principal(Base):
     enrolled_by: Mapped[str | None] = mapped_column(String(200))
     enrolled_via: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The person's screening tally: every distinct datum screened for them, in any of
+    # their runs or dry runs (policy.screening.tally), and why it blocked them, if it did.
+    screened_datums: Mapped[int] = mapped_column(Integer, default=0)
+    flagged_datums: Mapped[int] = mapped_column(Integer, default=0)
+    high_confidence_flags: Mapped[int] = mapped_column(Integer, default=0)
+    screening_blocked_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class ApiKey(Base):
@@ -207,6 +213,18 @@ class ScreeningTallyDatum(Base):
     __tablename__ = "screening_tally_datums"
     training_run_id: Mapped[str] = mapped_column(ForeignKey("training_runs.id"),
                                                  primary_key=True)
+    datum_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    high_confidence: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PrincipalTallyDatum(Base):
+    """One distinct datum a person's screening tally has counted, wherever it was screened
+    (a training run of theirs or a dry run), so that a datum is counted once per person."""
+
+    __tablename__ = "principal_tally_datums"
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"), primary_key=True)
     datum_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     flagged: Mapped[bool] = mapped_column(Boolean, default=False)
     high_confidence: Mapped[bool] = mapped_column(Boolean, default=False)

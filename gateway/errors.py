@@ -19,7 +19,7 @@ from policy.errors import KeyNotFound, KeyRejected, LimitExceeded, PolicyError
 from policy.quotas import QuotaExceeded
 from policy.scopes import ScopeDenied
 from policy.screening.batch import ScreeningRefused
-from policy.screening.tally import RunBlocked
+from policy.screening.tally import PrincipalNotFound, RunBlocked
 
 
 class ApiError(Exception):
@@ -95,7 +95,7 @@ class RateLimited(ApiError):
 # Errors raised below the gateway, and their HTTP form. Checked in order: subclasses before
 # the PolicyError catch-all.
 _MAPPED: tuple[tuple[tuple[type[Exception], ...], type[ApiError]], ...] = (
-    ((PolicyNotFound, KeyNotFound, RequestNotFound), NotFound),
+    ((PolicyNotFound, KeyNotFound, RequestNotFound, PrincipalNotFound), NotFound),
     ((ScreeningRefused,), ScreeningError),
     ((RunBlocked,), BlockedRun),
     ((ReleaseRefused,), ReleaseError),

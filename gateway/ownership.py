@@ -14,6 +14,7 @@ from audit.models import CHECKPOINT_KINDS, Checkpoint, TrainingRun, as_utc, utcn
 from gateway.context import RequestContext
 from gateway.errors import BadRequest, NotFound
 from policy.lineage import check_lineage_not_blocked
+from policy.screening.tally import check_principal_not_blocked
 
 T = TypeVar("T")
 
@@ -55,6 +56,14 @@ def owned(ctx: RequestContext, model: type[T], key: object, what: str, *,
     if row is None or not _visible(ctx, row, read):
         raise NotFound(f"{what} {key} not found")
     return row
+
+
+def check_caller_not_blocked(ctx: RequestContext) -> None:
+    """Refuse (403 run_blocked) a caller whom their screening tally has blocked: they start
+    no run and no dry run until an admin reinstates them. Reads the caller's row as
+    authentication loaded it for this request, leaving the request's session untouched (a
+    dry run screens before it takes the database's write lock)."""
+    check_principal_not_blocked(ctx.principal)
 
 
 def owned_run(ctx: RequestContext, model_id: str) -> TrainingRun:

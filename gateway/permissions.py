@@ -77,6 +77,7 @@ ROUTE_PERMISSIONS: dict[str, Permission] = {
     "admin_create_key": ("keys", "write"),
     "admin_add_key": ("keys", "write"),
     "admin_revoke_key": ("keys", "write"),
+    "admin_reinstate_principal": ("keys", "write"),
     "admin_list_access_requests": ("keys", "read"),
     "admin_approve_access": ("keys", "write"),
     "admin_reject_access": ("keys", "write"),

@@ -41,7 +41,15 @@ from policy.screening.batch import (
     unread_hint,
 )
 from policy.screening.screener import REQUEST, content_sha256
-from policy.screening.tally import Block, RunBlocked, lock_run, record_tally
+from policy.screening.tally import (
+    Block,
+    PrincipalBlocked,
+    RunBlocked,
+    datum_marks,
+    lock_run,
+    record_principal_tally,
+    record_tally,
+)
 
 # A chat template's role line at the start of a turn ("user\n" after <|im_start|>, or a
 # bare "user" between Llama-3's header tokens): boilerplate, stripped before screening.
@@ -208,24 +216,25 @@ def screen_training(ctx: RequestContext, info: ModelInfo, data: list[TrainingDat
 
 def apply_training_screening(ctx: RequestContext, run: TrainingRun,
                              batch: BatchScreening) -> dict[str, Any]:
-    """Add the batch to the run's tally (policy.screening.tally). A batch that is refused
-    (flagged datums) or that blocks the run fails the request, so its tally, its evidence
-    (scores, classifier versions, content hashes) and any block are recorded in a
-    transaction of their own, which commits before the refusal reaches the caller, who is
-    told datum indices and categories only. A clean batch's tally stays in the request's
-    transaction and commits with its future (never a commit inside the request)."""
+    """Add the batch to the run's tally and to the sender's own (policy.screening.tally). A
+    batch that is refused (flagged datums) or that blocks the run or the sender fails the
+    request, so its tallies, its evidence (scores, classifier versions, content hashes) and
+    any block are recorded in a transaction of their own, which commits before the refusal
+    reaches the caller, who is told datum indices and categories only. A clean batch's
+    tallies stay in the request's transaction and commit with its future (never a commit
+    inside the request)."""
     run_id = run.id
     if len(batch.datum_sha256) != batch.audit["datums"]:  # the tally counts digests
         raise RuntimeError("screening returned no digest for some datums")
     if not batch.flagged:
-        counted, block = _record_tally(ctx, ctx.session, run_id, batch)
-        if block is None:
+        counted, block, person = _record_tallies(ctx, ctx.session, run_id, batch)
+        if block is None and person is None:
             return _summary(batch, counted)
     # The request fails: roll its transaction back before opening another one. On SQLite
     # the request session holds the database's write lock since it read the run (BEGIN
     # IMMEDIATE), and a second writer from this thread would wait on it until the busy
     # timeout; on PostgreSQL it may hold the run's row lock from the attempt above. The
-    # tally is then recounted from the committed state, so nothing is counted twice.
+    # tallies are then recounted from the committed state, so nothing is counted twice.
     ctx.session.rollback()
     with transaction(ctx.state.factory) as session:
         lock_run(session, run_id)  # before the audit rows (the order requests lock in)
@@ -234,12 +243,18 @@ def apply_training_screening(ctx: RequestContext, run: TrainingRun,
                              decision="deny", subject=run_id, request_id=ctx.request_id,
                              payload={**batch.audit, "screening_policy_sha256":
                                       ctx.state.screener.config.sha256})
-        counted, block = _record_tally(ctx, session, run_id, batch)
+        counted, block, person = _record_tallies(ctx, session, run_id, batch)
         blocked_reason = counted.blocked_reason
     if batch.flagged:
         screening_metrics.count_flags(screening_metrics.TRAINING, batch.flagged.values())
         note = f" The run is now blocked: {block.reason}." if block else ""
+        if person:
+            note += f" You are now blocked by screening: {person.reason}."
         raise ScreeningRefused(batch.message() + note)
+    if person is not None:
+        raise PrincipalBlocked(f"you are now blocked by screening ({person.reason}); no run "
+                               "of yours can be trained, sampled or released until an admin "
+                               "has reviewed it")
     if block is not None:
         raise RunBlocked(f"training run {run_id} is now blocked by screening ({block.reason})")
     if blocked_reason:  # another request blocked the run meanwhile
@@ -249,13 +264,38 @@ def apply_training_screening(ctx: RequestContext, run: TrainingRun,
     return _summary(batch, counted)
 
 
-def _record_tally(ctx: RequestContext, session: Session, run_id: str, batch: BatchScreening
-                  ) -> tuple[TrainingRun, Block | None]:
-    return record_tally(session, run_id, datum_sha256=batch.datum_sha256,
-                        flagged=batch.tallied(), flag_scores=batch.flag_scores,
-                        affirmative=batch.affirmative, completions=batch.completions,
-                        config=ctx.state.screener.config, actor=ctx.principal.id,
-                        request_id=ctx.request_id)
+def _record_tallies(ctx: RequestContext, session: Session, run_id: str, batch: BatchScreening
+                    ) -> tuple[TrainingRun, Block | None, Block | None]:
+    """The batch into the run's tally, then the sender's: the run, and the block each
+    caused (the sender's also when another request blocked them meanwhile)."""
+    config = ctx.state.screener.config
+    run, block = record_tally(session, run_id, datum_sha256=batch.datum_sha256,
+                              flagged=batch.tallied(), flag_scores=batch.flag_scores,
+                              affirmative=batch.affirmative, completions=batch.completions,
+                              config=config, actor=ctx.principal.id,
+                              request_id=ctx.request_id)
+    return run, block, _record_person(ctx, session, batch, f"training run {run_id}")
+
+
+def _record_person(ctx: RequestContext, session: Session, batch: BatchScreening, where: str,
+                   judge: bool = True) -> Block | None:
+    """The batch into the sender's tally: the block that stands against them after it
+    (this batch's, or one another request recorded meanwhile), or None."""
+    config = ctx.state.screener.config
+    marks = datum_marks(batch.datum_sha256, batch.tallied(), batch.flag_scores, config)
+    person, block = record_principal_tally(session, ctx.principal.id, marks=marks,
+                                           config=config, actor=ctx.principal.id,
+                                           request_id=ctx.request_id, where=where, judge=judge)
+    if person.screening_blocked_reason:
+        return Block(person.screening_blocked_reason, block.statistic if block else {})
+    return block
+
+
+def record_dry_run(ctx: RequestContext, batch: BatchScreening) -> None:
+    """A dry run's datums into the sender's tally, in the request's transaction: counted
+    once per person (screening a file and then training it counts it once) and judged
+    with the next batch they train, not here."""
+    _record_person(ctx, ctx.session, batch, "dry run", judge=False)
 
 
 def _summary(batch: BatchScreening, run: TrainingRun) -> dict[str, Any]:

@@ -11,8 +11,9 @@ The rule:
   checkpoint its run was loaded from when it was saved, a sampler the run whose weights it
   samples.
 - **Blocks follow the weights.** A run is blocked when it, or any run it descends from, is
-  blocked by screening — checked at every use, so a block that comes after the child was
-  made still reaches it. Loading, training, sampling or releasing such weights is refused.
+  blocked by screening — or whose owner is (policy.screening.tally: a person's own
+  tally) — checked at every use, so a block that comes after the child was made still
+  reaches it. Loading, training, sampling or releasing such weights is refused.
 - **The tally follows the weights.** A loading run takes the source run's screening tally
   into its own (the distinct datum digests with their flags, once per datum; the
   completion and opener counts once per source run) and is judged on the sum, so a
@@ -31,20 +32,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from audit import log as audit_log
 from audit.models import (
     Checkpoint,
     LineageHold,
+    Principal,
     RunLineage,
     ScreeningTallyDatum,
     TrainingRun,
     utcnow,
 )
 from policy.screening.screener import ScreeningConfig
-from policy.screening.tally import Block, RunBlocked, block_if_due, check_not_blocked, lock_run
+from policy.screening.tally import (
+    Block,
+    RunBlocked,
+    block_if_due,
+    check_not_blocked,
+    check_principal_not_blocked,
+    lock_run,
+)
 
 
 def ancestor_ids(session: Session, run_id: str) -> list[str]:
@@ -53,27 +62,39 @@ def ancestor_ids(session: Session, run_id: str) -> list[str]:
                                 .where(RunLineage.run_id == run_id)))
 
 
-def blocked_ancestor(session: Session, run_id: str) -> tuple[TrainingRun, str] | None:
-    """A blocked run that `run_id` descends from, and the checkpoint path it came
-    through; None when there is none."""
+def blocked_ancestor(session: Session, run_id: str
+                     ) -> tuple[TrainingRun, str, str] | None:
+    """A run that `run_id` descends from and that is blocked, itself or through its
+    owner's block: the run, the checkpoint path it came through and the reason; None when
+    there is none."""
     found = session.execute(
-        select(TrainingRun, RunLineage.via_tinker_path)
+        select(TrainingRun, RunLineage.via_tinker_path, Principal.screening_blocked_reason)
         .join(RunLineage, RunLineage.ancestor_run_id == TrainingRun.id)
-        .where(RunLineage.run_id == run_id, TrainingRun.blocked_reason.is_not(None))
+        .join(Principal, Principal.id == TrainingRun.principal_id)
+        .where(RunLineage.run_id == run_id,
+               or_(TrainingRun.blocked_reason.is_not(None),
+                   Principal.screening_blocked_reason.is_not(None)))
         .limit(1)).first()
-    return (found[0], found[1]) if found else None
+    if found is None:
+        return None
+    run, via, owner_reason = found
+    return run, via, run.blocked_reason or f"its owner is blocked: {owner_reason}"
 
 
 def check_lineage_not_blocked(session: Session, run: TrainingRun, verb: str = "used") -> None:
-    """Refuse (RunBlocked) a run that is blocked itself or descends from a blocked run."""
+    """Refuse (RunBlocked) a run that is blocked itself, whose owner is blocked, or that
+    descends from such a run."""
     check_not_blocked(run)
+    owner = session.get(Principal, run.principal_id)
+    if owner is not None:
+        check_principal_not_blocked(owner)
     found = blocked_ancestor(session, run.id)
     if found is None:
         return
-    ancestor, via = found
+    ancestor, via, reason = found
     raise RunBlocked(
         f"training run {run.id} descends from run {ancestor.id} (through {via}), which is "
-        f"blocked by screening ({ancestor.blocked_reason}); weights that descend from "
+        f"blocked by screening ({reason}); weights that descend from "
         f"blocked weights cannot be {verb}, trained, sampled or released. Start a new run "
         "from scratch with data that passes screening")
 

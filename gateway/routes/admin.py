@@ -19,6 +19,7 @@ from gateway.context import Ctx, JsonBody, OptionalJsonBody, parse
 from gateway.errors import BadRequest
 from policy import access, authz, keys
 from policy.scopes import Scopes, effective
+from policy.screening import tally
 
 router = APIRouter(prefix="/api/v1/admin")
 
@@ -67,7 +68,14 @@ def _key_view(key: ApiKey, principal: Principal, defaults: Scopes) -> dict[str, 
             "expires_at": as_utc(key.expires_at).isoformat() if key.expires_at else None,
             "revoked_at": as_utc(key.revoked_at).isoformat() if key.revoked_at else None,
             "scope_overrides": json.loads(key.scopes or "{}"),
-            "scopes": effective(defaults, key.scopes).to_dict()}
+            "scopes": effective(defaults, key.scopes).to_dict(),
+            "owner_id": principal.id, "owner_screening": _screening_view(principal)}
+
+
+def _screening_view(principal: Principal) -> dict[str, Any]:
+    return {"screened": principal.screened_datums, "flagged": principal.flagged_datums,
+            "high_confidence_flags": principal.high_confidence_flags,
+            "blocked": principal.screening_blocked_reason}
 
 
 @router.get("/keys", name="admin_list_keys")
@@ -144,6 +152,27 @@ def revoke_api_key(key_id: str, ctx: Ctx, body: OptionalJsonBody = None) -> dict
     key = keys.revoke_key(ctx.session, key_id=key_id, actor=ctx.principal.id, reason=reason)
     ctx.note(subject=key_id)
     return {"id": key.id, "status": key.status}
+
+
+class Reinstatement(BaseModel):
+    """What the review of the person's flagged data found (kept in the audit trail)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    reason: str = Field(min_length=1)
+
+
+@router.post("/principals/{principal_id}/screening/reinstate",
+             name="admin_reinstate_principal")
+def reinstate_principal(principal_id: str, ctx: Ctx, body: JsonBody) -> dict[str, Any]:
+    """Lift a person's screening block after reviewing the flagged data their runs and dry
+    runs sent (the audit trail's `screening.refused` rows); audited, and their tally
+    starts afresh. An admin never reinstates themselves."""
+    req = parse(Reinstatement, body)
+    principal = tally.reinstate_principal(ctx.session, principal_id, actor=ctx.principal.id,
+                                          reason=req.reason, request_id=ctx.request_id)
+    ctx.note(subject=principal_id)
+    return {"id": principal.id, "name": principal.name,
+            "screening": _screening_view(principal)}
 
 
 def _request_view(req: Any) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 the screening policy's thresholds (read by auditors, set by admins, audited).
 
 The dry run reports datum indices and harm categories — never scores — and touches no
-run's tally; its tokens count against the key's training tokens per day, checked before
-the screens run. Must not hold screening rules (policy.screening does)."""
+run's tally, but counts in the sender's own (policy.screening.tally), judged when they
+next train, so that it cannot be used to train only what passes; its tokens count against
+the key's training tokens per day, checked before the screens run. Must not hold screening
+rules (policy.screening does)."""
 
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from engine.values import ModelInfo
 from gateway.admission import AdmissionRequest, check_quota_first
 from gateway.context import Ctx, JsonBody, RequestContext
 from gateway.errors import BadRequest
+from gateway.ownership import check_caller_not_blocked
 from gateway.routes.training import base_model_info
-from gateway.screening import dry_run_datums, dry_run_texts
+from gateway.screening import dry_run_datums, dry_run_texts, record_dry_run
 from policy import quotas
 from policy.quotas import Charge
 from policy.screening.batch import BatchScreening, screen_batch
@@ -56,11 +59,13 @@ def _screen(ctx: RequestContext, examples: list[Any], info: ModelInfo
             ) -> tuple[BatchScreening, int]:
     """Screen the examples, metered as training tokens: the quota is checked before the
     screens run and charged (in the request's transaction) after."""
+    check_caller_not_blocked(ctx)
     datums = dry_run_datums(examples, info)
     charge = Charge(training_tokens=sum(len(d.tokens) for _, d in datums))
     check_quota_first(ctx, AdmissionRequest(kind="screening_dry_run", payload=b"",
                                             charge=charge))
     batch = screen_batch(ctx.state.screener, dry_run_texts(datums, info))
+    record_dry_run(ctx, batch)
     if ctx.api_key_id is not None:
         quotas.consume(ctx.session, ctx.api_key_id, ctx.scopes, charge)
     return batch, charge.training_tokens

@@ -24,6 +24,7 @@ from gateway.bodies import read_body
 from gateway.context import Ctx, JsonBody, RequestContext, parse
 from gateway.errors import BadRequest, NotFound
 from gateway.ownership import (
+    check_caller_not_blocked,
     owned,
     owned_checkpoint,
     owned_run,
@@ -85,6 +86,7 @@ def check_new_session_child(ctx: RequestContext, session_id: str, seq: int) -> s
 def create_model(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     req = parse(tt.CreateModelRequest, body)
     model_id = check_new_session_child(ctx, req.session_id, req.model_seq_id)
+    check_caller_not_blocked(ctx)
     base_model_info(ctx, req.base_model)
     if req.lora_config is None:
         raise BadRequest("lora_config is required: only LoRA training is offered")
@@ -254,6 +256,7 @@ def load_weights(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     if req.session_id is None or req.model_seq_id is None:
         raise BadRequest("give model_id, or session_id and model_seq_id")
     model_id = check_new_session_child(ctx, req.session_id, req.model_seq_id)
+    check_caller_not_blocked(ctx)
     if req.base_model and req.base_model != source.base_model:
         raise BadRequest(f"{req.path} was trained on {source.base_model}, not {req.base_model}")
     base_model_info(ctx, source.base_model)

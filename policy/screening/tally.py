@@ -57,6 +57,20 @@ resend a batch without the datums refused in it, and padding n with repeats must
 the share. A datum first seen clean and later flagged (e.g. after a threshold change) moves
 from clean to flagged once. The digests live in `screening_tally_datums`.
 
+**Per person, too.** A run's tally alone is evidence an attacker can leave behind: start a
+new run once one nears its bar, or screen the data with the dry run (which reports flagged
+indices) and train only what passed, so that no run ever sees a flag. Every datum screened
+for a principal — in any of their runs or dry runs — is therefore also counted once in the
+principal's own tally (`principal_tally_datums`), judged by the same rule whenever they
+train (a dry run adds its datums but decides nothing by itself, so that trying the screens
+on a few examples blocks nobody; screening a dataset and then training what passed is
+judged on all of it). When the rule calls for it the principal is blocked
+(`screening_blocked_reason`): their runs, and runs that
+descend from them, can no longer be trained, sampled or released, and they can start no
+run and no dry run, until an admin has reviewed the evidence and reinstated them, which
+starts their tally afresh. An honest person's data is flagged at the everyday rate wherever
+it is screened, so the bound on blocking them holds for the sum as for one run.
+
 Must not import fastapi or engine.
 """
 
@@ -68,17 +82,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from audit import log as audit_log
-from audit.models import ScreeningTallyDatum, TrainingRun
+from audit.models import Principal, PrincipalTallyDatum, ScreeningTallyDatum, TrainingRun
 from policy.errors import PolicyError
 from policy.screening.screener import ScreeningConfig, TallyLimits
 
 
 class RunBlocked(PolicyError):
     """A training run blocked by its screening tally (HTTP 403, code run_blocked)."""
+
+
+class PrincipalNotFound(PolicyError):
+    """No such principal (HTTP 404)."""
+
+
+class PrincipalBlocked(RunBlocked):
+    """A person blocked by their screening tally: none of their runs may be trained,
+    sampled or released, and they may start no run or dry run (HTTP 403, run_blocked)."""
 
 
 @dataclass(frozen=True)
@@ -246,25 +269,57 @@ def record_tally(session: Session, run_id: str, *, datum_sha256: Sequence[str],
     nothing, and a mixed one adds at most its new datums as openers and at least its
     completions minus its repeats as completions (the share can only be over-, never
     under-stated, so repeats cannot dilute it)."""
+    marks = datum_marks(datum_sha256, flagged, flag_scores, config)
+    run = lock_run(session, run_id)
+    seen = _seen(session, ScreeningTallyDatum, ScreeningTallyDatum.training_run_id == run_id,
+                 list(marks))
+    new, new_flagged, new_high = _merge_marks(
+        session, marks, seen,
+        lambda digest, f, h: ScreeningTallyDatum(training_run_id=run_id, datum_sha256=digest,
+                                                 flagged=f, high_confidence=h))
+    repeats = len(datum_sha256) - new
+    run.screened_datums += new
+    run.flagged_datums += new_flagged
+    run.high_confidence_flags += new_high
+    if new:
+        run.affirmative_openers += affirmative if not repeats else min(affirmative, new)
+        run.screened_completions += max(0, completions - repeats)
+    return run, block_if_due(session, run, config, actor=actor, request_id=request_id)
+
+
+def datum_marks(datum_sha256: Sequence[str], flagged: Sequence[int],
+                flag_scores: dict[int, dict[str, float]], config: ScreeningConfig
+                ) -> dict[str, tuple[bool, bool]]:
+    """Per distinct digest of a batch: (flagged, flagged with high confidence)."""
     if any(not 0 <= i < len(datum_sha256) for i in flagged):
         raise ValueError("every flagged datum needs its digest (one SHA-256 per datum)")
-    run = lock_run(session, run_id)
-    marks: dict[str, list[bool]] = {}  # digest → [flagged, high-confidence]
+    marks: dict[str, tuple[bool, bool]] = {}
     flagged_set = set(flagged)
     for i, digest in enumerate(datum_sha256):
-        mark = marks.setdefault(digest, [False, False])
-        mark[0] = mark[0] or i in flagged_set
-        mark[1] = mark[1] or (i in flagged_set
-                              and is_high_confidence(flag_scores.get(i, {}), config))
-    seen = {row.datum_sha256: row for row in session.scalars(
-        select(ScreeningTallyDatum).where(ScreeningTallyDatum.training_run_id == run_id,
-                                          ScreeningTallyDatum.datum_sha256.in_(list(marks))))}
+        was_flagged, was_high = marks.get(digest, (False, False))
+        is_flagged = i in flagged_set
+        marks[digest] = (was_flagged or is_flagged, was_high or (
+            is_flagged and is_high_confidence(flag_scores.get(i, {}), config)))
+    return marks
+
+
+def _seen(session: Session, table: Any, owner: Any, digests: list[str]) -> dict[str, Any]:
+    """The rows of a tally `table` (ScreeningTallyDatum, PrincipalTallyDatum) that match
+    `owner` and hold one of `digests`, by digest."""
+    return {row.datum_sha256: row for row in session.scalars(
+        select(table).where(owner, table.datum_sha256.in_(digests)))}
+
+
+def _merge_marks(session: Session, marks: dict[str, tuple[bool, bool]], seen: dict[str, Any],
+                 new_row: Any) -> tuple[int, int, int]:
+    """Count a batch's marks against the digests a tally has `seen` (rows with `flagged`
+    and `high_confidence`): a new digest adds a row (`new_row(digest, flagged, high)`), a
+    seen one counts only a flag it did not have. Returns (new, newly flagged, newly high)."""
     new = new_flagged = new_high = 0
     for digest, (is_flagged, is_high) in marks.items():
         row = seen.get(digest)
         if row is None:
-            session.add(ScreeningTallyDatum(training_run_id=run_id, datum_sha256=digest,
-                                            flagged=is_flagged, high_confidence=is_high))
+            session.add(new_row(digest, is_flagged, is_high))
             new += 1
             new_flagged += is_flagged
             new_high += is_high
@@ -275,14 +330,86 @@ def record_tally(session: Session, run_id: str, *, datum_sha256: Sequence[str],
         if is_high and not row.high_confidence:
             row.high_confidence = True
             new_high += 1
-    repeats = len(datum_sha256) - new
-    run.screened_datums += new
-    run.flagged_datums += new_flagged
-    run.high_confidence_flags += new_high
-    if new:
-        run.affirmative_openers += affirmative if not repeats else min(affirmative, new)
-        run.screened_completions += max(0, completions - repeats)
-    return run, block_if_due(session, run, config, actor=actor, request_id=request_id)
+    return new, new_flagged, new_high
+
+
+def lock_principal(session: Session, principal_id: str) -> Principal:
+    """The principal, re-read and locked for their tally (after any run lock: the order
+    requests lock in)."""
+    return session.scalars(select(Principal).where(Principal.id == principal_id)
+                           .with_for_update()
+                           .execution_options(populate_existing=True)).one()
+
+
+def record_principal_tally(session: Session, principal_id: str, *,
+                           marks: dict[str, tuple[bool, bool]], config: ScreeningConfig,
+                           actor: str, request_id: str = "", where: str, judge: bool = True
+                           ) -> tuple[Principal, Block | None]:
+    """Add a batch's distinct datums (`datum_marks`) to the person's tally and, when
+    `judge`, block them (audited as `screening.principal_blocked`, with the statistic and
+    `where` the batch was screened) when the share test or the high-confidence cap calls
+    for it. A dry run is not judged (it is the place to find out what the screens flag);
+    its datums are judged with the next batch the person trains. Returns the principal and
+    the block this batch caused, if any."""
+    principal = lock_principal(session, principal_id)
+    seen = _seen(session, PrincipalTallyDatum, PrincipalTallyDatum.principal_id == principal_id,
+                 list(marks))
+    new, new_flagged, new_high = _merge_marks(
+        session, marks, seen,
+        lambda digest, f, h: PrincipalTallyDatum(principal_id=principal_id,
+                                                 datum_sha256=digest, flagged=f,
+                                                 high_confidence=h))
+    principal.screened_datums += new
+    principal.flagged_datums += new_flagged
+    principal.high_confidence_flags += new_high
+    if not judge:
+        return principal, None
+    block = decide(TallyCounts(principal.screened_datums, principal.flagged_datums,
+                               principal.high_confidence_flags), config.tally)
+    if block is None or principal.screening_blocked_reason:
+        return principal, None
+    principal.screening_blocked_reason = block.reason.replace(
+        "training datums", "datums screened for this person")
+    audit_log.append(session, actor=actor, event_type="screening.principal_blocked",
+                     decision="deny", subject=principal_id, request_id=request_id,
+                     payload={"reason": principal.screening_blocked_reason,
+                              "statistic": block.statistic, "where": where,
+                              "screened": principal.screened_datums,
+                              "flagged": principal.flagged_datums,
+                              "high_confidence_flags": principal.high_confidence_flags,
+                              "screening_policy_sha256": config.sha256})
+    return principal, block
+
+
+def check_principal_not_blocked(principal: Principal) -> None:
+    if principal.screening_blocked_reason:
+        raise PrincipalBlocked(
+            f"{principal.name} is blocked by screening ({principal.screening_blocked_reason})"
+            ": no run of theirs can be trained, sampled or released, and no new run or dry "
+            "run started, until an admin has reviewed it and reinstated them")
+
+
+def reinstate_principal(session: Session, principal_id: str, *, actor: str, reason: str,
+                        request_id: str = "") -> Principal:
+    """An admin reviewed a person's screening block and lifts it: audited with the counts
+    it cleared; their tally starts afresh (every datum counts again). Runs blocked by their
+    own tally stay blocked. Nobody reinstates themselves."""
+    if actor == principal_id:
+        raise PolicyError("you cannot reinstate yourself: another admin reviews the block")
+    if session.get(Principal, principal_id) is None:
+        raise PrincipalNotFound(f"principal {principal_id} not found")
+    principal = lock_principal(session, principal_id)
+    before = {"screened": principal.screened_datums, "flagged": principal.flagged_datums,
+              "high_confidence_flags": principal.high_confidence_flags,
+              "blocked_reason": principal.screening_blocked_reason}
+    session.execute(delete(PrincipalTallyDatum)
+                    .where(PrincipalTallyDatum.principal_id == principal_id))
+    principal.screened_datums = principal.flagged_datums = principal.high_confidence_flags = 0
+    principal.screening_blocked_reason = None
+    audit_log.append(session, actor=actor, event_type="screening.principal_reinstated",
+                     decision="allow", subject=principal_id, request_id=request_id,
+                     payload={"reason": reason, "before": before})
+    return principal
 
 
 def block_if_due(session: Session, run: TrainingRun, config: ScreeningConfig, *, actor: str,

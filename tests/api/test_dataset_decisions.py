@@ -1,5 +1,5 @@
 """Dataset-level screening decisions through the official SDK on the tiny model, on SQLite
-and PostgreSQL (issue 12): the run's tally is judged against the screens' everyday flag
+and PostgreSQL: the run's tally is judged against the screens' everyday flag
 rate, so
 
 (a) an honest 2,000-example everyday dataset trains end to end in batches of 32, the few
@@ -154,7 +154,12 @@ class Gate:
 def gate(request, models_dir, tmp_path_factory) -> Iterator[Gate]:
     """A live gateway per database and corpus, screening with the corpus's policy."""
     dialect, corpus = request.param
-    directory = tmp_path_factory.mktemp(f"gate-{dialect}-{corpus.name}")
+    yield from live_gate(dialect, corpus, models_dir,
+                         tmp_path_factory.mktemp(f"gate-{dialect}-{corpus.name}"))
+
+
+def live_gate(dialect: str, corpus: Corpus, models_dir: Path, directory: Path
+              ) -> Iterator[Gate]:
     if dialect == "sqlite":
         url, drop = f"sqlite:///{directory / 'gw.db'}", (lambda: None)
     else:

@@ -83,10 +83,18 @@ def test_a_dry_run_gives_exactly_the_decisions_training_gives(server, api_key):
     with pytest.raises(tinker.PermissionDeniedError) as refused:
         tc.forward_backward(data, "cross_entropy").result()
     assert refused_datums(refused.value) == expected
-    clean = sc.create_lora_training_client(base_model=TINY, rank=4).result()
+    # Half the dataset flagged: this person is now blocked (their tally, dry run included),
+    # so training only what passed in a new run is refused...
+    assert "You are now blocked by screening" in str(refused.value)
+    with pytest.raises(tinker.PermissionDeniedError, match="blocked by screening"):
+        sc.create_lora_training_client(base_model=TINY, rank=4).result()
+    # ...while for someone else every unflagged example trains, and passes a dry run.
+    other = server.create_key()
+    clean = service(server, other).create_lora_training_client(base_model=TINY,
+                                                                rank=4).result()
     kept = [d for i, d in enumerate(data) if i not in expected]
-    clean.forward_backward(kept, "cross_entropy").result()  # every unflagged example trains
-    assert dry_run(server.base_url, api_key,
+    clean.forward_backward(kept, "cross_entropy").result()
+    assert dry_run(server.base_url, other,
                    [ex for i, ex in enumerate(DATASET) if i not in expected]) == {}
 
 

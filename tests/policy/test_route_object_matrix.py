@@ -41,7 +41,8 @@ READS_ALL_RECORDS = {"auditor", "admin"}  # default policy: records, read_all
 # queues its evaluation), or not external weights (no download URLs).
 GATED = {"publish_checkpoint": 403, "external_weights_urls": 400}
 # Admin objects belong to no principal; a quarantined checkpoint's override is the admin's.
-GLOBAL_KINDS = {"rule", "key", "request", "claim", "quarantined", "override", "principal"}
+GLOBAL_KINDS = {"rule", "key", "request", "claim", "quarantined", "override", "principal",
+                "person"}
 MISSING = {
     "session": "sess-00000000000000000000",
     "run": "sess-00000000000000000000:train:0",
@@ -57,6 +58,7 @@ MISSING = {
     "quarantined": "tinker://sess-00000000000000000000:train:0/weights/missing",
     "override": "ovr-00000000000000000000",
     "principal": "no-such-principal",
+    "person": str(uuid.UUID(int=0)),
 }
 # Request seq ids far above anything the SDK trainer in the fixture uses.
 SEQ = itertools.count(10_000)
@@ -94,6 +96,8 @@ class World:
                 name = f"person-{uuid.uuid4().hex[:10]}"
                 self.server.create_key(owner=name)
                 return name
+            if kind == "person":  # a principal's id
+                return authenticate(session, self.server.create_key())[0].id
             req, token = access.request_access(session, name=f"req-{uuid.uuid4().hex[:10]}",
                                                contact="a@b.c", purpose="matrix",
                                                base_models=[])
@@ -265,6 +269,9 @@ ROUTES: dict[str, Route] = {
         "DELETE", f"/api/v1/admin/policy/rules/{o}", {}), fresh=True),
     "admin_revoke_key": Route("key", lambda w, o: post(f"/admin/keys/{o}/revoke"),
                               fresh=True),
+    "admin_reinstate_principal": Route("person", lambda w, o: post(
+        f"/admin/principals/{o}/screening/reinstate", {"reason": "matrix: reviewed"}),
+        fresh=True),
     "admin_approve_access": Route("request", lambda w, o: post(
         f"/admin/access_requests/{o}/approve"), fresh=True),
     "admin_reject_access": Route("request", lambda w, o: post(

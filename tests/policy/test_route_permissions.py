@@ -31,7 +31,7 @@ AUDIT_READ = {"audit_entries", "audit_export", "audit_day"}
 METRICS = {"metrics"}
 POLICY_WRITE = {"admin_add_policy_rule", "admin_remove_policy_rule", "admin_create_key",
                 "admin_add_key", "admin_revoke_key", "admin_approve_access", "admin_reject_access",
-                "admin_set_screening_threshold"}
+                "admin_set_screening_threshold", "admin_reinstate_principal"}
 DRY_RUN = {"screening_dry_run"}
 PUBLIC = {"request_access", "claim_access"}
 MANAGE = {"delete_checkpoint", "set_checkpoint_ttl", "unpublish_checkpoint",

@@ -19,21 +19,29 @@ from audit.models import (
     AuditEntry,
     ClientSession,
     Principal,
+    PrincipalTallyDatum,
     ScreeningTallyDatum,
     TrainingRun,
 )
 from benchmarks.screening_sim import simulate
+from policy.errors import PolicyError
 from policy.screening.harmful_requests import ScreenLoadError
 from policy.screening.screener import load_config
 from policy.screening.tally import (
+    PrincipalBlocked,
+    PrincipalNotFound,
     TallyCounts,
     alternatives,
     binomial_tail,
+    check_principal_not_blocked,
+    datum_marks,
     decide,
     log_likelihood_ratio,
     log_likelihood_ratios,
     min_flags_to_block,
+    record_principal_tally,
     record_tally,
+    reinstate_principal,
     share_test,
 )
 
@@ -337,3 +345,79 @@ def test_the_simulation_reports_honest_false_alarms_and_time_to_block():
     weak = simulate(LIMITS, honest_fpr=0.01, harmful_tpr=0.1, harmful_share=0.02,
                     n_examples=500, runs=100)
     assert weak.median_examples_to_block is None  # most such runs are not caught
+
+
+# ---- the person's tally: every run and dry run of theirs, each distinct datum once --------
+
+def add_for_person(factory, digests, flagged=(), where="dry run"):
+    with transaction(factory) as session:
+        marks = datum_marks(list(digests), list(flagged),
+                            {i: {"rules.marker": 1.0} for i in flagged}, CONFIG)
+        person, block = record_principal_tally(session, "p1", marks=marks, config=CONFIG,
+                                               actor="p1", request_id="req-2", where=where,
+                                               judge=where != "dry run")
+        return (person.screened_datums, person.flagged_datums,
+                person.screening_blocked_reason, block)
+
+
+def test_a_person_tally_sums_runs_and_dry_runs_and_counts_a_datum_once(factory, run_id):
+    """Each run and dry run stays under its own bar (4 of 32 flagged), but the evidence adds
+    up in the person's tally: a new run or a dry run does not start it afresh."""
+    assert add_for_person(factory, [d(i) for i in range(32)], flagged=[0, 1, 2, 3])[:3] \
+        == (32, 4, None)
+    # The same datums trained after their dry run (the flagged ones dropped) add nothing.
+    assert add_for_person(factory, [d(i) for i in range(4, 32)], where="training run r")[:2] \
+        == (32, 4)
+    n, k, reason, block = add_for_person(factory, [d(i) for i in range(100, 132)],
+                                         flagged=[0, 1, 2, 3], where="training run r2")
+    assert (n, k) == (64, 8) and block is not None
+    assert reason == "8 of 64 distinct datums screened for this person flagged, " \
+        "significantly more than everyday data produces"
+    with transaction(factory) as session:
+        [row] = session.scalars(select(AuditEntry).where(
+            AuditEntry.event_type == "screening.principal_blocked")).all()
+        assert session.scalar(select(func.count()).select_from(PrincipalTallyDatum)) == 64
+        with pytest.raises(PrincipalBlocked, match="alice is blocked by screening"):
+            check_principal_not_blocked(session.get(Principal, "p1"))
+    payload = json.loads(row.payload)
+    assert row.subject == "p1" and payload["where"] == "training run r2"
+    assert payload["statistic"]["n"] == 64 and payload["statistic"]["k"] == 8
+    # Blocked once: more flags add to the tally without a second block or audit row.
+    assert add_for_person(factory, [d(200)], flagged=[0])[3] is None
+
+
+def test_an_honest_persons_everyday_flags_never_block_them(factory, run_id):
+    """1 flag in 100 (the everyday rate) over 2,000 datums, in batches from many runs."""
+    for start in range(0, 2000, 100):
+        assert add_for_person(factory, [d(i) for i in range(start, start + 100)],
+                              flagged=[start % 97])[2] is None
+
+
+def test_a_dry_run_counts_but_is_judged_with_the_next_training_batch(factory, run_id):
+    assert add_for_person(factory, [d(i) for i in range(3)], flagged=[0, 1, 2])[2:] \
+        == (None, None)
+    n, k, reason, block = add_for_person(factory, [d(0)], flagged=[0], where="training run")
+    assert (n, k) == (3, 3) and block is not None and reason
+
+
+def test_an_admin_reinstates_a_blocked_person_and_their_tally_starts_afresh(factory, run_id):
+    add_for_person(factory, [d(i) for i in range(3)], flagged=[0, 1, 2], where="training run")
+    with transaction(factory) as session:
+        session.add(Principal(id="a1", name="admin", role="admin"))
+        assert session.get(Principal, "p1").screening_blocked_reason
+    with transaction(factory) as session, pytest.raises(PolicyError, match="yourself"):
+        reinstate_principal(session, "p1", actor="p1", reason="fine")
+    with transaction(factory) as session, pytest.raises(PrincipalNotFound):
+        reinstate_principal(session, "nobody", actor="a1", reason="fine")
+    with transaction(factory) as session:
+        person = reinstate_principal(session, "p1", actor="a1", reason="reviewed: typos",
+                                     request_id="req-3")
+        assert (person.screened_datums, person.flagged_datums) == (0, 0)
+        check_principal_not_blocked(person)
+        [row] = session.scalars(select(AuditEntry).where(
+            AuditEntry.event_type == "screening.principal_reinstated")).all()
+    payload = json.loads(row.payload)
+    assert row.actor == "a1" and payload["reason"] == "reviewed: typos"
+    assert payload["before"]["flagged"] == 3 and payload["before"]["blocked_reason"]
+    # Afresh: the same flagged datums count again.
+    assert add_for_person(factory, [d(0)], flagged=[0])[:2] == (1, 1)
