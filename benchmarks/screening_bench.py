@@ -46,7 +46,7 @@ from migrations import upgrade_to_head
 from policy.screening.batch import DatumTexts, screen_batch
 from policy.screening.harm_classifier import card
 from policy.screening.harmful_requests import HarmfulRequestScreen, MiniLM, load_banks
-from policy.screening.screener import COMPLETION, REQUEST, Screener, load_config
+from policy.screening.screener import COMPLETION, REQUEST, Screener, TallyLimits, load_config
 
 FIRST_TARGET, REPEATED_TARGET = 0.10, 0.02
 
@@ -205,6 +205,24 @@ def dataset_simulation(screener: Screener, scores: list[float], rows: list[dict[
         tail = ("" if share == 0 else f"; median examples to block {r.median_examples_to_block}"
                 f", 95th percentile {r.p95_examples_to_block}")
         lines.append(f"  {what:13s} run of {n:5d}: blocked within it {blocked:.3f}{tail}")
+    return lines + per_source_honest_runs(limits, fpr_high / fpr)
+
+
+def per_source_honest_runs(limits: TallyLimits, high_share: float) -> list[str]:
+    """An honest 2,000-example run drawn from one everyday source, at that source's flag
+    rate on the classifier's validation split (its card): the rule assumes one everyday
+    rate, p0, and sources differ."""
+    per_source = card()["val"]["per_source_at_threshold"]
+    lines = ["honest 2,000-example runs at one validation source's everyday flag rate (high-"
+             f"confidence share of flags {high_share:.2f}; 2,000 simulated runs each):"]
+    for source, row in sorted(per_source.items()):
+        if row["label"] != "everyday" or row["n"] < 50:
+            continue
+        rate = float(row["flagged"])
+        blocked = simulate(limits, honest_fpr=rate, harmful_tpr=0.0, harmful_share=1e-9,
+                           honest_high=high_share).honest_blocked if rate else 0.0
+        lines.append(f"  {source:20s} n {row['n']:4d}  flagged {rate:.3f}  "
+                     f"blocked {blocked:.3f}")
     return lines
 
 

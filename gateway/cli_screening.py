@@ -8,6 +8,10 @@ read or set the screening thresholds (audited as 'cli').
                                                    anything is flagged
   loragate screening show                          classifiers and thresholds in force
   loragate screening set-threshold CATEGORY VALUE|--reset
+  loragate screening reinstate PRINCIPAL --reason TEXT
+                                                   lift a person's screening block (name or
+                                                   id) after reviewing their flagged data;
+                                                   their tally starts afresh
 """
 
 from __future__ import annotations
@@ -73,6 +77,26 @@ def cmd_screening(args: argparse.Namespace, database: Database, settings: Settin
     return 0
 
 
+def cmd_reinstate(args: argparse.Namespace, database: Database, settings: SettingsOf) -> int:
+    from sqlalchemy import or_, select
+
+    from audit.db import transaction
+    from audit.models import Principal
+    from gateway import composition
+    from policy.screening.tally import reinstate_principal
+
+    factory = composition.session_factory(settings(args))
+    with transaction(factory) as session:
+        found = session.scalars(select(Principal).where(or_(
+            Principal.id == args.principal, Principal.name == args.principal))).first()
+        if found is None:
+            print(f"error: no principal named or with id {args.principal!r}", file=sys.stderr)
+            return 2
+        person = reinstate_principal(session, found.id, actor="cli", reason=args.reason)
+        print(json.dumps({"id": person.id, "name": person.name, "blocked": None}))
+    return 0
+
+
 def add_commands(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None],
                  run: Callable[..., int]) -> None:
     screen = sub.add_parser("screen", help="screen a JSONL dataset (chat messages or token "
@@ -92,3 +116,9 @@ def add_commands(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None],
     for p in (show, setter):
         data_dir(p)
         p.set_defaults(func=lambda a: run(cmd_screening, a))
+    reinstate = cmds.add_parser("reinstate", help="lift a person's screening block after "
+                                "review (audited); their tally starts afresh")
+    reinstate.add_argument("principal", help="the person's name or principal id")
+    reinstate.add_argument("--reason", required=True, help="what the review found")
+    data_dir(reinstate)
+    reinstate.set_defaults(func=lambda a: run(cmd_reinstate, a))

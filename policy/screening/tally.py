@@ -64,7 +64,10 @@ for a principal — in any of their runs or dry runs — is therefore also count
 principal's own tally (`principal_tally_datums`), judged by the same rule whenever they
 train (a dry run adds its datums but decides nothing by itself, so that trying the screens
 on a few examples blocks nobody; screening a dataset and then training what passed is
-judged on all of it). When the rule calls for it the principal is blocked
+judged on all of it). The share test only: the absolute cap on high-confidence flags
+bounds what one run's weights learn, and a person's tally grows over every run they ever
+train, so at the everyday high-confidence rate an honest person would reach any fixed cap
+in the end. When the rule calls for it the principal is blocked
 (`screening_blocked_reason`): their runs, and runs that
 descend from them, can no longer be trained, sampled or released, and they can start no
 run and no dry run, until an admin has reviewed the evidence and reinstated them, which
@@ -207,11 +210,12 @@ def min_flags_to_block(n: int, limits: TallyLimits, high: int = 0) -> int | None
     return lo
 
 
-def decide(counts: TallyCounts, limits: TallyLimits) -> Block | None:
-    """Block the run, or None. The cap first, then the share test, then the openers."""
+def decide(counts: TallyCounts, limits: TallyLimits, *, cap: bool = True) -> Block | None:
+    """Block the run, or None. The cap first (unless `cap` is off), then the share test,
+    then the openers."""
     stats = share_test(counts.screened, counts.flagged, limits, counts.high_confidence)
-    stats["high_confidence_cap"] = limits.high_confidence_cap
-    if counts.high_confidence >= limits.high_confidence_cap:
+    stats["high_confidence_cap"] = limits.high_confidence_cap if cap else None
+    if cap and counts.high_confidence >= limits.high_confidence_cap:
         return Block(f"{counts.high_confidence} training datums flagged with high confidence, "
                      f"the limit is {limits.high_confidence_cap}", stats)
     if stats["significant"]:
@@ -365,7 +369,7 @@ def record_principal_tally(session: Session, principal_id: str, *,
     if not judge:
         return principal, None
     block = decide(TallyCounts(principal.screened_datums, principal.flagged_datums,
-                               principal.high_confidence_flags), config.tally)
+                               principal.high_confidence_flags), config.tally, cap=False)
     if block is None or principal.screening_blocked_reason:
         return principal, None
     principal.screening_blocked_reason = block.reason.replace(

@@ -29,6 +29,32 @@ def test_keys_create_refuses_a_role_change_for_an_existing_owner(database_url, t
     assert out.returncode == 2 and "already exists with role" in out.stderr and not out.stdout
 
 
+def test_screening_reinstate_lifts_a_persons_block_audited_as_cli(database_url, tmp_path):
+    from audit.db import make_engine, make_sessionmaker
+    from audit.models import Principal
+
+    assert run_cli(database_url, tmp_path, "keys", "create", "--role", "researcher",
+                   "--owner", "carol").returncode == 0
+    engine = make_engine(database_url)
+    factory = make_sessionmaker(engine)
+    with transaction(factory) as session:
+        person = session.scalars(select(Principal).where(Principal.name == "carol")).one()
+        person.screening_blocked_reason, person.flagged_datums = "5 of 9 flagged", 5
+    missing = run_cli(database_url, tmp_path, "screening", "reinstate", "nobody", "--reason",
+                      "x")
+    assert missing.returncode == 2 and "no principal" in missing.stderr
+    out = run_cli(database_url, tmp_path, "screening", "reinstate", "carol", "--reason",
+                  "reviewed: recipe data")
+    assert out.returncode == 0, out.stderr
+    with transaction(factory) as session:
+        person = session.scalars(select(Principal).where(Principal.name == "carol")).one()
+        assert person.screening_blocked_reason is None and person.flagged_datums == 0
+        row = session.scalars(select(AuditEntry).where(
+            AuditEntry.event_type == "screening.principal_reinstated")).one()
+        assert row.actor == "cli" and row.subject == person.id
+    engine.dispose()
+
+
 def test_audit_verify_exits_1_naming_the_first_bad_seq(database_url, tmp_path):
     for owner in ("a", "b", "c"):
         run_cli(database_url, tmp_path, "keys", "create", "--role", "researcher", "--owner", owner)

@@ -265,3 +265,14 @@ def test_draws_follow_the_distribution_and_never_pick_an_excluded_token():
                          torch.Generator().manual_seed(5))
     assert set(top2.tolist()) == {0, 1}
     assert abs(float((top2 == 0).double().mean()) - 2 / 3) < 0.03
+
+
+def test_a_uniform_at_the_rows_total_draws_its_last_possible_token(monkeypatch):
+    """A uniform that rounds up to the row's cumulative total points past the last token;
+    the draw then takes the last token of non-zero probability, never an excluded one."""
+    from engine import decoding
+
+    monkeypatch.setattr(decoding.torch, "rand", lambda shape, **kw: torch.ones(
+        shape, dtype=kw.get("dtype")))
+    probs = torch.tensor([[0.5, 0.0, 0.5, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    assert decoding._draw(probs, torch.Generator()).tolist() == [2, 4]

@@ -393,6 +393,22 @@ def test_an_honest_persons_everyday_flags_never_block_them(factory, run_id):
                               flagged=[start % 97])[2] is None
 
 
+def test_a_persons_tally_has_no_absolute_cap(factory, run_id):
+    """3 high-confidence flags in 3,000 datums: the everyday high-confidence rate, over a
+    person's many runs; a run's cap (2 here) would block one run, never the person."""
+    config = dataclasses.replace(CONFIG, high_confidence_thresholds={"rules.marker": 0.9},
+                                 tally=dataclasses.replace(LIMITS, high_confidence_cap=2))
+    for start in range(0, 3000, 1000):
+        with transaction(factory) as session:
+            marks = datum_marks([d(i) for i in range(start, start + 1000)], [7],
+                                {7: {"rules.marker": 1.0}}, config)
+            person, block = record_principal_tally(session, "p1", marks=marks, config=config,
+                                                   actor="p1", where="training run")
+    assert (person.screened_datums, person.high_confidence_flags) == (3000, 3)
+    assert block is None and person.screening_blocked_reason is None
+    assert decide(TallyCounts(3000, 3, 3), config.tally) is not None  # a run's cap
+
+
 def test_a_dry_run_counts_but_is_judged_with_the_next_training_batch(factory, run_id):
     assert add_for_person(factory, [d(i) for i in range(3)], flagged=[0, 1, 2])[2:] \
         == (None, None)
