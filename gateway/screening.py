@@ -46,6 +46,7 @@ from policy.screening.tally import (
     PrincipalBlocked,
     RunBlocked,
     datum_marks,
+    lock_principal,
     lock_run,
     record_principal_tally,
     record_tally,
@@ -237,7 +238,7 @@ def apply_training_screening(ctx: RequestContext, run: TrainingRun,
     # tallies are then recounted from the committed state, so nothing is counted twice.
     ctx.session.rollback()
     with transaction(ctx.state.factory) as session:
-        lock_run(session, run_id)  # before the audit rows (the order requests lock in)
+        _lock(ctx, session, run_id)  # before the audit rows (the order requests lock in)
         if batch.flagged:
             audit_log.append(session, actor=ctx.principal.id, event_type="screening.refused",
                              decision="deny", subject=run_id, request_id=ctx.request_id,
@@ -269,12 +270,20 @@ def _record_tallies(ctx: RequestContext, session: Session, run_id: str, batch: B
     """The batch into the run's tally, then the sender's: the run, and the block each
     caused (the sender's also when another request blocked them meanwhile)."""
     config = ctx.state.screener.config
+    _lock(ctx, session, run_id)  # both, before a block's audit row
     run, block = record_tally(session, run_id, datum_sha256=batch.datum_sha256,
                               flagged=batch.tallied(), flag_scores=batch.flag_scores,
                               affirmative=batch.affirmative, completions=batch.completions,
                               config=config, actor=ctx.principal.id,
                               request_id=ctx.request_id)
     return run, block, _record_person(ctx, session, batch, f"training run {run_id}")
+
+
+def _lock(ctx: RequestContext, session: Session, run_id: str) -> None:
+    """The run's row, then the sender's: the order every request takes them in, and before
+    any audit row (an append holds the audit head to the end of the transaction)."""
+    lock_run(session, run_id)
+    lock_principal(session, ctx.principal.id)
 
 
 def _record_person(ctx: RequestContext, session: Session, batch: BatchScreening, where: str,

@@ -223,6 +223,10 @@ def usage_report(session: Session, principal_ids: list[str] | None, defaults: Sc
         scopes = effective(defaults, key.scopes)
         keys.append({
             "key_id": key.id, "prefix": key.prefix, "owner": owner.name, "status": key.status,
+            "owner_screening": {"screened": owner.screened_datums,
+                                "flagged": owner.flagged_datums,
+                                "high_confidence_flags": owner.high_confidence_flags,
+                                "blocked": owner.screening_blocked_reason},
             "today": {"day": day, "resets_at": resets,
                       **usage.day_totals(session, key.id, day),
                       "training_tokens_per_day": scopes.training_tokens_per_day,

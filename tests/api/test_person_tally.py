@@ -33,6 +33,7 @@ from tests.api.test_dataset_decisions import (
     marker_harmful,
     train,
 )
+from tests.api.test_screening_parity import rendered_datum
 from tests.conftest import _dialects
 
 
@@ -50,10 +51,14 @@ def poisoned(n: int, seed: int, share: float = 0.05) -> list[Example]:
     return data
 
 
+def chat(example: Example) -> dict:
+    user, assistant = example
+    return {"messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": assistant}]}
+
+
 def dry_run(gate: Gate, key: str, examples: list[Example]) -> httpx.Response:
-    body = {"base_model": TINY, "examples": [
-        {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}
-        for u, a in examples]}
+    body = {"base_model": TINY, "examples": [chat(ex) for ex in examples]}
     return httpx.post(f"{gate.server.base_url}/api/v1/screening/dry_run", json=body,
                       headers={"X-API-Key": key}, timeout=120)
 
@@ -126,7 +131,17 @@ def test_an_honest_persons_dry_runs_and_runs_never_block_them(gate):
     resp = dry_run(gate, key, data)
     assert resp.status_code == 200 and len(resp.json()["flagged"]) == 6
     flagged = {f["index"] for f in resp.json()["flagged"]}
-    outcome = train(new_run(gate, key), [ex for j, ex in enumerate(data) if j not in flagged])
-    assert outcome.blocked is None and outcome.refused == 0
+    # Trained as the dry run renders them (the base model's chat template): a dry-run
+    # example that is then trained is the same datum, counted once.
+    info = gate.server.state.model_info(TINY)
+    kept = [rendered_datum(info, chat(ex)) for j, ex in enumerate(data) if j not in flagged]
+    tc = new_run(gate, key)
+    for i in range(0, len(kept), BATCH):
+        tc.forward_backward(kept[i:i + BATCH], "cross_entropy").result()
+    # The person sees their own tally in their usage report.
+    usage = httpx.get(f"{gate.server.base_url}/api/v1/usage", headers={"X-API-Key": key},
+                      timeout=30).json()
+    mine = usage["keys"][0]["owner_screening"]
+    assert (mine["screened"], mine["flagged"], mine["blocked"]) == (600, 6, None)
     outcome = train(new_run(gate, key), marker_everyday(600, random.Random(4)))
     assert outcome.blocked is None and outcome.refused == 6
