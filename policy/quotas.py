@@ -33,6 +33,7 @@ from audit.models import (
 )
 from policy.errors import PolicyError
 from policy.scopes import Scopes, effective
+from policy.screening.tally import principal_tally
 
 # A run counts as alive while its SDK session heartbeats (the SDK sends one every 10 s)
 # or the run is used; after this long without either, it no longer holds a slot.
@@ -223,10 +224,7 @@ def usage_report(session: Session, principal_ids: list[str] | None, defaults: Sc
         scopes = effective(defaults, key.scopes)
         keys.append({
             "key_id": key.id, "prefix": key.prefix, "owner": owner.name, "status": key.status,
-            "owner_screening": {"screened": owner.screened_datums,
-                                "flagged": owner.flagged_datums,
-                                "high_confidence_flags": owner.high_confidence_flags,
-                                "blocked": owner.screening_blocked_reason},
+            "owner_screening": principal_tally(owner),
             "today": {"day": day, "resets_at": resets,
                       **usage.day_totals(session, key.id, day),
                       "training_tokens_per_day": scopes.training_tokens_per_day,

@@ -69,13 +69,7 @@ def _key_view(key: ApiKey, principal: Principal, defaults: Scopes) -> dict[str, 
             "revoked_at": as_utc(key.revoked_at).isoformat() if key.revoked_at else None,
             "scope_overrides": json.loads(key.scopes or "{}"),
             "scopes": effective(defaults, key.scopes).to_dict(),
-            "owner_id": principal.id, "owner_screening": _screening_view(principal)}
-
-
-def _screening_view(principal: Principal) -> dict[str, Any]:
-    return {"screened": principal.screened_datums, "flagged": principal.flagged_datums,
-            "high_confidence_flags": principal.high_confidence_flags,
-            "blocked": principal.screening_blocked_reason}
+            "owner_id": principal.id, "owner_screening": tally.principal_tally(principal)}
 
 
 @router.get("/keys", name="admin_list_keys")
@@ -172,7 +166,7 @@ def reinstate_principal(principal_id: str, ctx: Ctx, body: JsonBody) -> dict[str
                                           reason=req.reason, request_id=ctx.request_id)
     ctx.note(subject=principal_id)
     return {"id": principal.id, "name": principal.name,
-            "screening": _screening_view(principal)}
+            "screening": tally.principal_tally(principal)}
 
 
 def _request_view(req: Any) -> dict[str, Any]:

@@ -385,6 +385,13 @@ def record_principal_tally(session: Session, principal_id: str, *,
     return principal, block
 
 
+def principal_tally(principal: Principal) -> dict[str, Any]:
+    """A person's tally as reports show it (admin key listings, usage reports)."""
+    return {"screened": principal.screened_datums, "flagged": principal.flagged_datums,
+            "high_confidence_flags": principal.high_confidence_flags,
+            "blocked": principal.screening_blocked_reason}
+
+
 def check_principal_not_blocked(principal: Principal) -> None:
     if principal.screening_blocked_reason:
         raise PrincipalBlocked(
