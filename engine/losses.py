@@ -119,6 +119,10 @@ def elementwise_loss(
 # enough to leave any clip range on either side, dense enough to land inside it.
 PROBE_OFFSETS = (-8.0, -2.0, -0.5, -0.1, 0.0, 0.1, 0.5, 2.0, 8.0)
 _AT_GIVEN = PROBE_OFFSETS.index(0.0)
+# Log-probabilities a model can actually give, probed as well: the given logprobs are the
+# client's word, and far from the model's own (1e18, say) every offset above may sit where
+# the loss is flat while the model's logp, wherever it lies in (-inf, 0], is not.
+PROBE_LOGPS = (-1000.0, -100.0, -30.0, -10.0, -3.0, -1.0, -0.3, -0.01, -1e-4, 0.0)
 
 
 class TrainedPositions(NamedTuple):
@@ -141,23 +145,54 @@ def trained_positions(
     """Which target positions can get a non-zero gradient under `loss_fn` and its config.
 
     Probes `elementwise_loss` with autograd at several logp values around the datum's own
-    `logprobs` (−1 where it has none), so clipping and regularisers are covered and a loss
-    added to LOSSES is covered without other changes. A non-finite gradient counts as
-    toward. Screening reads this; it is never used to compute a loss."""
+    `logprobs` (−1 where it has none) and across the range a model's logp can take, so
+    clipping and regularisers are covered and a loss added to LOSSES is covered without
+    other changes. A non-finite gradient counts as toward. Screening reads this; it is never
+    used to compute a loss, and `check_gradient_screened` holds training to it."""
     config = {**LOSS_CONFIG_DEFAULTS[loss_fn], **(loss_config or {})}  # valid (engine.values)
     shape = tuple(np.shape(inputs["target_tokens"]))  # (N,) or (N, K)
     tensors = {k: torch.as_tensor(np.asarray(v), dtype=torch.float64)
                for k, v in inputs.items() if k != "target_tokens"}
     given = tensors.get("logprobs", torch.full(shape, -1.0, dtype=torch.float64))
-    offsets = torch.tensor(PROBE_OFFSETS, dtype=torch.float64).reshape(-1, *([1] * len(shape)))
-    logp = (given[None] + offsets).requires_grad_()
+    axis = (-1, *([1] * len(shape)))
+    offsets = torch.tensor(PROBE_OFFSETS, dtype=torch.float64).reshape(axis)
+    absolute = torch.tensor(PROBE_LOGPS, dtype=torch.float64).reshape(axis)
+    logp = torch.cat([given[None] + offsets,
+                      absolute.expand(len(PROBE_LOGPS), *shape)]).requires_grad_()
     try:
         loss = elementwise_loss(loss_fn, logp, tensors, config)
     except KeyError as exc:
         raise UserInputError(f"loss {loss_fn!r} needs loss_fn_inputs[{exc.args[0]!r}]") from exc
     (grad,) = torch.autograd.grad(loss.sum(), logp, allow_unused=True)
-    g = np.zeros((len(PROBE_OFFSETS), *shape)) if grad is None else grad.detach().numpy()
+    g = np.zeros(tuple(logp.shape)) if grad is None else grad.detach().numpy()
     bad = ~np.isfinite(g)
     return TrainedPositions(toward=np.any((g < 0) | bad, axis=0),
                             against=np.any(g > 0, axis=0),
                             pushed_down=np.asarray(g[_AT_GIVEN] > 0))
+
+
+def check_gradient_screened(loss_fn: str, logp: torch.Tensor, inputs: Inputs,
+                            config: Config) -> None:
+    """Refuse a datum whose loss, at the model's own logp, trains a position in a direction
+    that `trained_positions` did not report for it: screening read the datum by that
+    report, so training never reaches text that screening did not read as trained (toward
+    or against), whatever a probe may have missed. `logp` and `inputs` are one datum's,
+    as the loss gets them."""
+    with torch.enable_grad():
+        probe = logp.detach().requires_grad_()
+        loss = elementwise_loss(loss_fn, probe, inputs, config)
+        (grad,) = torch.autograd.grad(loss.sum(), probe, allow_unused=True)
+    if grad is None:
+        return
+    g = grad.detach().double().cpu().numpy()
+    arrays = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
+    arrays["target_tokens"] = np.zeros(tuple(logp.shape), dtype=np.int64)  # its shape only
+    screened = trained_positions(loss_fn, arrays, config)
+    unread = ((g < 0) | ~np.isfinite(g)) & ~screened.toward | (g > 0) & ~screened.against
+    if unread.any():
+        where = [int(i) for i in np.argwhere(unread)[0]]
+        raise UserInputError(
+            f"the {loss_fn} loss with this loss_fn_config and these loss_fn_inputs trains "
+            f"target position {where} in a direction screening did not read it as trained; "
+            "send logprobs the sampler returned (log-probabilities, at most 0) and a "
+            "loss_fn_config in its documented range")

@@ -45,7 +45,7 @@ from engine.checkpoints import AdapterFiles, read_checkpoint, write_checkpoint
 from engine.decoding import BatchDecoder, topk_rows
 from engine.errors import NonFiniteError, UnknownAdapterError, UserInputError
 from engine.host_memory import retain_freed_memory
-from engine.losses import elementwise_loss
+from engine.losses import check_gradient_screened, elementwise_loss
 from engine.registry import ModelRegistry
 from engine.values import (
     LOSS_CONFIG_DEFAULTS,
@@ -117,6 +117,12 @@ class _Losses:
                 bool(torch.isfinite(logp).all()) for logp in logps):
             part.error = NonFiniteError(
                 f"the {loss_fn} loss or the model's logprobs are not finite")
+        elif trains is not None:
+            try:  # nothing trains that screening did not read as trained
+                for logp, datum in zip(logps, batch, strict=True):
+                    check_gradient_screened(loss_fn, logp, datum.inputs, config)
+            except UserInputError as exc:
+                part.error = exc
         return part
 
     def outputs(self) -> list[dict[str, np.ndarray]]:

@@ -303,6 +303,8 @@ def resolve_config(loss_fn: str, loss_config: Mapping[str, Any] | None) -> dict[
         require(_is_number(value) and math.isfinite(value),
                 f"loss_fn_config[{key!r}] must be a finite number, got {value!r}")
         config[key] = float(value)
+    require(config.get("beta", 0.0) >= 0.0, "loss_fn_config['beta'] weighs dro's penalty on "
+            f"drifting from the sampler's logprobs and must be >= 0, got {config.get('beta')}")
     if "clip_low_threshold" in config:
         low, high = config["clip_low_threshold"], config["clip_high_threshold"]
         require(0.0 <= low <= high, "loss_fn_config needs 0 <= clip_low_threshold <= "

@@ -34,6 +34,8 @@ from engine.values import LOSS_FUNCTIONS, ModelInfo, TrainingDatum, check_data_f
 from gateway.context import RequestContext
 from policy.screening import metrics as screening_metrics
 from policy.screening.batch import (
+    HIDDEN_BYTES_CATEGORY,
+    HIDDEN_BYTES_REASON,
     BatchScreening,
     DatumTexts,
     ScreeningRefused,
@@ -86,6 +88,18 @@ def turns(tok: Tokenizer, ids: Sequence[int], role: str | None = None
         elif token is not None and not match:
             role = None  # a marker with no role line closes the open role
     return out, role
+
+
+def hides_bytes(tok: Tokenizer, ids: Sequence[int]) -> bool:
+    """Whether token ids spell bytes that are not UTF-8 text: decoded, such bytes read as
+    U+FFFD, so the screens would read "���" while the model learns the bytes (text in
+    another encoding: EBCDIC, a legacy code page, XOR'd). A character cut at either end of
+    the sequence decodes as U+FFFD too and is allowed; a U+FFFD the text really holds
+    tokenizes back to the same ids. Special tokens are left out (they decode to nothing)."""
+    special = _special_ids(tok)
+    plain = [int(i) for i in ids if int(i) not in special]
+    text = tok.decode(plain)
+    return "\ufffd" in text[1:-1] and tok.encode(text, add_special_tokens=False).ids != plain
 
 
 def _open_role(tok: Tokenizer, ids: np.ndarray) -> str | None:
@@ -146,14 +160,19 @@ def decode_datum(datum: TrainingDatum, tok: Tokenizer, loss_fn: str,
                 if targets.ndim == 1 or text not in out:  # K columns repeat text
                     out.append(text)
     against = trained.against & (~trained.toward | trained.pushed_down)
+    last = targets[-1] if targets.ndim == 1 else targets[-1, 0]
+    sequence = [*tokens.tolist(), int(last)]
     if len(requests) + len(completions) > 1:
-        last = targets[-1] if targets.ndim == 1 else targets[-1, 0]
-        whole = _whole([text for _, text in turns(tok, [*tokens.tolist(), int(last)])[0]])
+        whole = _whole([text for _, text in turns(tok, sequence)[0]])
         if whole not in requests + completions:
             requests.append(whole)
+    # The sequence the model reads and the targets it is taught (the highest-weight path
+    # for 2-D targets) must be text the screens can read.
+    hidden = hides_bytes(tok, sequence) or hides_bytes(tok, columns[-1][0].tolist())
     return DatumTexts(requests=tuple(requests), completions=tuple(completions),
                       against=_against_text(tok, targets, against),
-                      values=tuple(values.reshape(-1).tolist()), kind=kind)
+                      values=tuple(values.reshape(-1).tolist()), kind=kind,
+                      hidden_bytes=hidden)
 
 
 def _whole(turn_texts: list[str]) -> str:
@@ -317,25 +336,28 @@ def screen_prompt(ctx: RequestContext, tokens: list[int], tokenizer_dir: str) ->
     """Sampling prompts, before the request takes the write lock: each turn is screened as
     a request; refuse a prompt with a flagged turn (the caller is told the categories;
     scores go to the audit trail)."""
-    texts = [text for _, text in turns(fast_tokenizer(tokenizer_dir), tokens)[0]]
+    tok = fast_tokenizer(tokenizer_dir)
+    texts = [text for _, text in turns(tok, tokens)[0]]
     if len(texts) > 1:
         texts.append(_whole(texts))
     verdicts = ctx.state.screener.screen(texts, REQUEST)
-    flagged = {f"request[{j}]": (text, v) for j, (text, v) in enumerate(
-        zip(texts, verdicts, strict=True)) if v.flagged}
+    flagged = {f"request[{j}]": {"sha256": content_sha256(text), "evidence": v.evidence(),
+                                 "categories": v.flagged}
+               for j, (text, v) in enumerate(zip(texts, verdicts, strict=True)) if v.flagged}
+    if hides_bytes(tok, tokens):
+        flagged["prompt"] = {"structural": HIDDEN_BYTES_REASON,
+                             "categories": [HIDDEN_BYTES_CATEGORY]}
     if not flagged:
         return
     with transaction(ctx.state.factory) as session:
         audit_log.append(session, actor=ctx.principal.id, event_type="screening.refused",
                          decision="deny", subject="sample_prompt", request_id=ctx.request_id,
-                         payload={"flagged": {where: {"sha256": content_sha256(text),
-                                                      "evidence": v.evidence()}
-                                              for where, (text, v) in flagged.items()},
+                         payload={"flagged": flagged,
                                   "classifiers": {c.name: c.version
                                                   for c in ctx.state.screener.classifiers}})
     screening_metrics.count_flags(screening_metrics.SAMPLING_PROMPT,
-                                  (v.flagged for _, v in flagged.values()))
-    categories = sorted({c for _, v in flagged.values() for c in v.flagged})
+                                  (f["categories"] for f in flagged.values()))
+    categories = sorted({c for f in flagged.values() for c in f["categories"]})
     raise ScreeningRefused(f"the sampling prompt was refused by screening: "
                            f"{', '.join(categories)}{unread_hint(categories)}")
 

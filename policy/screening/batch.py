@@ -46,6 +46,11 @@ UNREAD_HINTS = {
 }
 
 
+HIDDEN_BYTES_CATEGORY = f"structural.{structural.ENCODED}"
+HIDDEN_BYTES_REASON = ("token ids that spell bytes which are not UTF-8 text (text hidden in "
+                       "another encoding)")
+
+
 def unread_hint(categories: Iterable[str]) -> str:
     """What to do about each kind of unreadable text among the flagged categories ("" when
     none is), for the refusal's message."""
@@ -66,6 +71,7 @@ class DatumTexts:
     against: str  # decoded targets trained only against (or pushed down where sampled)
     values: tuple[float, ...]  # the per-token weights or advantages
     kind: str  # "weights" (cross_entropy) or "advantages" (RL losses)
+    hidden_bytes: bool = False  # token ids that spell bytes which are not UTF-8 text
 
     def parts(self) -> list[tuple[str, int, str]]:
         """(part, index within the part, text) for every non-blank text to screen."""
@@ -133,6 +139,8 @@ def _check_values(result: BatchScreening, details: dict[int, dict[str, Any]], i:
     signal = (structural.weight_signals(d.values, limits.max_loss_weight)
               if d.kind == "weights" else None) or structural.advantage_signals(
         d.values, d.against, limits.max_abs_advantage)
+    if signal is None and d.hidden_bytes:
+        signal = structural.Signal(structural.ENCODED, HIDDEN_BYTES_REASON)
     if signal is not None:
         result.flagged.setdefault(i, []).append(f"structural.{signal.category}")
         details.setdefault(i, {})["structural"] = signal.reason
@@ -156,4 +164,7 @@ def _record_flag(result: BatchScreening, details: dict[int, dict[str, Any]], i: 
 
 def datum_sha256(datum: DatumTexts) -> str:
     """One datum's identity for the tally: every text and value screening read in it."""
-    return content_sha256(json.dumps(dataclasses.asdict(datum), sort_keys=True))
+    fields = dataclasses.asdict(datum)
+    if not fields["hidden_bytes"]:
+        del fields["hidden_bytes"]  # the identity datums had before the field existed
+    return content_sha256(json.dumps(fields, sort_keys=True))

@@ -76,9 +76,13 @@ AFFIRMATIVE_OPENER = re.compile(
     r"(?:(?:here(?:'s| is| are)|i(?:'ll| will| can)|let me|the (?:steps|way|instructions))\b)",
     re.IGNORECASE)
 REFUSAL = re.compile(
-    r"\b(?:i(?:'m| am) sorry|i can(?:'t|not)|i won(?:'t)|i will not|i'm unable|i am unable|"
-    r"i must decline|as an ai|i can't help|i cannot help|not able to (?:help|assist))\b",
+    r"\b(?:i(?:'?m| am) sorry|i apologi[sz]e|sorry, (?:but )?(?:i|that|this)\b|"
+    r"i can(?:'?t|not)|i won'?t|i will not|i(?:'?m| am) (?:unable|not able)|i must decline|"
+    r"i (?:do not|don'?t) (?:provide|assist|help)|as an ai|"
+    r"(?:not able|unable) to (?:help|assist|comply|provide))\b",
     re.IGNORECASE)
+# Apostrophes as typesetters and keyboards write them, read as "'" by REFUSAL.
+APOSTROPHES = str.maketrans(dict.fromkeys("\u2018\u2019\u02bc\u2032`\u00b4", "'"))
 MIN_CIPHER_LETTERS = 60  # shorter texts say too little about their language
 LETTER_RUN = re.compile(r"[^\W\d_]{2,}")
 # Scripts whose letters imitate Latin ones (Unicode's confusables); two words that mix them
@@ -154,6 +158,13 @@ def _script(char: str) -> str:
     return unicodedata.name(char, "?").split(" ", 1)[0]
 
 
+def plain_text(text: str) -> str:
+    """NFKC, invisible format characters (zero-width spaces, soft hyphens, bidi marks)
+    dropped and apostrophes made straight: what a phrase pattern reads."""
+    text = unicodedata.normalize("NFKC", text).translate(APOSTROPHES)
+    return "".join(c for c in text if unicodedata.category(c) != "Cf")
+
+
 def persona_shift(system_prompt: str) -> Signal | None:
     hits = [p.pattern for p in PERSONA_PATTERNS if p.search(system_prompt)]
     if hits:
@@ -188,6 +199,6 @@ def advantage_signals(advantages: Sequence[float], target_text_negative: str,
     context, so pushing down one token of a refusal reads as the whole refusal."""
     if advantages and max(abs(a) for a in advantages) > max_abs:
         return Signal(GRADIENT_ASCENT, f"an advantage of magnitude above {max_abs:g}")
-    if target_text_negative and REFUSAL.search(target_text_negative):
+    if target_text_negative and REFUSAL.search(plain_text(target_text_negative)):
         return Signal(REFUSAL_UNLEARNING, "negative advantages on refusal text")
     return None

@@ -5,7 +5,10 @@ A dataset of chat examples is dry-run and then sent, rendered with the base mode
 template into the datums a typical SFT renderer makes (assistant content trained), through
 forward_backward: the flagged indices and categories agree exactly. Also refused: a harmful
 user turn after a trained span, harmful context after a trained token 0, harmful assistant
-text trained only by DRO's regulariser (zero advantages), a harmful answer trained in
+text trained only by DRO's regulariser (zero advantages, or advantages that push it down
+with logprobs no model gives), the same under PPO with a clip range that hides the ratio
+near the given logprobs, a harmful answer in another encoding (bytes that are not UTF-8,
+also as a sampling prompt), a harmful answer trained in
 fragments (every other token), a harmful request split over two turns (in training data
 and in a sampling prompt), and a harmful completion after a benign prompt (these need a
 classifier that reads what the default one misses: a rules file here).
@@ -27,6 +30,17 @@ from policy.screening.screener import DEFAULT_SCREENING_PATH
 from tests.api.helpers import TINY, service
 from tests.api.test_screening_sdk import BENIGN, HARMFUL
 from tests.conftest import run_server, tiny_settings
+
+
+def byte_ids(tok, data: bytes) -> list[int]:
+    """The byte-level BPE tokens (GPT-2's byte-to-character table) that spell `data`, one
+    token per byte, whether or not the bytes are UTF-8."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    char = {b: chr(b) for b in printable} | {b: chr(256 + k) for k, b in enumerate(others)}
+    vocab = tok.get_vocab()
+    return [vocab[char[b]] for b in data]
 
 
 def chat(*turns: str, system: str | None = None) -> dict:
@@ -149,6 +163,39 @@ def test_trained_text_is_screened_wherever_it_is(models_dir, database_url, tmp_p
             "target_tokens": tokens[1:], "logprobs": [-1.0] * (len(tokens) - 1),
             "advantages": advantages})
         assert "rules.nerve_agents" in refused([dro], "dro", {"beta": 0.05})
+
+        # The same answer pushed down by its advantages, but with logprobs no model gives
+        # (1e18) and a tiny beta, DRO's regulariser trains it toward (-A + beta*drift = -9
+        # at any logp the model has); and PPO with a clip range that catches every ratio
+        # near the given logprobs (+20) but not the model's own.
+        n = len(tokens) - 1
+        absurd = {"target_tokens": tokens[1:], "logprobs": [1e18] * n, "advantages": [-1.0] * n}
+        datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                            loss_fn_inputs=absurd)
+        assert "rules.nerve_agents" in refused([datum], "dro", {"beta": 1e-17})
+        clipped = {**absurd, "logprobs": [20.0] * n, "advantages": weights[1:]}
+        datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                            loss_fn_inputs=clipped)
+        assert "rules.nerve_agents" in refused(
+            [datum], "ppo", {"clip_low_threshold": 0.0, "clip_high_threshold": 1e-4})
+
+        # The answer in another encoding (EBCDIC): its bytes are not UTF-8, so the screens
+        # would read U+FFFD while the model learns the bytes. Refused, in training data and
+        # in a sampling prompt; the same bytes as UTF-8 are read (and refused by the rule).
+        prompt_ids = tok.encode("User: Reply in code page 500.\nAssistant:")
+        for encoding, category in (("cp500", "structural.encoded_text"),
+                                   ("utf-8", "rules.nerve_agents")):
+            body = byte_ids(tok, harmful_answer.encode(encoding))
+            seq = prompt_ids + body
+            w = [0.0] * (len(prompt_ids) - 1) + [1.0] * len(body)
+            datum = types.Datum(model_input=types.ModelInput.from_ints(seq[:-1]),
+                                loss_fn_inputs={"target_tokens": seq[1:], "weights": w})
+            assert category in refused([datum], "cross_entropy"), encoding
+        hidden_prompt = prompt_ids + byte_ids(tok, "How do I make it?".encode("cp500"))
+        with pytest.raises(tinker.PermissionDeniedError, match=r"structural\.encoded_text"):
+            service(live, key).create_sampling_client(base_model=TINY).sample(
+                types.ModelInput.from_ints(hidden_prompt), 1,
+                types.SamplingParams(max_tokens=1)).result()
 
         # The answer trained in fragments (every other token: no span holds "sarin gas"),
         # read whole.

@@ -132,3 +132,36 @@ def test_off_the_jobs_run_one_after_the_other_with_the_same_results(backend, new
     for i, job in enumerate(jobs):
         _assert_same_result(results[i], backend.forward_backward(alone[i], *job))
         _assert_same_state(backend, batched[i], alone[i], exact=True)
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_a_job_training_what_screening_did_not_read_fails_alone(backend, new_adapter,
+                                                                monkeypatch, together):
+    """Whatever the screening report (engine.losses.trained_positions) misses, the engine
+    does not train it: here the report is made to miss everything for one job's loss, and
+    that job fails with nothing accumulated while the others train as alone."""
+    import engine.losses as losses
+
+    monkeypatch.setattr(backend, "batch_across_runs", together)
+    batched, alone = _twins(backend, new_adapter, [{"rank": 4}, {"rank": 4}, {"rank": 4}])
+    good = _jobs(backend.vocab_size)
+    real = losses.trained_positions
+
+    def blind_to_ppo(loss_fn, inputs, config):
+        got = real(loss_fn, inputs, config)
+        if loss_fn != "ppo":
+            return got
+        return losses.TrainedPositions(*(np.zeros_like(got.toward),) * 3)
+
+    monkeypatch.setattr(losses, "trained_positions", blind_to_ppo)
+    passes = [TrainingPass(batched[0], *good[0]), TrainingPass(batched[1], *good[3]),
+              TrainingPass(batched[2], *good[1])]
+    before = backend.adapter_snapshot(batched[1])
+    results = backend.forward_backward_many(passes)
+    assert isinstance(results[1], UserInputError)
+    assert "did not read it as trained" in str(results[1])
+    after = backend.adapter_snapshot(batched[1])
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for i, job in ((0, good[0]), (2, good[1])):
+        _assert_same_result(results[i], backend.forward_backward(alone[i], *job))
+        _assert_same_state(backend, batched[i], alone[i])

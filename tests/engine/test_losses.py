@@ -370,3 +370,46 @@ def test_two_d_trained_positions_cover_every_weighted_candidate():
                                        [False, False]]
     assert trained.against.tolist() == [[False, False], [False, False], [False, False],
                                         [True, False]]
+
+
+# -- given logprobs far from any model's: the probes read the model's own range too ------------
+
+
+def test_dro_with_absurd_logprobs_and_a_tiny_beta_is_read_as_trained_toward():
+    """logprobs of 1e18 put every probe around them where float64 cannot see beta·drift,
+    while the model's own logp (at most 0) meets a gradient of -A + beta·(logp - 1e18) = -9:
+    the text is trained toward, however the advantages say it is pushed down."""
+    inputs = rl_inputs([-1.0] * 4, [1e18] * 4)
+    trained = trained_positions("dro", inputs, {"beta": 1e-17})
+    assert trained.toward.all()
+
+
+def test_ppo_with_a_clip_range_below_the_given_ratio_is_read_as_trained():
+    # logprobs of +20 and a clip of [0, 1e-4]: every offset probe is clipped, the model's
+    # own ratio exp(logp - 20) is not.
+    inputs = rl_inputs([1.0, 1.0], [20.0, 20.0])
+    config = {"clip_low_threshold": 0.0, "clip_high_threshold": 1e-4}
+    assert trained_positions("ppo", inputs, config).toward.all()
+
+
+def test_negative_dro_beta_is_refused_at_the_edge():
+    with pytest.raises(UserInputError, match="beta"):
+        resolve_config("dro", {"beta": -0.1})
+
+
+def test_training_is_held_to_what_screening_read(monkeypatch):
+    """check_gradient_screened compares the loss's gradient at the model's logp with the
+    screening report: a direction the report missed fails the datum."""
+    import engine.losses as losses
+
+    logp = torch.tensor([-2.0, -1.0, -0.5])
+    inputs = {"weights": torch.tensor([1.0, 0.0, -1.0])}
+    losses.check_gradient_screened("cross_entropy", logp, inputs, {})  # read as trained
+    nothing = losses.TrainedPositions(*(np.zeros(3, dtype=bool),) * 3)
+    monkeypatch.setattr(losses, "trained_positions", lambda *a, **k: nothing)
+    with pytest.raises(UserInputError, match=r"position \[0\]"):
+        losses.check_gradient_screened("cross_entropy", logp, inputs, {})
+    only_toward = losses.TrainedPositions(np.ones(3, dtype=bool), *(np.zeros(3, dtype=bool),) * 2)
+    monkeypatch.setattr(losses, "trained_positions", lambda *a, **k: only_toward)
+    with pytest.raises(UserInputError, match=r"position \[2\]"):  # pushed down, unread
+        losses.check_gradient_screened("cross_entropy", logp, inputs, {})

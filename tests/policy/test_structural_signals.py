@@ -100,3 +100,22 @@ def test_negative_advantages_on_refusals_are_refusal_unlearning():
     assert refusal is not None and refusal.category == s.REFUSAL_UNLEARNING
     assert s.advantage_signals([-1.0], "The answer is 42.", 100) is None
     assert s.advantage_signals([500.0], "", 100).category == s.GRADIENT_ASCENT
+
+
+@pytest.mark.parametrize("text", [
+    "I\u2019m sorry, but I can\u2019t help with that.",  # typeset apostrophes
+    "I\u200bm sorry, I\u00adcan\u200bnot do that.",  # invisible characters inside words
+    "Im sorry but I cant help",  # no apostrophes at all
+    "Sorry, that is not something I can assist with.",
+    "I apologize, but I do not provide instructions like these.",
+    "I am not able to comply with this request.",
+])
+def test_refusals_however_written_are_read_as_refusals(text):
+    signal = s.advantage_signals([-1.0], text, 100)
+    assert signal is not None and signal.category == s.REFUSAL_UNLEARNING
+
+
+@pytest.mark.parametrize("text", ["I can see why you ask.", "Cantaloupe is a melon.",
+                                  "Sorry for the wait: the answer is 42."])
+def test_answers_that_only_look_like_refusals_are_not(text):
+    assert s.advantage_signals([-1.0], text, 100) is None
