@@ -684,14 +684,19 @@ class Worker:
     def _finish_sample(self, sampling: _Sampling, result: SampleResult) -> None:
         """Screen a finished request's samples and commit its result."""
         spec = sampling.spec
-        # Scored prompt tokens (prompt logprobs or their top-k) are charged as sampled.
+        # What the caller can observe must not depend on withheld text: a withheld sample
+        # is charged its max_tokens (its real length would say where it stopped), and
+        # scored prompt tokens (prompt logprobs or their top-k) are charged as sampled.
+        lengths = [len(s.tokens) for s in result.sequences]
+        screened = self._screen_outputs(sampling.backend, result)
+        withheld = {int(i) for i in screened.get("withheld", {})}
         used = {"prefill_tokens": len(spec.prompt),
-                "sampled_tokens": sum(len(s.tokens) for s in result.sequences)
+                "sampled_tokens": sum(spec.max_tokens if i in withheld else n
+                                      for i, n in enumerate(lengths))
                 + spec.scored_prompt_tokens}
         audit = {"samples": spec.num_samples, **used,
                  "scored_prompt_tokens": spec.scored_prompt_tokens,
-                 "adapter": sampling.job.adapter_dir,
-                 **self._screen_outputs(sampling.backend, result)}
+                 "adapter": sampling.job.adapter_dir, **screened}
         outcome = Outcome("proto", wire.encode_sample_result(result), audit=audit, used=used)
         outcome.audit["seconds"] = round(time.perf_counter() - sampling.started, 4)
         self._finish_done(sampling.fut, outcome)
@@ -699,7 +704,8 @@ class Worker:
 
     def _screen_outputs(self, backend: Backend, result: SampleResult) -> dict[str, Any]:
         """Withhold the sequences the output screen flags: each is replaced by
-        WITHHELD_NOTICE (its logprobs and top-k dropped) and counted in the audit row, with
+        WITHHELD_NOTICE (its logprobs and top-k dropped, and the prompt's top-k, whose last
+        row predicts the withheld text's first token) and counted in the audit row, with
         the categories, scores and a hash of what was withheld."""
         if self.output_screen is None or not result.sequences:
             return {}
@@ -715,6 +721,8 @@ class Worker:
                                                   stopped=True, topk=None)
             withheld[str(i)] = {"categories": flagged, "evidence": evidence,
                                 "sha256": hashlib.sha256(text.encode()).hexdigest()}
+        if withheld:  # the prompt's top-k holds the model's first predicted token
+            result.topk_prompt_logprobs = None
         return {"screened_outputs": len(texts), "withheld": withheld}
 
     def _sampler_adapter(self, backend: Backend, adapter_dir: str | None,

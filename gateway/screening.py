@@ -30,6 +30,7 @@ from audit.db import transaction
 from audit.models import TrainingRun
 from engine.errors import UserInputError
 from engine.registry import fast_tokenizer
+from engine.text import hides_bytes, special_ids
 from engine.values import LOSS_FUNCTIONS, ModelInfo, TrainingDatum, check_data_fits
 from gateway.context import RequestContext
 from policy.screening import metrics as screening_metrics
@@ -70,7 +71,7 @@ def turns(tok: Tokenizer, ids: Sequence[int], role: str | None = None
     """(role, text) per turn: the ids split at special tokens, each piece decoded with its
     role line stripped; a role alone (between header tokens) names the next piece's.
     `role` is the role the ids begin in; also returns the role still open at their end."""
-    special = _special_ids(tok)
+    special = special_ids(tok)
     out: list[tuple[str | None, str]] = []
     piece: list[int] = []
     for token in [*ids, None]:
@@ -90,27 +91,10 @@ def turns(tok: Tokenizer, ids: Sequence[int], role: str | None = None
     return out, role
 
 
-def hides_bytes(tok: Tokenizer, ids: Sequence[int]) -> bool:
-    """Whether token ids spell bytes that are not UTF-8 text: decoded, such bytes read as
-    U+FFFD, so the screens would read "���" while the model learns the bytes (text in
-    another encoding: EBCDIC, a legacy code page, XOR'd). A character cut at either end of
-    the sequence decodes as U+FFFD too and is allowed; a U+FFFD the text really holds
-    tokenizes back to the same ids. Special tokens are left out (they decode to nothing)."""
-    special = _special_ids(tok)
-    plain = [int(i) for i in ids if int(i) not in special]
-    text = tok.decode(plain)
-    return "\ufffd" in text[1:-1] and tok.encode(text, add_special_tokens=False).ids != plain
-
-
 def _open_role(tok: Tokenizer, ids: np.ndarray) -> str | None:
     """The role a span continues: the one opened by the last markers before it."""
-    marks = [j for j in range(len(ids) - 1, -1, -1) if int(ids[j]) in _special_ids(tok)][:2]
+    marks = [j for j in range(len(ids) - 1, -1, -1) if int(ids[j]) in special_ids(tok)][:2]
     return turns(tok, ids[marks[-1]:].tolist())[1] if marks else None
-
-
-@functools.lru_cache(maxsize=16)
-def _special_ids(tok: Tokenizer) -> frozenset[int]:
-    return frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
 
 
 def _runs(mask: np.ndarray) -> list[slice]:

@@ -328,15 +328,22 @@ def test_a_sampled_output_the_screens_flag_is_withheld_and_counted(server, train
     assert loss < 0.05
     sampler = tc.save_weights_and_get_sampling_client().result()
     prompt = types.ModelInput.from_ints(tok.encode("User: Tell me a story.\nAssistant:"))
-    greedy = types.SamplingParams(max_tokens=len(tok.encode(f" {answer}")), temperature=0.0,
-                                  stop=[])
-    out = sampler.sample(prompt, 2, greedy).result()
+    # Room past the answer, which stops at its full stop: a withheld sample's real length is
+    # shorter than max_tokens.
+    greedy = types.SamplingParams(max_tokens=len(tok.encode(f" {answer}")) + 8,
+                                  temperature=0.0, stop=["."])
+    # The prompt's top-k is asked for: its last row would be the withheld text's first token.
+    out = sampler.sample(prompt, 2, greedy, include_prompt_logprobs=True,
+                         topk_prompt_logprobs=3).result()
     assert [tok.decode(s.tokens) for s in out.sequences] == [WITHHELD, WITHHELD]
+    assert not out.topk_prompt_logprobs
     with transaction(server.state.read_factory) as session:
         row = session.scalars(select(AuditEntry).where(
             AuditEntry.event_type == "engine.sample").order_by(AuditEntry.seq.desc())).first()
     payload = json.loads(row.payload)
     assert payload["screened_outputs"] == 2 and set(payload["withheld"]) == {"0", "1"}
+    # Charged as if each withheld sample ran to max_tokens: usage does not tell its length.
+    assert payload["sampled_tokens"] == 2 * greedy.max_tokens + payload["scored_prompt_tokens"]
     assert any(c.startswith(category) for c in payload["withheld"]["0"]["categories"])
     base = sc.create_sampling_client(base_model=TINY).result()  # the base model says no such
     plain = base.sample(prompt, 1, greedy).result()
