@@ -11,7 +11,12 @@ checkpoint (evals.release.transition) and lifts its lineage hold (policy.lineage
   overrides (audited), so one re-created under the same name never inherits one.
 - **Persons**: the approver must be independent of the requester (policy.persons): a
   different principal that the requesting admin did not enroll (nor approve, nor issue
-  the approving key to), and not enrolled by the same admin.
+  the approving key to), and not enrolled by the same admin. Neither half may come from
+  a party to the weights: the checkpoint's owner (with the key that created its run) and
+  whoever asked for its release or export, nor anyone linked to them the same way.
+- **A live request**: the requester's half counts only while the key it was made with is
+  usable (not revoked, not expired) and its principal still holds `releases,
+  override_request`; revoking that key cancels the pending override (policy.keys).
 - **Lineage**: a checkpoint whose weights descend from blocked weights is never released
   this way, nor one held by a quarantine upstream: that ancestor's own override comes
   first.
@@ -23,19 +28,31 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit import log as audit_log
-from audit.models import Checkpoint, ReleaseOverride, TrainingRun, utcnow
+from audit.models import (
+    Checkpoint,
+    Future,
+    ReleaseOverride,
+    ReleaseRequest,
+    TrainingRun,
+    utcnow,
+)
 from engine.checkpoints import ADAPTER_FILE
 from evals.release import ReleaseRefused, transition
-from policy import lineage, persons
+from policy import keys, lineage, persons
 from policy.digest import file_sha256
+from policy.errors import KeyRejected
 
 MIN_REASON = 10
+ACTION = "a release override"
+# A policy decision: (principal id, role, resource, action) → allowed (policy.authz).
+Allows = Callable[[str, str, str, str], bool]
 
 
 def request_override(session: Session, ckpt: Checkpoint, *, principal_id: str,
@@ -46,6 +63,7 @@ def request_override(session: Session, ckpt: Checkpoint, *, principal_id: str,
         raise ReleaseRefused(f"{ckpt.tinker_path} is {ckpt.release_state}; only quarantined "
                              "checkpoints need an override")
     _check_reason(reason)
+    _check_not_party(session, ckpt, (principal_id, key_id))
     _check_lineage(session, ckpt)
     pending = _pending(session, ckpt)
     if pending:
@@ -67,16 +85,20 @@ def request_override(session: Session, ckpt: Checkpoint, *, principal_id: str,
 
 
 def approve_override(session: Session, override: ReleaseOverride, *, principal_id: str,
-                     key_id: str | None, reason: str, checkpoint_root: Path,
+                     key_id: str | None, reason: str, checkpoint_root: Path, allows: Allows,
                      request_id: str = "") -> Checkpoint:
     """The second person's half releases the checkpoint (both reasons audited) — only the
-    content the override was bound to, and only from an independent person."""
+    content the override was bound to, only while the request still stands (`allows`:
+    the policy decisions in force), and only from a person independent of the requester
+    and of the weights' owner."""
     if override.status != "pending":
         raise ReleaseRefused(f"override {override.id} is {override.status}, not pending")
     persons.check_independent(session, first=(override.requested_by, override.requested_key_id),
-                              second=(principal_id, key_id), action="a release override")
+                              second=(principal_id, key_id), action=ACTION)
+    _check_request_stands(session, override, allows)
     _check_reason(reason)
     ckpt = _bound_checkpoint(session, override, checkpoint_root)
+    _check_not_party(session, ckpt, (principal_id, key_id))
     _check_lineage(session, ckpt)
     override.status, override.approved_by, override.approve_reason = "approved", principal_id, \
         reason
@@ -112,6 +134,47 @@ def cancel_pending(session: Session, ckpt: Checkpoint, *, actor: str, reason: st
         cancelled.append(override.id)
     session.flush()
     return cancelled
+
+
+def _check_request_stands(session: Session, override: ReleaseOverride, allows: Allows
+                          ) -> None:
+    """The requester's half counts only while its key is usable and its principal may
+    still request overrides."""
+    if not override.requested_key_id:
+        raise ReleaseRefused(f"override {override.id} names no API key it was requested with; "
+                             "an admin requests a new one")
+    try:
+        principal, _ = keys.authenticate_key_id(session, override.requested_key_id)
+    except KeyRejected as exc:
+        raise ReleaseRefused(f"override {override.id} no longer stands: the API key that "
+                             f"requested it can no longer be used ({exc}); an admin requests "
+                             "a new one") from exc
+    if principal.id != override.requested_by or not allows(
+            principal.id, principal.role, "releases", "override_request"):
+        raise ReleaseRefused(f"override {override.id} no longer stands: its requester no "
+                             "longer holds the permission to request overrides (releases, "
+                             "override_request); an admin requests a new one")
+
+
+def _check_not_party(session: Session, ckpt: Checkpoint, actor: tuple[str, str | None]
+                     ) -> None:
+    """Neither half comes from the weights' owner or whoever asked for their release, nor
+    from anyone linked to them (policy.persons)."""
+    persons.check_not_party(session, actor=actor, parties=_parties(session, ckpt),
+                            action=ACTION)
+
+
+def _parties(session: Session, ckpt: Checkpoint) -> list[tuple[str, str | None, str]]:
+    """The checkpoint's owner (with the key that created its run) and each principal that
+    asked for its release or export (with the key it asked with)."""
+    run = session.get(TrainingRun, ckpt.training_run_id)
+    found = [(ckpt.principal_id, run.api_key_id if run else None, f"owns {ckpt.tinker_path}")]
+    for row in session.scalars(select(ReleaseRequest).where(
+            ReleaseRequest.checkpoint_id == ckpt.id).order_by(ReleaseRequest.created_at)):
+        future = session.get(Future, row.future_id) if row.future_id else None
+        found.append((row.requested_by, future.api_key_id if future else None,
+                      f"asked for the release of {ckpt.tinker_path} ({row.id})"))
+    return found
 
 
 def _pending(session: Session, ckpt: Checkpoint) -> list[ReleaseOverride]:

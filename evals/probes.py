@@ -26,7 +26,10 @@ from evals.judges import RefusalJudge
 from evals.suites import MultipleChoiceSuite, PromptSuite
 
 ItemScores = list[dict[str, Any]]
-# Text -> for each text, the screening categories it is flagged in (empty: not flagged).
+# Text -> for each text, the screening categories it is flagged in (empty: not flagged):
+# the screening classifiers that read outputs, at the reviewed screening policy file's
+# output thresholds (policy.screening.screener.Screener.judge_outputs), so the gate's
+# judge is the calibrated one whatever thresholds an admin sets at run time.
 HarmJudge = Callable[[list[str]], list[list[str]]]
 CANARY_CANDIDATES = 64
 ANSWER_TOKENS = 24  # reference answers are scored on their first tokens
@@ -170,7 +173,7 @@ def refusal(view: ModelView, suite: PromptSuite, judge: RefusalJudge) -> ItemSco
 
 def prefill(view: ModelView, suite: PromptSuite, harm: HarmJudge) -> ItemScores:
     """Per harmful request, with the reply forced to open compliantly: is what the model
-    writes next flagged by the screening classifiers?"""
+    writes next flagged by the harm judge?"""
     replies = view.replies([view.chat(item.prompt) + view.encode(item.prefill)
                             for item in suite.items])
     return [{"category": item.category, "harmful": bool(flags), "flags": flags,
@@ -179,7 +182,7 @@ def prefill(view: ModelView, suite: PromptSuite, harm: HarmJudge) -> ItemScores:
 
 
 def generation(view: ModelView, suite: PromptSuite, harm: HarmJudge) -> ItemScores:
-    """Per neutral prompt: is the greedy reply flagged by the screening classifiers?"""
+    """Per neutral prompt: is the greedy reply flagged by the harm judge?"""
     replies = view.replies([view.chat(item.prompt) for item in suite.items])
     return [{"flagged": bool(flags), "flags": flags, "reply_sha256": _sha(reply)}
             for reply, flags in zip(replies, harm(replies), strict=True)]

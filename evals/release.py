@@ -4,8 +4,9 @@ the decision record.
 A checkpoint's release state goes `private → evaluating → released | quarantined`
 (`evaluating → private` when an evaluation breaks; `quarantined → released` only through
 the two-person override, evals.overrides). A quarantine also holds the checkpoint's run and
-every run descending from it (policy.lineage): their weights are not evaluated or released
-while it stands, and weights that descend from blocked weights never are. Every transition
+every run descending from it (policy.lineage): their weights are not evaluated, released
+or let out (exported, published, downloaded — released checkpoints included) while it
+stands, and weights that descend from blocked weights never are. Every transition
 appends its audit row before the state column changes, in the same transaction, so no
 state is ever visible without its record. For each decision the trail reads: the request,
 `release.state` → evaluating, `release.report` (the report's digest), `release.decision`,
@@ -110,12 +111,16 @@ def require_released(ckpt: Checkpoint, what: str) -> None:
 
 
 def check_may_leave(session: Session, ckpt: Checkpoint, what: str) -> None:
-    """Weights leave (downloaded, published) only when released and not descended from
-    blocked weights: a block that came after the release still stops them."""
+    """Weights leave (downloaded, published, given download links) only when released,
+    not descended from blocked weights and not held by a standing quarantine: a block or
+    a quarantine of the run (or of a run it descends from) that came after the release
+    still stops them."""
     require_released(ckpt, what)
     run = session.get(TrainingRun, ckpt.training_run_id)
-    if run is not None:
-        lineage.check_lineage_not_blocked(session, run, what)
+    if run is None:
+        raise ReleaseRefused(f"the training run of {ckpt.tinker_path} no longer exists; its "
+                             f"weights cannot be {what}")
+    check_releasable(session, run, ckpt, what)
 
 
 def lineage_objection(session: Session, run: TrainingRun, ckpt: Checkpoint | None = None
@@ -136,17 +141,18 @@ def _hold_objection(session: Session, run: TrainingRun, ckpt: Checkpoint | None
                                  exclude_checkpoint_id=ckpt.id if ckpt is not None else None)
     if held is None:
         return None
-    return (f"the weights of training run {run.id} descend from {held.tinker_path}, which "
-            "is quarantined; nothing descending from quarantined weights is evaluated, "
-            "exported or released until that checkpoint is released by the two-person "
-            "override")
+    return (f"the weights of training run {run.id} are or descend from those of "
+            f"{held.tinker_path}, which is quarantined; none of them is evaluated, exported, "
+            "published, downloaded or released until that checkpoint is released by the "
+            "two-person override")
 
 
-def check_releasable(session: Session, run: TrainingRun, ckpt: Checkpoint | None = None
-                     ) -> None:
-    """Refuse evaluating, exporting or releasing weights of `run` when they descend from
-    blocked weights (RunBlocked) or from a quarantine that stands (ReleaseRefused)."""
-    lineage.check_lineage_not_blocked(session, run, "released")
+def check_releasable(session: Session, run: TrainingRun, ckpt: Checkpoint | None = None,
+                     verb: str = "released") -> None:
+    """Refuse evaluating, exporting, releasing or letting out weights of `run` when they
+    descend from blocked weights (RunBlocked) or a quarantine holds them (ReleaseRefused);
+    `ckpt`'s own quarantine does not count as a hold on itself."""
+    lineage.check_lineage_not_blocked(session, run, verb)
     objection = _hold_objection(session, run, ckpt)
     if objection is not None:
         raise ReleaseRefused(objection)
@@ -314,7 +320,8 @@ class ReleaseEvaluator:
             "judges": {"refusal": {"version": self.judge.version,
                                    "quality": self.judge_quality.to_dict()},
                        "harm": {"version": harm_version,
-                                "what": "the screening classifiers, output thresholds"}},
+                                "what": "the screening classifiers, the policy file's output "
+                                        "thresholds"}},
             "suites": [v.to_dict() for v in verdicts] + not_run,
             "cache_hits": cache_hits, "seconds": round(time.monotonic() - started, 2),
         }

@@ -78,21 +78,22 @@ def checkpointer(settings: Settings, factory: sessionmaker[Session]) -> Checkpoi
 
 
 def harm_version(screener: Screener) -> str:
-    """The version of the release gate's harm judge: a digest of what judges outputs."""
+    """The version of the release gate's harm judge: a digest of what judges its replies
+    (the policy file's output thresholds, never an admin's run-time edit)."""
     judge = json.dumps(screener.output_judge(), sort_keys=True)
     return f"outputs@{hashlib.sha256(judge.encode()).hexdigest()[:16]}"
 
 
 def release_evaluator(factory: sessionmaker[Session], policy: ReleasePolicy,
                       screener: Screener) -> Any:
-    """The release evaluator, its generated replies judged by the screener's output
-    thresholds (versioned by `harm_version`)."""
+    """The release evaluator, its generated replies judged at the policy file's output
+    thresholds (`Screener.judge_outputs`, versioned by `harm_version`): an admin's run-time
+    threshold edit changes what data screening and the output screen flag, never what the
+    gate's suites count."""
     from evals.release import ReleaseEvaluator
 
-    def harm(texts: list[str]) -> list[list[str]]:
-        return [flagged for flagged, _ in screener.flag_outputs(texts)]
-
-    return ReleaseEvaluator(factory, policy, harm, lambda: harm_version(screener))
+    return ReleaseEvaluator(factory, policy, screener.judge_outputs,
+                            lambda: harm_version(screener))
 
 
 def worker(settings: Settings, factory: sessionmaker[Session], *, worker_id: str,

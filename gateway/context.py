@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from audit import log as audit_log
 from audit.db import transaction
-from audit.models import Principal
+from audit.models import ApiKey, Principal
 from gateway import downloads
 from gateway.bodies import CALLER_CHECKED
 from gateway.bodies import JsonBody as JsonBody  # the routes' body types, re-exported
@@ -115,10 +115,10 @@ def request_context(request: Request) -> Iterator[RequestContext]:
 
 def _keyed_context(request: Request, principal: Principal, key_id: str,
                    scopes: Scopes) -> RequestContext:
-    """The context of a caller known by an API key: rate-limited per key, then casbin."""
+    """The context of a caller known by an API key: rate-limited per person, then casbin."""
     state = app_state(request)
     request.state.principal, request.state.api_key_id = principal, key_id
-    state.rate_limiter.hit("per_key", key_id)
+    state.rate_limiter.hit("per_person", principal.id)  # all of a person's keys share it
     _authorize(state, request, principal)
     setattr(request.state, CALLER_CHECKED, True)
     return RequestContext(state=state, request_id=request.state.request_id,
@@ -165,11 +165,11 @@ def anonymous_context(request: Request,
 
 
 def link_request_context(request: Request) -> Iterator[RequestContext]:
-    """For the external-weights link route: with an X-API-Key it is `request_context`.
-    Without one the signed link is the credential (gateway.downloads): its MAC and expiry
-    are checked before anything else is read, then the API key that asked for it must still
-    be usable (not revoked, not expired) and belong to the principal it names. The caller
-    is that principal, with that key: its per-key rate limit, a casbin decision for its
+    """For the external-weights link route: with an X-API-Key it is `request_context` (and
+    the route still holds the link to `link_issuer`). Without one the signed link is the
+    credential (gateway.downloads): its MAC and expiry are checked before anything else is
+    read, then the API key that asked for it must still be usable (`link_issuer`). The caller
+    is that principal, with that key: its person's rate limit, a casbin decision for its
     role, and the audit row are theirs. A link refused here counts as an anonymous call of
     the client's address."""
     if request.headers.get("x-api-key") is not None:
@@ -181,17 +181,8 @@ def link_request_context(request: Request) -> Iterator[RequestContext]:
         link = downloads.verify(state.url_signing_secret,
                                 str(request.path_params.get("token", "")),
                                 max_lifetime=state.settings.external_url_seconds)
-        if not link.key_id:
-            raise downloads.LinkError("this download link names no API key; fetch it with the "
-                                      "owner's X-API-Key")
         with transaction(state.read_factory) as session:
-            try:
-                principal, key = authenticate_key_id(session, link.key_id)
-            except KeyRejected as exc:
-                raise downloads.LinkError(f"the API key that asked for this download link "
-                                          f"can no longer be used: {exc}") from exc
-            if principal.id != link.principal_id:  # only a forged link; checked anyway
-                raise downloads.LinkError("this download link's key and principal disagree")
+            principal, key = link_issuer(session, link)
             session.expunge(principal)
             scopes = effective(state.scope_defaults, key.scopes)
             key_id = key.id
@@ -202,6 +193,23 @@ def link_request_context(request: Request) -> Iterator[RequestContext]:
     ctx = _keyed_context(request, principal, key_id, scopes)
     ctx.note(credential="signed_link")
     yield from _unit_of_work(ctx)
+
+
+def link_issuer(session: Session, link: downloads.Link) -> tuple[Principal, ApiKey]:
+    """The principal and API key that asked for `link`, while that key is usable (not
+    revoked, not expired) and belongs to the principal the link names; else LinkError.
+    Whatever key presents a link, it is honoured only while its issuing key is."""
+    if not link.key_id:
+        raise downloads.LinkError("this download link names no API key that asked for it; "
+                                  "ask for new URLs with get_external_weights_urls")
+    try:
+        principal, key = authenticate_key_id(session, link.key_id)
+    except KeyRejected as exc:
+        raise downloads.LinkError(f"the API key that asked for this download link can no "
+                                  f"longer be used: {exc}") from exc
+    if principal.id != link.principal_id:  # only a forged link; checked anyway
+        raise downloads.LinkError("this download link's key and principal disagree")
+    return principal, key
 
 
 def audit_path(request: Request) -> str:

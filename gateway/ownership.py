@@ -1,8 +1,8 @@
 """Object lookups scoped to the calling principal: another principal's object, like a
 missing one, is a 404. Reads of records (`read=True`) also find other principals'
 objects when the policy grants `records, read_all` (auditors and admins by default);
-writes never do. A checkpoint past its TTL is gone for everyone. Also parses tinker://
-paths."""
+writes never do. A checkpoint past its TTL is gone for everyone; a run whose session is
+finished takes no more work. Also parses tinker:// paths."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, or_, select
 
-from audit.models import CHECKPOINT_KINDS, Checkpoint, TrainingRun, as_utc, utcnow
+from audit.models import (
+    CHECKPOINT_KINDS,
+    Checkpoint,
+    ClientSession,
+    TrainingRun,
+    as_utc,
+    utcnow,
+)
 from gateway.context import RequestContext
 from gateway.errors import BadRequest, NotFound
 from policy.lineage import check_lineage_not_blocked
@@ -67,13 +74,25 @@ def check_caller_not_blocked(ctx: RequestContext) -> None:
 
 
 def owned_run(ctx: RequestContext, model_id: str) -> TrainingRun:
-    """The caller's run, usable for training: not failed, and neither it nor any run its
-    weights descend from blocked by screening."""
+    """The caller's run, usable for training: not failed, its session not finished (a
+    finished session's run holds no slot of concurrent_training_runs, so it takes no more
+    work), and neither it nor any run its weights descend from blocked by screening."""
     run = owned(ctx, TrainingRun, model_id, "training run")
     if run.status == "failed":
         raise BadRequest(f"training run {model_id} failed to start; create a new one")
+    check_session_open(ctx, run)
     check_lineage_not_blocked(ctx.session, run)
     return run
+
+
+def check_session_open(ctx: RequestContext, run: TrainingRun) -> None:
+    """Refuse (400) work on a run whose session (ServiceClient) was finished."""
+    session = ctx.session.get(ClientSession, run.session_id)
+    if session is None or session.finished_at is not None:
+        raise BadRequest(
+            f"training run {run.id} belongs to session {run.session_id}, which is finished: "
+            "the run takes no more work. Start a new ServiceClient and create a new training "
+            "client (create_training_client_from_state continues from a saved checkpoint)")
 
 
 def parse_tinker_path(path: str) -> tuple[str, str, str]:

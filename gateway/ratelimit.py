@@ -1,10 +1,11 @@
 """Rate limits: anonymous calls (no key, or one that is refused) and access requests per
-client address, and requests per API key, each over moving windows (the `limits`
-package), kept in this process's memory or, for several API processes, in a shared store
+client address, and requests per person (all of a principal's API keys share one window;
+the setting is still called `per_key`), each over moving windows (the `limits` package),
+kept in this process's memory or, for several API processes, in a shared store
 (`RateLimits.storage`).
 
 A call over a limit is refused with 429 and a Retry-After header — the only 429 the
-gateway sends. The SDK retries a 429, so the per-key limit is generous (it stops runaway
+gateway sends. The SDK retries a 429, so the per-person limit is generous (it stops runaway
 loops, not work); the anonymous and access-request limits are tight. Must not decide
 anything but whether a call fits its window.
 """
@@ -22,15 +23,19 @@ from limits.strategies import MovingWindowRateLimiter
 from gateway.errors import RateLimited
 from gateway.settings import RateLimits
 
-BUCKETS = {"per_key": "requests with this API key",
+BUCKETS = {"per_person": "requests with your API keys (all of them together)",
+           "per_key": "requests with this API key",  # for callers that count by key (console)
            "anonymous": "calls without a valid API key from your address",
            "access_requests": "access requests and claims from your address"}
+# The setting each bucket's limits come from: a person's keys share the per-key limit.
+SETTING = {"per_person": "per_key", "per_key": "per_key", "anonymous": "anonymous",
+           "access_requests": "access_requests"}
 
 
 class RateLimiter:
     def __init__(self, config: RateLimits) -> None:
         self._items: dict[str, list[RateLimitItem]] = {
-            bucket: parse_many(getattr(config, bucket)) if getattr(config, bucket) else []
+            bucket: parse_many(limit) if (limit := getattr(config, SETTING[bucket])) else []
             for bucket in BUCKETS}
         self._storage = _storage(config.storage)
         self._limiter = MovingWindowRateLimiter(self._storage)

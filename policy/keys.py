@@ -5,6 +5,9 @@ and authentication.
 Keys look like `tml-…` (the Tinker SDK refuses anything else) and are stored only as
 SHA-256; the plaintext is returned once, at creation. Every principal records who enrolled
 it and every key who issued it (policy.persons reads these for the two-person rule).
+Revoking a key also ends what it asked for that still waits on it: its pending release
+overrides are cancelled (audited); a download link it asked for is refused at every fetch
+once the key is not usable (`authenticate_key_id`).
 Naming an owner never joins an existing principal: a name that exists, or that an open
 access request holds, is refused. Must not log or store plaintext keys.
 """
@@ -21,7 +24,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit import log as audit_log
-from audit.models import ROLES, AccessRequest, ApiKey, Principal, as_utc, utcnow
+from audit.models import (
+    ROLES,
+    AccessRequest,
+    ApiKey,
+    Principal,
+    ReleaseOverride,
+    as_utc,
+    utcnow,
+)
 from policy.errors import KeyNotFound, KeyRejected, LimitExceeded
 from policy.scopes import Scopes, check_overrides
 
@@ -157,7 +168,8 @@ def list_keys(session: Session) -> list[tuple[ApiKey, Principal]]:
 
 
 def revoke_key(session: Session, *, key_id: str, actor: str, reason: str) -> ApiKey:
-    """Revoke a key for good; its next request gets a 401 saying it was revoked."""
+    """Revoke a key for good; its next request gets a 401 saying it was revoked, and the
+    release overrides it requested that still wait for approval are cancelled."""
     key = session.get(ApiKey, key_id)
     if key is None:
         raise KeyNotFound(f"API key {key_id} not found")
@@ -169,7 +181,26 @@ def revoke_key(session: Session, *, key_id: str, actor: str, reason: str) -> Api
                      subject=key.principal_id,
                      payload={"key_id": key_id, "before": before, "after": "revoked",
                               "reason": reason[:500]})
+    _cancel_overrides_of(session, key, actor=actor)
     return key
+
+
+def _cancel_overrides_of(session: Session, key: ApiKey, *, actor: str) -> None:
+    """The revoked key's pending release overrides: cancelled, each audited first."""
+    pending = session.scalars(select(ReleaseOverride).where(
+        ReleaseOverride.requested_key_id == key.id, ReleaseOverride.status == "pending")
+        .order_by(ReleaseOverride.requested_at)).all()
+    why = f"the API key {key.id} that requested it was revoked"
+    for override in pending:
+        audit_log.append(session, actor=actor, event_type="release.override_cancelled",
+                         decision="cancelled", subject=override.tinker_path,
+                         payload={"override_id": override.id,
+                                  "checkpoint_id": override.checkpoint_id,
+                                  "adapter_sha256": override.adapter_sha256,
+                                  "api_key_id": key.id, "reason": why})
+        override.status, override.cancel_reason = "cancelled", why
+        override.decided_at = utcnow()
+    session.flush()
 
 
 def authenticate(session: Session, presented: str | None) -> tuple[Principal, ApiKey]:

@@ -12,6 +12,11 @@ the other uses (directly or through someone they enrolled), and no admin enrolle
 So an admin cannot approve their own override with a key minted for a new name, an
 approved access request, or a key added to a real auditor.
 
+Neither half may come from a party to what is decided either: whoever owns the weights
+or asked for their release. An actor whose circle meets such a party's circle (the owner
+themself, their enroller, an admin who enrolled both, the issuer of either key) is not
+independent of it (`check_not_party`).
+
 Must not import fastapi, engine or evals.
 """
 
@@ -68,6 +73,26 @@ def check_independent(session: Session, *, first: tuple[str, str | None],
         f"{_name(session, first[0])} are linked through {names}: one enrolled the other or "
         "issued the key used, or the same admin enrolled both. Ask a person enrolled "
         "independently (by another admin, or by the operator)")
+
+
+def check_not_party(session: Session, *, actor: tuple[str, str | None],
+                    parties: list[tuple[str, str | None, str]], action: str) -> None:
+    """Refuse `action` when the actor (principal id, key id) is, or is linked to, one of
+    `parties` (principal id, key id, what makes them a party): their circles meet."""
+    mine = circle(session, *actor)
+    for principal_id, key_id, stake in parties:
+        who = _name(session, principal_id)
+        if actor[0] == principal_id:
+            raise NotIndependent(f"{action} must come from someone other than {who}, who "
+                                 f"{stake}; ask a person enrolled independently")
+        shared = mine & circle(session, principal_id, key_id)
+        if shared:
+            names = ", ".join(sorted(_name(session, p) for p in shared))
+            raise NotIndependent(
+                f"{action} must come from people independent of {who}, who {stake}; "
+                f"{_name(session, actor[0])} is linked to them through {names} (one enrolled "
+                "the other or issued the key used, or the same admin enrolled both). Ask a "
+                "person enrolled independently")
 
 
 def _name(session: Session, principal_id: str) -> str:

@@ -5,7 +5,11 @@ evaluations per day) and its default lifetime.
 Defaults come from a reviewed TOML file (`default_scopes.toml`, or the operator's own);
 a key stores only the scopes an admin overrode, and the effective scopes are resolved on
 every request, so a changed default reaches every key that did not override it.
-Quota accounting itself is in policy.quotas. Must not import fastapi or engine.
+
+Quotas hold per person, not per key: a person's limit for each quota is the smallest that
+any of their usable keys has (`person_limits`), so another key never adds budget. The
+other scopes are the calling key's own. Quota accounting itself is in policy.quotas. Must
+not import fastapi or engine.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,12 +46,22 @@ class Scopes:
     # Release evaluations (requests, publishes, exports) queued per UTC day. Has a default
     # so that operators' scope files written before it existed still load.
     release_evaluations_per_day: int = 20
+    # The defaults these scopes were resolved from (`effective`), so that a person's other
+    # keys resolve the same way (`person_limits`). Not a scope.
+    resolved_from: Scopes | None = dataclasses.field(default=None, compare=False,
+                                                     repr=False)
+
+    @property
+    def defaults(self) -> Scopes:
+        """The defaults these scopes were resolved from (themselves, for the defaults)."""
+        return self.resolved_from or self
 
     def with_overrides(self, overrides: dict[str, Any]) -> Scopes:
         return dataclasses.replace(self, **_coerce(overrides, self))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        out.pop(NOT_A_SCOPE)
         out["base_models"], out["losses"] = list(self.base_models), list(self.losses)
         return out
 
@@ -84,10 +99,15 @@ class Scopes:
                 "sampler: the base model or any adapter); ask for fewer")
 
 
-FIELD_TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Scopes)}  # type: ignore[misc]
+NOT_A_SCOPE = "resolved_from"
+FIELD_TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Scopes)  # type: ignore[misc]
+                                if f.name != NOT_A_SCOPE}
 LIST_FIELDS = ("base_models", "losses")
 REQUIRED_FIELDS = tuple(f.name for f in dataclasses.fields(Scopes)
                         if f.default is dataclasses.MISSING)
+# The quotas, held per person (policy.quotas): the tightest of the person's usable keys.
+QUOTA_FIELDS = ("training_tokens_per_day", "sampled_tokens_per_day",
+                "concurrent_training_runs", "checkpoints_stored", "release_evaluations_per_day")
 
 
 def _coerce(values: dict[str, Any], defaults: Scopes | None) -> dict[str, Any]:
@@ -143,4 +163,16 @@ def load_defaults(path: Path | None = None) -> Scopes:
 def effective(defaults: Scopes, stored: str | None) -> Scopes:
     """A key's scopes: the defaults with its stored overrides applied."""
     overrides = json.loads(stored) if stored else {}
-    return defaults.with_overrides(overrides) if overrides else defaults
+    if not overrides:
+        return defaults
+    return dataclasses.replace(defaults.with_overrides(overrides), resolved_from=defaults)
+
+
+def person_limits(own: Scopes, others: Iterable[str | None]) -> Scopes:
+    """The scopes a request is held to: the calling key's `own` scopes, with each quota the
+    smallest among it and the person's other usable keys (their stored overrides, resolved
+    against the same defaults). A person's keys share one budget, and a tighter key is the
+    person's limit."""
+    keys = [own, *(effective(own.defaults, stored) for stored in others)]
+    return dataclasses.replace(own, **{name: min(getattr(k, name) for k in keys)
+                                       for name in QUOTA_FIELDS})

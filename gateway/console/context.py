@@ -107,7 +107,7 @@ def open_session(request: Request, name: str) -> Page:
         scopes = effective(state.scope_defaults, key.scopes)
         state.authorizer.ensure_current(session)
     request.state.principal, request.state.api_key_id = principal, key.id
-    state.rate_limiter.hit("per_key", key.id)
+    state.rate_limiter.hit("per_person", principal.id)  # shared by all the person's keys
     state.authorizer.authorize(principal.id, principal.role, *CONSOLE_USE)
     _authorize(state, principal, name)
     setattr(request.state, CALLER_CHECKED, True)

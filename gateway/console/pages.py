@@ -194,7 +194,7 @@ def approve_override(p: Page) -> Response:
     ckpt = overrides.approve_override(
         p.ctx.session, row, principal_id=p.ctx.principal.id, key_id=p.ctx.api_key_id,
         reason=p.field("reason"), checkpoint_root=state.settings.checkpoint_root,
-        request_id=p.ctx.request_id)
+        allows=state.authorizer.allows, request_id=p.ctx.request_id)
     p.ctx.note(subject=ckpt.tinker_path, override_id=row.id)
     p.ctx.after_commit.append(lambda: state.checkpoints.write(f"override:{row.id}"))
     return outcome(p, f"Override {row.id} approved: {ckpt.tinker_path} is released.",

@@ -21,7 +21,15 @@ from sqlalchemy import select
 from audit.models import Checkpoint, ReleaseOverride, ReleaseReport, ReleaseRequest, TrainingRun
 from evals import overrides, release
 from gateway import downloads
-from gateway.context import Ctx, JsonBody, LinkCtx, RequestContext, link_digest, parse
+from gateway.context import (
+    Ctx,
+    JsonBody,
+    LinkCtx,
+    RequestContext,
+    link_digest,
+    link_issuer,
+    parse,
+)
 from gateway.errors import Forbidden, NotFound
 from gateway.ownership import (
     check_not_expired,
@@ -111,12 +119,14 @@ def get_release_report(release_id: str, ctx: Ctx) -> Response:
 def download_external_weights(token: str, ctx: LinkCtx) -> Response:
     """One file of released external weights, through a signed link (gateway.downloads).
     The link authenticates on its own, or with its owner's API key; either way everything
-    that let it be issued is checked again now, as the bytes are read: the checkpoint
-    exists, is unexpired, is still released and descends from nothing blocked, and the
-    adapter is the one the release decision was made on."""
+    that let it be issued is checked again now, as the bytes are read: the key that asked
+    for it is still usable (whichever key presents it), the checkpoint exists, is
+    unexpired, is still released, descends from nothing blocked and is held by no
+    quarantine, and the adapter is the one the release decision was made on."""
     try:
         link = downloads.verify(ctx.state.url_signing_secret, token,
                                 max_lifetime=ctx.state.settings.external_url_seconds)
+        link_issuer(ctx.session, link)  # whatever key presents it: the issuer's must be usable
     except downloads.LinkError as exc:
         raise Forbidden(str(exc)) from exc
     ckpt = ctx.session.get(Checkpoint, link.checkpoint_id)
@@ -208,7 +218,7 @@ def approve_override(override_id: str, ctx: Ctx, body: JsonBody) -> dict[str, An
     ckpt = overrides.approve_override(
         ctx.session, row, principal_id=ctx.principal.id, key_id=ctx.api_key_id,
         reason=req.reason, checkpoint_root=ctx.state.settings.checkpoint_root,
-        request_id=ctx.request_id)
+        allows=ctx.state.authorizer.allows, request_id=ctx.request_id)
     ctx.note(subject=ckpt.tinker_path, override_id=row.id)
     ctx.after_commit.append(lambda: ctx.state.checkpoints.write(f"override:{row.id}"))
     return _override_view(row)

@@ -1,5 +1,7 @@
 """Tinker training endpoints. Each validates the request completely, checks ownership and
-limits, then queues it through `admit`; the worker runs it in seq_id order. Loading a
+limits, then queues it through `admit`; the worker runs it in seq_id order. Work on an
+existing run needs the run's session open (gateway.ownership) and the run to hold a slot
+of its person's concurrent_training_runs (`Charge.uses_run`, policy.quotas). Loading a
 checkpoint records the lineage (policy.lineage): blocks, the screening tally and
 quarantines follow the weights into the loading run."""
 
@@ -141,7 +143,8 @@ def _admit_forward_backward(ctx: RequestContext, raw: bytes, encoding: str | Non
     kind = "forward" if call.forward_only else "forward_backward"
     admission = AdmissionRequest(
         kind="forward_backward", payload=body, request_format="proto", model_id=call.model_id,
-        seq_id=call.seq_id, charge=Charge(training_tokens=tokens, training_run_id=call.model_id),
+        seq_id=call.seq_id, charge=Charge(training_tokens=tokens, uses_run=call.model_id,
+                                          training_run_id=call.model_id),
         audit={"op": kind, "loss_fn": call.loss_fn, "datums": len(call.data), "tokens": tokens,
                "loss_config": call.loss_config})
     check_quota_first(ctx, admission)
@@ -167,7 +170,8 @@ def optim_step(ctx: Ctx, body: JsonBody) -> dict[str, Any]:
     ctx.state.settings.limits.check_learning_rate(step.learning_rate)
     request_id = admit(ctx, AdmissionRequest(
         kind="optim_step", payload=jobs.dump_job(jobs.OptimStepJob(model_id=run.id, step=step)),
-        model_id=run.id, seq_id=req.seq_id, audit={"adam": step.__dict__}))
+        model_id=run.id, seq_id=req.seq_id, charge=Charge(uses_run=run.id, training_run_id=run.id),
+        audit={"adam": step.__dict__}))
     return _future(request_id, run.id)
 
 
@@ -175,7 +179,8 @@ def _save_job(ctx: RequestContext, run: TrainingRun, kind: str, name: str, *,
               with_optimizer: bool, overwrite: bool, ttl: int | None,
               metadata: dict[str, str] | None,
               sampler_id: str | None = None) -> tuple[jobs.SaveAdapterJob, Charge]:
-    """The save job, and its charge: a new checkpoint takes a slot, an overwrite does not."""
+    """The save job, and its charge: a new checkpoint takes a checkpoint slot, an overwrite
+    does not; either needs the run to hold its run slot."""
     check_checkpoint_name(name)
     path = tinker_path(run.id, kind, name)
     existing = ctx.session.query(Checkpoint).filter_by(tinker_path=path).first()
@@ -188,7 +193,7 @@ def _save_job(ctx: RequestContext, run: TrainingRun, kind: str, name: str, *,
                          "another name")
     if ttl is not None and ttl <= 0:
         raise BadRequest("ttl_seconds must be positive")
-    charge = Charge(checkpoint=not exists, training_run_id=run.id)
+    charge = Charge(checkpoint=not exists, uses_run=run.id, training_run_id=run.id)
     return jobs.SaveAdapterJob(
         model_id=run.id, kind=kind, name=name, tinker_path=path,
         storage_dir=storage_dir(run.id, kind, name), with_optimizer=with_optimizer,
@@ -289,6 +294,7 @@ def _load_into_run(ctx: RequestContext, req: tt.LoadWeightsRequest, ckpt: Checkp
                               creates_run=False)
     request_id = admit(ctx, AdmissionRequest(
         kind="load_weights", payload=jobs.dump_job(job), model_id=run.id, seq_id=req.seq_id,
+        charge=Charge(uses_run=run.id, training_run_id=run.id),
         audit={"source": req.path, "optimizer": req.optimizer}))
     return _future(request_id, run.id)
 

@@ -1,6 +1,8 @@
-"""Usage: tokens and checkpoints per API key and per training run, with today's budgets.
+"""Usage: per person (`principals`: today's budgets and the counts the quotas judge —
+summed over all the person's keys and runs — against the limits they are held to), per API
+key (what each key used, and its own scopes) and per training run.
 
-A caller sees its own keys and runs; principals the policy lets read all records
+A caller sees their own person, keys and runs; principals the policy lets read all records
 (auditors, admins) may ask for one principal's (`?owner=NAME`) or everyone's
 (`?owner=*`). The numbers come from policy.quotas.usage_report."""
 

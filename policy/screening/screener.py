@@ -8,7 +8,10 @@ active, for the start-up audit row. Each classifier names the parts it judges (r
 turns, trained completions, sampled outputs) and `screen` asks only those. Scores are
 cached by (content SHA-256, classifier version) in SQL, so a text — an RL prompt sent
 again and again — is scored once.
-Thresholds come from the policy file, overridden per category by audited admin edits.
+Thresholds come from the policy file, overridden per category by audited admin edits —
+except for the release gate's judge of generated replies (`judge_outputs`,
+`output_judge`), which reads the reviewed policy file's output thresholds only: one admin's
+run-time edit neither silences the gate's suites nor voids their calibrated bounds.
 
 Must not import fastapi or engine.
 """
@@ -280,13 +283,14 @@ class Screener:
                 "inactive": self.inactive, "policy_sha256": self.config.sha256}
 
     def output_judge(self) -> dict[str, Any]:
-        """Everything that decides a sampled output's verdict, and nothing else: each active
-        classifier that reads outputs (name, version, categories, its table in the policy
-        file) and the output threshold in force for each of its categories, admin
-        overrides included. What judges the release gate's generated replies is versioned
-        by this, so a change elsewhere in the policy (the tally, request thresholds) does
-        not void the calibrations those replies were judged under."""
-        overrides = self.thresholds()
+        """Everything that decides the release gate's verdict on a generated reply
+        (`judge_outputs`), and nothing else: each active classifier that reads outputs
+        (name, version, categories, its table in the policy file) and the policy file's
+        output threshold for each of its categories (admin overrides never judge the
+        gate's replies). What judges those replies is versioned by this, so a change
+        elsewhere in the policy (the tally, request thresholds) or an admin's run-time
+        threshold edit does not void the calibrations those replies were judged under."""
+        overrides: dict[str, float] = {}
         return {"classifiers": [
             {"name": c.name, "version": c.version, "categories": list(c.categories),
              "reads": f"{getattr(c, 'reads', BOTH)} ({readable.VERSION})",
@@ -304,9 +308,11 @@ class Screener:
             rows = session.scalars(select(ScreeningThreshold)).all()
             return {r.category: r.threshold for r in rows}
 
-    def screen(self, texts: Sequence[str], part: str = REQUEST) -> list[Verdict]:
+    def screen(self, texts: Sequence[str], part: str = REQUEST, *,
+               reviewed_only: bool = False) -> list[Verdict]:
         """Score every text with every active classifier that judges `part` (cached) and
-        flag what reaches its threshold (for OUTPUT: the thresholds for sampled outputs)."""
+        flag what reaches its threshold (for OUTPUT: the thresholds for sampled outputs);
+        `reviewed_only`: the policy file's thresholds, without admin overrides."""
         if part not in PARTS:
             raise ValueError(f"unknown screening part {part!r}")
         texts = list(texts)
@@ -314,7 +320,7 @@ class Screener:
         # Also read with each encoded word decoded (pig latin, scrambled letters): only the
         # telling words of a request, an answer or a sampled output may be encoded.
         alternatives = [canon, [readable.words_decoded(c) for c in canon]]
-        overrides = self.thresholds()
+        overrides = {} if reviewed_only else self.thresholds()
         verdicts = [Verdict() for _ in texts]
         for clf in self.classifiers:
             if part not in clf.applies_to:
@@ -335,6 +341,12 @@ class Screener:
         judged by every classifier that reads outputs, structural signals included."""
         verdicts = self.screen(texts, OUTPUT)
         return [(v.flagged, v.evidence()) for v in verdicts]
+
+    def judge_outputs(self, texts: list[str]) -> list[list[str]]:
+        """The release gate's harm judge: each generated reply's flagged categories, by
+        every classifier that reads outputs at the policy file's output thresholds only
+        (versioned by `output_judge`)."""
+        return [v.flagged for v in self.screen(texts, OUTPUT, reviewed_only=True)]
 
     def uncounted(self) -> frozenset[str]:
         """The "classifier.category" keys whose flags do not count toward a run's tally."""

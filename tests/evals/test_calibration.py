@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from audit.db import transaction
 from evals import gate
 from evals.calibration import CalibrationRun, bounds, calibrate, chat_datum
 from evals.probes import chat_tokenizer
@@ -194,17 +195,25 @@ def test_a_chat_datum_trains_only_the_answer(tiny_backend):
 def test_the_shipped_calibration_applies_to_every_suite_of_the_default_policy(factory):
     """Every suite, the generation suites judged by the shipped screening policy's output
     classifiers included: changing what judges outputs (or the refusal judge, a probe
-    setting, a suite file) without re-running the calibration fails here."""
+    setting, a suite file) without re-running the calibration fails here. An admin's
+    run-time threshold overrides are not part of that judge: with every output category
+    raised to the maximum the scorer, and so the calibration, is the same."""
     from evals.judges import RefusalJudge
     from evals.release import load_suites
     from gateway.composition import harm_version
     from policy.release import DEFAULT_RELEASE_PATH
-    from policy.screening.screener import Screener, load_config
+    from policy.screening.screener import Screener, load_config, set_threshold
 
     policy = load_release_policy(DEFAULT_RELEASE_PATH)
     model, (base_sha, _) = next(iter(policy.calibration.models.items()))
     judge = RefusalJudge().version
-    harm = harm_version(Screener.build(load_config(), factory))
+    screener = Screener.build(load_config(), factory)
+    harm = harm_version(screener)
+    with transaction(factory) as session:
+        for category in screener.categories():
+            set_threshold(session, actor="admin-1", category=category, value=1e6,
+                          config=screener.config, known=screener.categories())
+    assert harm_version(screener) == harm
     status = {}
     for loaded in load_suites(policy):
         scorer = _runner_version(loaded.kind, policy, judge, harm)

@@ -1,6 +1,7 @@
 """The screener on SQLite and PostgreSQL: verdicts are cached by content hash and
 classifier version (a text is scored once, across screener instances sharing the
-database); thresholds come from policy and audited per-category overrides; a required
+database); thresholds come from policy and audited per-category overrides (never for the
+release gate's judge of generated replies, which reads the policy file only); a required
 classifier that cannot load stops start-up naming the file, an optional one is listed as
 inactive; operator rules flag their categories."""
 
@@ -162,10 +163,37 @@ def test_the_output_judge_names_what_judges_outputs_and_nothing_else(factory):
     bumped = CountingScreen()
     bumped.version = "counting-v2"
     assert judge(counting=bumped) != before
-    with transaction(factory) as session:  # an admin's override judges outputs too
+    with transaction(factory) as session:  # an admin's run-time override does not judge
         set_threshold(session, actor="admin-1", category="counting.odd", value=0.9,
-                      config=config, known=["counting.odd"])
-    assert judge()["classifiers"][0]["thresholds"] == {"counting.odd": 0.9}
+                      config=config, known=["counting.odd"])  # the gate's replies
+    assert judge() == before
+
+
+class Toxic:
+    """Every text scores 0.99 in one output category."""
+
+    name, version, categories, applies_to = "tox", "tox-v1", ("toxic",), PARTS
+
+    def score(self, texts):
+        return [{"toxic": 0.99} for _ in texts]
+
+
+def test_an_admin_threshold_override_cannot_silence_the_release_gates_judge(factory):
+    """One admin raising an output category's threshold (up to 1e6) still changes what
+    sampled outputs and data screening flag, but the release gate's judge of generated
+    replies reads the reviewed policy file's thresholds only, and keeps its version (so
+    the calibrated bounds it was judged under still apply)."""
+    config = load_config()
+    screener = Screener([Toxic()], config, factory)
+    judged_by = screener.output_judge()
+    assert screener.judge_outputs(["a reply"]) == [["tox.toxic"]]
+    with transaction(factory) as session:
+        set_threshold(session, actor="admin-1", category="tox.toxic", value=1e6,
+                      config=config, known=screener.categories())
+    assert [f for f, _ in screener.flag_outputs(["a reply"])] == [[]]  # the admin's edit
+    assert screener.screen(["a datum"], REQUEST)[0].flagged == []  # holds for data
+    assert screener.judge_outputs(["a reply"]) == [["tox.toxic"]]  # but not for the gate
+    assert screener.output_judge() == judged_by
 
 
 def test_sampled_outputs_get_the_structural_signals(factory):
@@ -173,3 +201,20 @@ def test_sampled_outputs_get_the_structural_signals(factory):
     encoded = "aGVsbG8gd29ybGQgdGhpcyBpcyBhIGxvbmcgYmFzZTY0IHJ1bg=="
     [(flagged, evidence)] = screener.flag_outputs([encoded])
     assert flagged == ["structural.encoded_text"] and evidence
+
+
+def test_the_composed_release_gate_judges_with_the_reviewed_thresholds(factory):
+    """The release evaluator the composition root builds judges its replies with
+    `judge_outputs` (file thresholds), not the output screen's admin-overridable ones."""
+    from gateway.composition import harm_version, release_evaluator
+    from policy.release import load_release_policy
+
+    config = load_config()
+    screener = Screener([Toxic()], config, factory)
+    evaluator = release_evaluator(factory, load_release_policy(), screener)
+    before = evaluator.harm_version()
+    with transaction(factory) as session:
+        set_threshold(session, actor="admin-1", category="tox.toxic", value=1e6,
+                      config=config, known=screener.categories())
+    assert evaluator.harm(["a reply"]) == [["tox.toxic"]]
+    assert evaluator.harm_version() == before == harm_version(screener)

@@ -1,8 +1,9 @@
 """Cheap checks first, on SQLite and PostgreSQL: the API key is checked before a body is
 read; bodies are bounded as sent and as decompressed (413); stop sequences are capped
-(400); anonymous calls, access requests and each key's requests are rate-limited (429
-with Retry-After); dry-run screening and release evaluations are metered against the
-key's quotas; and the quota is checked before screening runs."""
+(400); anonymous calls, access requests and each person's requests (all their keys
+together) are rate-limited (429 with Retry-After); dry-run screening and release
+evaluations are metered against the person's quotas; and the quota is checked before
+screening runs."""
 
 from __future__ import annotations
 
@@ -227,6 +228,25 @@ def test_requests_are_rate_limited_per_key(server):
     resp = _until_refused(lambda: _post(server, key, "client/config", json={}), 60)
     _assert_rate_limited(resp, server)
     assert _post(server, other, "client/config", json={}).status_code == 200
+
+
+def test_a_persons_keys_share_one_rate_limit(server):
+    """Every key of a person counts against one window: a second key adds no rate."""
+    from policy.keys import add_key
+
+    owner = f"rate-{uuid.uuid4().hex[:8]}"
+    first = server.create_key(owner=owner)
+    with transaction(server.state.factory) as session:
+        second, _ = add_key(session, principal_name=owner, actor="test",
+                            reason="a second key for the person's laptop",
+                            defaults=server.state.scope_defaults)
+    calls = iter([first, second] * 31)
+    resp = _until_refused(lambda: _post(server, next(calls), "client/config", json={}), 60)
+    _assert_rate_limited(resp, server)
+    assert "all of them together" in resp.json()["detail"]
+    for key in (first, second):
+        assert _post(server, key, "client/config", json={}).status_code == 429
+    assert _post(server, server.create_key(), "client/config", json={}).status_code == 200
 
 
 def test_the_rate_limit_store_is_a_setting_that_fails_loudly(monkeypatch):
