@@ -124,13 +124,8 @@ def cancel_pending(session: Session, ckpt: Checkpoint, *, actor: str, reason: st
     audited; returns their ids."""
     cancelled = []
     for override in _pending(session, ckpt):
-        override.status, override.cancel_reason = "cancelled", reason
-        override.decided_at = utcnow()
-        audit_log.append(session, actor=actor, event_type="release.override_cancelled",
-                         decision="cancelled", subject=ckpt.tinker_path, request_id=request_id,
-                         payload={"override_id": override.id, "checkpoint_id": ckpt.id,
-                                  "adapter_sha256": override.adapter_sha256,
-                                  "reason": reason})
+        persons.cancel_override(session, override, actor=actor, reason=reason,
+                                request_id=request_id)
         cancelled.append(override.id)
     session.flush()
     return cancelled

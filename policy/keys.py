@@ -34,6 +34,7 @@ from audit.models import (
     utcnow,
 )
 from policy.errors import KeyNotFound, KeyRejected, LimitExceeded
+from policy.persons import cancel_override
 from policy.scopes import Scopes, check_overrides
 
 KEY_PREFIX = "tml-"
@@ -190,16 +191,9 @@ def _cancel_overrides_of(session: Session, key: ApiKey, *, actor: str) -> None:
     pending = session.scalars(select(ReleaseOverride).where(
         ReleaseOverride.requested_key_id == key.id, ReleaseOverride.status == "pending")
         .order_by(ReleaseOverride.requested_at)).all()
-    why = f"the API key {key.id} that requested it was revoked"
     for override in pending:
-        audit_log.append(session, actor=actor, event_type="release.override_cancelled",
-                         decision="cancelled", subject=override.tinker_path,
-                         payload={"override_id": override.id,
-                                  "checkpoint_id": override.checkpoint_id,
-                                  "adapter_sha256": override.adapter_sha256,
-                                  "api_key_id": key.id, "reason": why})
-        override.status, override.cancel_reason = "cancelled", why
-        override.decided_at = utcnow()
+        cancel_override(session, override, actor=actor, api_key_id=key.id,
+                        reason=f"the API key {key.id} that requested it was revoked")
     session.flush()
 
 
@@ -230,13 +224,22 @@ def authenticate_key_id(session: Session, key_id: str) -> tuple[Principal, ApiKe
     return _usable(session, key)
 
 
+def unusable_because(status: str, expires_at: dt.datetime | None,
+                     now: dt.datetime | None = None) -> str | None:
+    """Why a key of this status and expiry cannot be used now, or None when it can."""
+    if status == "revoked":
+        return "this API key has been revoked"
+    if status != "active":
+        return f"this API key is {status}"
+    if expires_at is not None and as_utc(expires_at) <= (now or utcnow()):
+        return "this API key has expired"
+    return None
+
+
 def _usable(session: Session, key: ApiKey) -> tuple[Principal, ApiKey]:
-    if key.status == "revoked":
-        raise KeyRejected("this API key has been revoked")
-    if key.status != "active":
-        raise KeyRejected(f"this API key is {key.status}")
-    if key.expires_at is not None and as_utc(key.expires_at) <= utcnow():
-        raise KeyRejected("this API key has expired")
+    refusal = unusable_because(key.status, key.expires_at)
+    if refusal is not None:
+        raise KeyRejected(refusal)
     principal = session.get(Principal, key.principal_id)
     if principal is None:  # foreign key makes this impossible short of tampering
         raise KeyRejected("unknown API key")

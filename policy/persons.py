@@ -15,7 +15,8 @@ approved access request, or a key added to a real auditor.
 Neither half may come from a party to what is decided either: whoever owns the weights
 or asked for their release. An actor whose circle meets such a party's circle (the owner
 themself, their enroller, an admin who enrolled both, the issuer of either key) is not
-independent of it (`check_not_party`).
+independent of it (`check_not_party`). A pending override is cancelled (audited) when its
+weights go away or the key that requested it is revoked (`cancel_override`).
 
 Must not import fastapi, engine or evals.
 """
@@ -24,7 +25,8 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from audit.models import ApiKey, Principal
+from audit import log as audit_log
+from audit.models import ApiKey, Principal, ReleaseOverride, utcnow
 from policy.errors import PolicyError
 
 MAX_CHAIN = 64  # enrollment chains are short; this only stops a corrupted cycle
@@ -67,10 +69,10 @@ def check_independent(session: Session, *, first: tuple[str, str | None],
     shared = circle(session, *first) & circle(session, *second)
     if not shared:
         return
-    names = ", ".join(sorted(_name(session, p) for p in shared))
     raise NotIndependent(
         f"{action} needs two independent people, but {_name(session, second[0])} and "
-        f"{_name(session, first[0])} are linked through {names}: one enrolled the other or "
+        f"{_name(session, first[0])} are linked through {_names(session, shared)}: one "
+        "enrolled the other or "
         "issued the key used, or the same admin enrolled both. Ask a person enrolled "
         "independently (by another admin, or by the operator)")
 
@@ -87,12 +89,29 @@ def check_not_party(session: Session, *, actor: tuple[str, str | None],
                                  f"{stake}; ask a person enrolled independently")
         shared = mine & circle(session, principal_id, key_id)
         if shared:
-            names = ", ".join(sorted(_name(session, p) for p in shared))
             raise NotIndependent(
                 f"{action} must come from people independent of {who}, who {stake}; "
-                f"{_name(session, actor[0])} is linked to them through {names} (one enrolled "
-                "the other or issued the key used, or the same admin enrolled both). Ask a "
-                "person enrolled independently")
+                f"{_name(session, actor[0])} is linked to them through "
+                f"{_names(session, shared)} (one enrolled the other or issued the key used, "
+                "or the same admin enrolled both). Ask a person enrolled independently")
+
+
+def cancel_override(session: Session, override: ReleaseOverride, *, actor: str, reason: str,
+                    request_id: str = "", **context: str) -> None:
+    """Cancel a pending release override — its weights are going away, or the key that
+    requested it was revoked — audited first (`context`: more for the audit row)."""
+    audit_log.append(session, actor=actor, event_type="release.override_cancelled",
+                     decision="cancelled", subject=override.tinker_path, request_id=request_id,
+                     payload={"override_id": override.id,
+                              "checkpoint_id": override.checkpoint_id,
+                              "adapter_sha256": override.adapter_sha256, **context,
+                              "reason": reason})
+    override.status, override.cancel_reason = "cancelled", reason
+    override.decided_at = utcnow()
+
+
+def _names(session: Session, principal_ids: set[str]) -> str:
+    return ", ".join(sorted(_name(session, p) for p in principal_ids))
 
 
 def _name(session: Session, principal_id: str) -> str:

@@ -42,6 +42,7 @@ from audit.models import (
     utcnow,
 )
 from policy.errors import PolicyError
+from policy.keys import unusable_because
 from policy.scopes import QUOTA_FIELDS, Scopes, effective, person_limits
 from policy.screening.tally import principal_tally
 
@@ -89,10 +90,18 @@ def person_of(session: Session, key_id: str, scopes: Scopes,
               now: dt.datetime | None = None) -> Person:
     """The person behind `key_id` (whose own scopes are `scopes`), with the limits of all
     their usable keys."""
-    now = now or utcnow()
+    return _person(session, _principal_of(session, key_id), key_id, scopes, now or utcnow())
+
+
+def _principal_of(session: Session, key_id: str) -> str:
     principal_id = session.scalar(select(ApiKey.principal_id).where(ApiKey.id == key_id))
     if principal_id is None:
         raise PolicyError(f"API key {key_id} not found")
+    return str(principal_id)
+
+
+def _person(session: Session, principal_id: str, key_id: str, scopes: Scopes,
+            now: dt.datetime) -> Person:
     keys = session.execute(select(ApiKey.id, ApiKey.status, ApiKey.expires_at, ApiKey.scopes)
                            .where(ApiKey.principal_id == principal_id)).all()
     others = [k.scopes for k in keys if k.id != key_id and _usable(k.status, k.expires_at, now)]
@@ -101,7 +110,7 @@ def person_of(session: Session, key_id: str, scopes: Scopes,
 
 
 def _usable(status: str, expires_at: dt.datetime | None, now: dt.datetime) -> bool:
-    return status == "active" and (expires_at is None or as_utc(expires_at) > now)
+    return unusable_because(status, expires_at, now) is None
 
 
 def check(session: Session, key_id: str, scopes: Scopes, charge: Charge,
@@ -158,11 +167,11 @@ def consume(session: Session, key_id: str, scopes: Scopes, charge: Charge,
 def _lock_person(session: Session, key_id: str, scopes: Scopes, now: dt.datetime) -> Person:
     """Lock the key's principal's row (the lock policy.screening.tally.lock_principal
     takes, without re-reading the row), then read the person's keys and limits."""
-    principal_id = session.scalar(select(ApiKey.principal_id).where(ApiKey.id == key_id))
+    principal_id = _principal_of(session, key_id)
     # FOR UPDATE compiles to nothing on SQLite, where BEGIN IMMEDIATE already serializes.
     session.execute(select(Principal.id).where(Principal.id == principal_id)
                     .with_for_update())
-    return person_of(session, key_id, scopes, now)
+    return _person(session, principal_id, key_id, scopes, now)
 
 
 def day_totals(session: Session, key_ids: tuple[str, ...] | list[str], day: str
